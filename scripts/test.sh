@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# The test suite: unit tests and integration tests against the local RabbitMQ and graph-sim.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/ensure-rabbitmq.sh
+exec cargo test --locked "$@"

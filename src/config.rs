@@ -1,0 +1,516 @@
+//! Typed settings, layered as CONTRACT section 2: embedded `config/default.toml` → the file named by
+//! `--config` / `UNASSIGN_CONFIG` → `UNASSIGN__<SECTION>__<KEY>` → the ecosystem's standard
+//! variables (`AMQP_URL`, `AZURE_*`). Every problem is a [`ConfigError`] naming the key, which the
+//! CLI turns into exit code 2.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use figment::{
+    Figment,
+    providers::{Env, Format, Serialized, Toml},
+};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use url::Url;
+
+const DEFAULTS: &str = include_str!("../config/default.toml");
+
+/// A configuration problem; the message names the key and says why.
+#[derive(Debug, thiserror::Error)]
+#[error("configuration: {0}")]
+pub struct ConfigError(pub String);
+
+impl ConfigError {
+    fn key(key: &str, why: impl std::fmt::Display) -> Self {
+        Self(format!("`{key}` {why}"))
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub amqp: AmqpSettings,
+    pub auth: AuthSettings,
+    pub graph: GraphSettings,
+    pub retry: RetrySettings,
+    pub worker: WorkerSettings,
+    pub http: HttpSettings,
+    pub log: LogSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AmqpSettings {
+    /// Holds the broker password, hence secret; log [`AmqpSettings::redacted_url`] instead.
+    pub url: SecretString,
+    pub prefetch: u16,
+    pub heartbeat_secs: u16,
+    pub declare_topology: bool,
+    pub reconnect_max_delay_secs: u64,
+    pub exchange: String,
+    pub routing_key: String,
+    pub queue: String,
+    pub dead_letter_exchange: String,
+    pub dead_letter_queue: String,
+    pub events_exchange: String,
+    pub outcomes_queue: String,
+    pub delivery_limit: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSettings {
+    pub authority_host: Url,
+    pub tenant_id: String,
+    pub client_id: String,
+    #[serde(default)]
+    pub client_secret: Option<SecretString>,
+    #[serde(default)]
+    pub client_secret_file: Option<PathBuf>,
+    #[serde(default)]
+    pub scope: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GraphSettings {
+    pub base_url: Url,
+    pub timeout_secs: u64,
+    pub max_requests_per_second: f64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetrySettings {
+    pub max_attempts: u32,
+    pub base_delay_ms: u64,
+    pub max_delay_secs: u64,
+    pub max_elapsed_secs: u64,
+    pub max_hold_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerSettings {
+    pub concurrency: usize,
+    pub shutdown_grace_secs: u64,
+    pub instance: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSettings {
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+/// Standard variables and the keys they set; later entries win over `UNASSIGN__…`.
+const STANDARD_VARS: &[(&str, &str)] = &[
+    ("AMQP_URL", "amqp.url"),
+    ("AZURE_TENANT_ID", "auth.tenant_id"),
+    ("AZURE_CLIENT_ID", "auth.client_id"),
+    ("AZURE_CLIENT_SECRET", "auth.client_secret"),
+    ("AZURE_CLIENT_SECRET_FILE", "auth.client_secret_file"),
+    ("AZURE_AUTHORITY_HOST", "auth.authority_host"),
+];
+
+/// Credential variables a later release supports; refusing them beats silently ignoring them.
+const UNSUPPORTED_VARS: &[&str] = &[
+    "AZURE_FEDERATED_TOKEN_FILE",
+    "AZURE_CLIENT_CERTIFICATE_PATH",
+];
+
+impl Settings {
+    /// Loads the layers from the process environment. `file` is `--config`, else `UNASSIGN_CONFIG`.
+    pub fn load(file: Option<PathBuf>) -> Result<Self, ConfigError> {
+        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        let mut figment = Figment::from(Toml::string(DEFAULTS));
+        if let Some(path) = file.or_else(|| var("UNASSIGN_CONFIG").map(PathBuf::from)) {
+            if !path.is_file() {
+                return Err(ConfigError(format!(
+                    "config file {} does not exist or is not a file",
+                    path.display()
+                )));
+            }
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        figment = figment.merge(Env::prefixed("UNASSIGN__").split("__"));
+        for (name, key) in STANDARD_VARS {
+            if let Some(value) = var(name) {
+                figment = figment.merge(Serialized::default(key, value));
+            }
+        }
+        let settings: Settings = figment.extract().map_err(|e| ConfigError(e.to_string()))?;
+        settings.validate()?;
+        if let Some(name) = UNSUPPORTED_VARS.iter().find(|n| var(n).is_some()) {
+            return Err(ConfigError::key(
+                name,
+                "is not supported yet: use AZURE_CLIENT_SECRET or AZURE_CLIENT_SECRET_FILE",
+            ));
+        }
+        Ok(settings)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let url = self.amqp.url.expose_secret();
+        if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
+            return Err(ConfigError::key(
+                "amqp.url",
+                "must start with amqp:// or amqps://",
+            ));
+        }
+        require_https_unless_loopback("graph.base_url", &self.graph.base_url)?;
+        require_https_unless_loopback("auth.authority_host", &self.auth.authority_host)?;
+        if self.worker.concurrency == 0 {
+            return Err(ConfigError::key("worker.concurrency", "must be at least 1"));
+        }
+        if self.amqp.prefetch != 0 && usize::from(self.amqp.prefetch) <= self.worker.concurrency {
+            return Err(ConfigError::key(
+                "amqp.prefetch",
+                format!(
+                    "must exceed worker.concurrency ({})",
+                    self.worker.concurrency
+                ),
+            ));
+        }
+        if self.retry.max_attempts == 0 {
+            return Err(ConfigError::key("retry.max_attempts", "must be at least 1"));
+        }
+        if !(self.graph.max_requests_per_second >= 0.0
+            && self.graph.max_requests_per_second.is_finite())
+        {
+            return Err(ConfigError::key(
+                "graph.max_requests_per_second",
+                "must be a finite number ≥ 0",
+            ));
+        }
+        if self.graph.timeout_secs == 0 {
+            return Err(ConfigError::key("graph.timeout_secs", "must be at least 1"));
+        }
+        Ok(())
+    }
+
+    /// What `run` and `check` need beyond the broker: the app registration and its secret.
+    pub fn credentials(&self) -> Result<Credentials, ConfigError> {
+        let auth = &self.auth;
+        if !crate::contract::is_guid(&auth.tenant_id) {
+            return Err(ConfigError::key(
+                "auth.tenant_id (AZURE_TENANT_ID)",
+                "is required and must be a GUID",
+            ));
+        }
+        if auth.client_id.is_empty() {
+            return Err(ConfigError::key(
+                "auth.client_id (AZURE_CLIENT_ID)",
+                "is required",
+            ));
+        }
+        let secret = match (&auth.client_secret, &auth.client_secret_file) {
+            (Some(secret), _) => secret.clone(),
+            (None, Some(path)) => std::fs::read_to_string(path)
+                .map(|s| SecretString::from(s.trim_end().to_owned()))
+                .map_err(|e| {
+                    ConfigError::key(
+                        "auth.client_secret_file (AZURE_CLIENT_SECRET_FILE)",
+                        format!("cannot be read: {e}"),
+                    )
+                })?,
+            (None, None) => {
+                return Err(ConfigError::key(
+                    "auth.client_secret (AZURE_CLIENT_SECRET)",
+                    "is required (or AZURE_CLIENT_SECRET_FILE)",
+                ));
+            }
+        };
+        if secret.expose_secret().is_empty() {
+            return Err(ConfigError::key(
+                "auth.client_secret (AZURE_CLIENT_SECRET)",
+                "is empty",
+            ));
+        }
+        Ok(Credentials {
+            authority_host: auth.authority_host.clone(),
+            tenant_id: auth.tenant_id.clone(),
+            client_id: auth.client_id.clone(),
+            client_secret: secret,
+            scope: auth
+                .scope
+                .clone()
+                .unwrap_or_else(|| default_scope(&self.graph.base_url)),
+        })
+    }
+}
+
+/// Everything needed to ask the identity platform for a Graph token.
+#[derive(Debug, Clone)]
+pub struct Credentials {
+    pub authority_host: Url,
+    pub tenant_id: String,
+    pub client_id: String,
+    pub client_secret: SecretString,
+    pub scope: String,
+}
+
+impl AmqpSettings {
+    /// Deliveries held at once: configured, or twice the Graph concurrency.
+    pub fn effective_prefetch(&self, concurrency: usize) -> u16 {
+        match self.prefetch {
+            0 => u16::try_from(concurrency.saturating_mul(2)).unwrap_or(u16::MAX),
+            n => n,
+        }
+    }
+
+    /// The broker URL with the heartbeat set, for connecting. Secret: never log it.
+    pub fn connect_url(&self) -> String {
+        let url = self.url.expose_secret();
+        if url.contains("heartbeat=") {
+            return url.to_owned();
+        }
+        let sep = if url.contains('?') { '&' } else { '?' };
+        format!("{url}{sep}heartbeat={}", self.heartbeat_secs)
+    }
+
+    /// The broker URL without its password, for logs and `check`.
+    pub fn redacted_url(&self) -> String {
+        redact_url(self.url.expose_secret())
+    }
+}
+
+impl RetrySettings {
+    pub fn max_elapsed(&self) -> Duration {
+        Duration::from_secs(self.max_elapsed_secs)
+    }
+}
+
+/// `scheme://user:***@host…`: the password never leaves the process.
+pub fn redact_url(url: &str) -> String {
+    match Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            let _ = parsed.set_password(Some("***"));
+            parsed.to_string()
+        }
+        Ok(parsed) => parsed.to_string(),
+        Err(_) => "<unparseable url>".to_owned(),
+    }
+}
+
+/// Graph's token scope is its origin + `/.default`, so national clouds and the simulator work.
+fn default_scope(base: &Url) -> String {
+    format!("{}/.default", base.origin().ascii_serialization())
+}
+
+/// A client secret or bearer token must never cross a network in clear text.
+fn require_https_unless_loopback(key: &str, url: &Url) -> Result<(), ConfigError> {
+    match url.scheme() {
+        "https" => Ok(()),
+        "http" if is_loopback(url) => Ok(()),
+        "http" => Err(ConfigError::key(
+            key,
+            "must use https:// unless the host is loopback",
+        )),
+        other => Err(ConfigError::key(
+            key,
+            format!("has unsupported scheme {other}"),
+        )),
+    }
+}
+
+fn is_loopback(url: &Url) -> bool {
+    match url.host() {
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::result_large_err)] // figment's Jail dictates the closures' error type
+mod tests {
+    use super::*;
+    use figment::Jail;
+
+    /// Runs `f` with a clean, private environment (figment's Jail serialises these tests).
+    fn jailed(f: impl FnOnce(&mut Jail) -> Result<(), figment::Error>) {
+        Jail::expect_with(|jail| {
+            jail.clear_env();
+            f(jail)
+        });
+    }
+
+    /// The error text, lower-cased: figment names environment keys as they were spelled.
+    fn err(result: Result<Settings, ConfigError>) -> String {
+        result
+            .expect_err("config should be refused")
+            .to_string()
+            .to_lowercase()
+    }
+
+    #[test]
+    fn defaults_match_the_contract() {
+        jailed(|_| {
+            let s = Settings::load(None).unwrap();
+            assert_eq!(s.worker.concurrency, 16);
+            assert_eq!(s.amqp.effective_prefetch(16), 32);
+            assert_eq!(s.retry.max_attempts, 20);
+            assert_eq!(s.retry.base_delay_ms, 1000);
+            assert_eq!(s.retry.max_delay_secs, 300);
+            assert_eq!(s.retry.max_elapsed_secs, 86_400);
+            assert_eq!(s.worker.shutdown_grace_secs, 30);
+            assert_eq!(s.http.listen.to_string(), "0.0.0.0:9464");
+            assert_eq!(
+                s.graph.base_url.as_str(),
+                "https://graph.microsoft.com/beta"
+            );
+            assert_eq!(s.amqp.delivery_limit, 20);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn layers_override_in_order() {
+        jailed(|jail| {
+            jail.create_file("c.toml", "[worker]\nconcurrency = 4\nshutdown_grace_secs = 7\n[amqp]\nurl = \"amqp://file/x\"")?;
+            jail.set_env("UNASSIGN__WORKER__CONCURRENCY", "32");
+            jail.set_env("UNASSIGN__AMQP__URL", "amqp://prefixed/x");
+            jail.set_env("AMQP_URL", "amqp://standard/x");
+            jail.set_env("UNASSIGN__LOG__FORMAT", "text");
+            let s = Settings::load(Some("c.toml".into())).unwrap();
+            assert_eq!(s.worker.concurrency, 32, "UNASSIGN__ beats the file");
+            assert_eq!(s.worker.shutdown_grace_secs, 7, "the file beats defaults");
+            assert_eq!(
+                s.amqp.url.expose_secret(),
+                "amqp://standard/x",
+                "AMQP_URL wins"
+            );
+            assert_eq!(s.log.format, LogFormat::Text);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn config_file_from_unassign_config() {
+        jailed(|jail| {
+            jail.create_file("c.toml", "[worker]\nconcurrency = 3")?;
+            jail.set_env("UNASSIGN_CONFIG", "c.toml");
+            assert_eq!(Settings::load(None).unwrap().worker.concurrency, 3);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        jailed(|jail| {
+            jail.set_env("UNASSIGN__WORKER__CONCURRENCY", "lots");
+            assert!(err(Settings::load(None)).contains("worker.concurrency"));
+            jail.set_env("UNASSIGN__WORKER__CONCURRENCY", "0");
+            assert!(err(Settings::load(None)).contains("worker.concurrency"));
+            jail.set_env("UNASSIGN__WORKER__CONCURRENCY", "8");
+            jail.set_env("UNASSIGN__WORKER__CONCURENCY", "8");
+            assert!(
+                err(Settings::load(None)).contains("concurency"),
+                "typos are refused"
+            );
+            Ok(())
+        });
+        jailed(|jail| {
+            jail.set_env("UNASSIGN__AMQP__PREFETCH", "16");
+            assert!(err(Settings::load(None)).contains("amqp.prefetch"));
+            Ok(())
+        });
+        jailed(|_| {
+            assert!(err(Settings::load(Some("missing.toml".into()))).contains("missing.toml"));
+            Ok(())
+        });
+        jailed(|jail| {
+            jail.set_env("AZURE_FEDERATED_TOKEN_FILE", "/var/run/token");
+            assert!(err(Settings::load(None)).contains("azure_federated_token_file"));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn plain_http_only_on_loopback() {
+        jailed(|jail| {
+            jail.set_env("UNASSIGN__GRAPH__BASE_URL", "http://graph.example.com/beta");
+            assert!(err(Settings::load(None)).contains("graph.base_url"));
+            jail.set_env("UNASSIGN__GRAPH__BASE_URL", "http://127.0.0.1:8080/beta");
+            jail.set_env("AZURE_AUTHORITY_HOST", "http://login.example.com");
+            assert!(err(Settings::load(None)).contains("auth.authority_host"));
+            jail.set_env("AZURE_AUTHORITY_HOST", "http://localhost:8080");
+            Settings::load(None).unwrap();
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn credentials_are_checked_and_never_printed() {
+        jailed(|jail| {
+            let s = Settings::load(None).unwrap();
+            assert!(err_c(&s).contains("AZURE_TENANT_ID"));
+            jail.set_env("AZURE_TENANT_ID", "72f988bf-86f1-41af-91ab-2d7cd011db47");
+            jail.set_env("AZURE_CLIENT_ID", "app");
+            assert!(err_c(&Settings::load(None).unwrap()).contains("AZURE_CLIENT_SECRET"));
+            jail.set_env("AZURE_CLIENT_SECRET", "hunter2-very-secret");
+            let s = Settings::load(None).unwrap();
+            let creds = s.credentials().unwrap();
+            assert_eq!(creds.scope, "https://graph.microsoft.com/.default");
+            for shown in [format!("{s:?}"), format!("{creds:?}")] {
+                assert!(
+                    !shown.contains("hunter2"),
+                    "secret leaked into Debug: {shown}"
+                );
+            }
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn secret_from_file_and_scope_from_base_url() {
+        jailed(|jail| {
+            jail.create_file("secret", "from-file\n")?;
+            jail.set_env("AZURE_TENANT_ID", "72f988bf-86f1-41af-91ab-2d7cd011db47");
+            jail.set_env("AZURE_CLIENT_ID", "app");
+            jail.set_env("AZURE_CLIENT_SECRET_FILE", "secret");
+            jail.set_env(
+                "UNASSIGN__GRAPH__BASE_URL",
+                "https://graph.microsoft.us/beta",
+            );
+            let creds = Settings::load(None).unwrap().credentials().unwrap();
+            assert_eq!(creds.client_secret.expose_secret(), "from-file");
+            assert_eq!(creds.scope, "https://graph.microsoft.us/.default");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn amqp_url_is_redacted_and_gets_a_heartbeat() {
+        jailed(|jail| {
+            jail.set_env("AMQP_URL", "amqp://user:pa55word@broker:5672/%2f");
+            let s = Settings::load(None).unwrap();
+            assert_eq!(s.amqp.redacted_url(), "amqp://user:***@broker:5672/%2f");
+            assert!(s.amqp.connect_url().ends_with("?heartbeat=10"));
+            assert!(!format!("{s:?}").contains("pa55word"));
+            Ok(())
+        });
+    }
+
+    fn err_c(s: &Settings) -> String {
+        s.credentials()
+            .expect_err("credentials should be refused")
+            .to_string()
+    }
+}

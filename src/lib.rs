@@ -1,0 +1,20 @@
+//! `unassign-worker`: takes departing employees off their Windows Autopilot devices.
+//! HR systems enqueue requests on RabbitMQ; the worker calls Microsoft Graph's
+//! `unassignUserFromDevice`, publishes an outcome event per request and dead-letters what
+//! truly failed. Start reading at [`pipeline`], which follows one job from delivery to ack.
+
+pub mod amqp;
+pub mod auth;
+pub mod cli;
+pub mod config;
+pub mod contract;
+pub mod graph;
+pub mod http;
+pub mod metrics;
+pub mod pipeline;
+pub mod retry;
+pub mod shutdown;
+pub mod sim;
+pub mod telemetry;
+pub mod throttle;
+pub mod worker;

@@ -1,0 +1,314 @@
+//! The one place that names metrics (CONTRACT section 7). The rest of the worker calls typed
+//! methods; no label ever carries an unbounded value (ids, user names).
+
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+
+use crate::contract::ErrorKind;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Outcome {
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Kind {
+    kind: &'static str,
+}
+
+/// An HTTP code, or `timeout` / `connect_error`: a bounded set by construction.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Status {
+    status: std::borrow::Cow<'static, str>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Reason {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TokenResult {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Version {
+    version: &'static str,
+}
+
+/// Why a Graph call is retried (`unassign_retries_total{reason}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryReason {
+    Throttled,
+    ServerError,
+    Network,
+}
+
+impl RetryReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Throttled => "throttled",
+            Self::ServerError => "server_error",
+            Self::Network => "network",
+        }
+    }
+}
+
+/// How a Graph call ended, as the `status` label: an HTTP code, `timeout` or `connect_error`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallStatus {
+    Http(u16),
+    Timeout,
+    ConnectError,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    jobs: Family<Outcome, Counter>,
+    dead_letters: Family<Kind, Counter>,
+    graph_requests: Family<Status, Counter>,
+    graph_duration: Histogram,
+    job_duration: Histogram,
+    retries: Family<Reason, Counter>,
+    throttled: Gauge,
+    rate_limit: Gauge<f64, AtomicU64>,
+    inflight: Gauge,
+    amqp_connected: Gauge,
+    amqp_reconnects: Counter,
+    token_requests: Family<TokenResult, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut m = Self {
+            registry: Registry::default(),
+            jobs: Family::default(),
+            dead_letters: Family::default(),
+            graph_requests: Family::default(),
+            // 5 ms … ~82 s: Graph answers in tens of ms to seconds; timeouts sit at the top.
+            graph_duration: Histogram::new(exponential_buckets(0.005, 2.0, 15)),
+            // 10 ms … ~1.9 days: a throttled or retried job can legitimately take hours.
+            job_duration: Histogram::new(exponential_buckets(0.01, 3.0, 18)),
+            retries: Family::default(),
+            throttled: Gauge::default(),
+            rate_limit: Gauge::default(),
+            inflight: Gauge::default(),
+            amqp_connected: Gauge::default(),
+            amqp_reconnects: Counter::default(),
+            token_requests: Family::default(),
+        };
+        // Known label values start at zero so dashboards and alerts see series from the start.
+        for outcome in ["succeeded", "failed"] {
+            let _ = m.jobs.get_or_create(&Outcome { outcome });
+        }
+        for kind in ErrorKind::ALL {
+            let _ = m.dead_letters.get_or_create(&Kind {
+                kind: kind.as_str(),
+            });
+        }
+        for reason in [
+            RetryReason::Throttled,
+            RetryReason::ServerError,
+            RetryReason::Network,
+        ] {
+            let _ = m.retries.get_or_create(&Reason {
+                reason: reason.as_str(),
+            });
+        }
+        for result in ["ok", "error"] {
+            let _ = m.token_requests.get_or_create(&TokenResult { result });
+        }
+        m.register();
+        m
+    }
+
+    fn register(&mut self) {
+        let r = &mut self.registry;
+        // prometheus-client appends `_total` to counters.
+        r.register(
+            "unassign_jobs",
+            "Requests that reached a final outcome",
+            self.jobs.clone(),
+        );
+        r.register(
+            "unassign_dead_letters",
+            "Requests dead-lettered by the worker",
+            self.dead_letters.clone(),
+        );
+        r.register(
+            "unassign_graph_requests",
+            "Graph calls by HTTP status",
+            self.graph_requests.clone(),
+        );
+        r.register(
+            "unassign_graph_request_duration_seconds",
+            "Graph call latency",
+            self.graph_duration.clone(),
+        );
+        r.register(
+            "unassign_job_duration_seconds",
+            "First receipt to final outcome",
+            self.job_duration.clone(),
+        );
+        r.register(
+            "unassign_retries",
+            "Graph calls retried, by reason",
+            self.retries.clone(),
+        );
+        r.register(
+            "unassign_throttled",
+            "1 while calls are held back by a Retry-After",
+            self.throttled.clone(),
+        );
+        r.register(
+            "unassign_rate_limit_per_second",
+            "Current Graph request budget per tenant (0 = none)",
+            self.rate_limit.clone(),
+        );
+        r.register(
+            "unassign_inflight_jobs",
+            "Deliveries being processed",
+            self.inflight.clone(),
+        );
+        r.register(
+            "unassign_amqp_connected",
+            "1 while connected to the broker",
+            self.amqp_connected.clone(),
+        );
+        r.register(
+            "unassign_amqp_reconnects",
+            "Broker reconnections",
+            self.amqp_reconnects.clone(),
+        );
+        r.register(
+            "unassign_token_requests",
+            "Token endpoint requests by result",
+            self.token_requests.clone(),
+        );
+        let build_info = Family::<Version, Gauge>::default();
+        build_info
+            .get_or_create(&Version {
+                version: env!("CARGO_PKG_VERSION"),
+            })
+            .set(1);
+        r.register("unassign_build_info", "Build information", build_info);
+    }
+
+    /// The registry in the text exposition format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+
+    pub fn job_finished(&self, failed: bool, seconds: f64) {
+        let outcome = if failed { "failed" } else { "succeeded" };
+        self.jobs.get_or_create(&Outcome { outcome }).inc();
+        self.job_duration.observe(seconds);
+    }
+
+    pub fn dead_lettered(&self, kind: ErrorKind) {
+        self.dead_letters
+            .get_or_create(&Kind {
+                kind: kind.as_str(),
+            })
+            .inc();
+    }
+
+    pub fn graph_call(&self, status: CallStatus, seconds: f64) {
+        let status = match status {
+            CallStatus::Http(code) => code.to_string().into(),
+            CallStatus::Timeout => "timeout".into(),
+            CallStatus::ConnectError => "connect_error".into(),
+        };
+        self.graph_requests.get_or_create(&Status { status }).inc();
+        self.graph_duration.observe(seconds);
+    }
+
+    pub fn retry(&self, reason: RetryReason) {
+        self.retries
+            .get_or_create(&Reason {
+                reason: reason.as_str(),
+            })
+            .inc();
+    }
+
+    pub fn set_throttled(&self, throttled: bool) {
+        self.throttled.set(throttled.into());
+    }
+
+    pub fn set_rate_limit(&self, per_second: f64) {
+        self.rate_limit.set(per_second);
+    }
+
+    pub fn inflight_inc(&self) {
+        self.inflight.inc();
+    }
+
+    pub fn inflight_dec(&self) {
+        self.inflight.dec();
+    }
+
+    pub fn set_amqp_connected(&self, connected: bool) {
+        self.amqp_connected.set(connected.into());
+    }
+
+    pub fn amqp_reconnected(&self) {
+        self.amqp_reconnects.inc();
+    }
+
+    pub fn token_request(&self, ok: bool) {
+        let result = if ok { "ok" } else { "error" };
+        self.token_requests
+            .get_or_create(&TokenResult { result })
+            .inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposes_every_contract_metric() {
+        let m = Metrics::new();
+        m.graph_call(CallStatus::Http(204), 0.01);
+        m.graph_call(CallStatus::Timeout, 30.0);
+        let text = m.render();
+        for name in [
+            "unassign_jobs_total{outcome=\"succeeded\"}",
+            "unassign_dead_letters_total{kind=\"device_not_found\"}",
+            "unassign_graph_requests_total{status=\"204\"}",
+            "unassign_graph_requests_total{status=\"timeout\"}",
+            "unassign_graph_request_duration_seconds_bucket",
+            "unassign_job_duration_seconds_bucket",
+            "unassign_retries_total{reason=\"throttled\"}",
+            "unassign_throttled ",
+            "unassign_rate_limit_per_second ",
+            "unassign_inflight_jobs ",
+            "unassign_amqp_connected ",
+            "unassign_amqp_reconnects_total ",
+            "unassign_token_requests_total{result=\"ok\"}",
+            "unassign_build_info{version=",
+        ] {
+            assert!(text.contains(name), "missing {name} in\n{text}");
+        }
+    }
+}

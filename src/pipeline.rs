@@ -1,0 +1,594 @@
+//! One job: a delivery from the requests queue to its settlement. This is the one place that
+//! orders the steps — parse, wait on the tenant's gate, call Graph, decide, and then publish the
+//! outcome (and dead letter) with confirms *before* acking (CONTRACT section 6).
+
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime},
+};
+
+use lapin::{
+    BasicProperties,
+    message::Delivery,
+    options::{BasicAckOptions, BasicNackOptions},
+    types::{AMQPValue, FieldTable, ShortString},
+};
+use time::OffsetDateTime;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, field::Empty};
+
+use crate::{
+    amqp::{PublishError, Publisher},
+    auth::{AccessToken, TokenSource},
+    config::AmqpSettings,
+    contract::{self, DeviceId, ErrorKind, Failure, Invalid, Outcome, Request, RetryState, Target},
+    graph::{GraphClient, Reply},
+    metrics::Metrics,
+    retry::{self, Attempt, Decision, PauseReason, Policy},
+    throttle::Gate,
+};
+
+/// What every job shares for the life of the worker.
+pub struct Context {
+    pub amqp: AmqpSettings,
+    pub graph: GraphClient,
+    pub tokens: TokenSource,
+    pub gate: Arc<Gate>,
+    /// Bounds Graph calls in flight (`worker.concurrency`).
+    pub graph_slots: Semaphore,
+    pub metrics: Arc<Metrics>,
+    pub policy: Policy,
+    /// The configured tenant; a request naming another is invalid.
+    pub tenant_id: String,
+    /// Longest a delivery waits in-process before it is requeued with its state instead.
+    pub max_hold: Duration,
+    /// `unassign-worker/<instance>`, the events' `source`.
+    pub source: String,
+}
+
+/// What a job needs from the consume session that delivered it.
+pub struct Session {
+    pub publisher: Publisher,
+    /// Cancelled on shutdown, pause or connection loss: stop waiting and hand the job back.
+    pub stop: CancellationToken,
+    pause: Mutex<Option<PauseReason>>,
+}
+
+impl Session {
+    pub fn new(publisher: Publisher, stop: CancellationToken) -> Self {
+        Self {
+            publisher,
+            stop,
+            pause: Mutex::new(None),
+        }
+    }
+
+    /// Asks the worker to pause consumption; every job in this session then hands itself back.
+    pub fn pause(&self, reason: PauseReason) {
+        self.pause
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert(reason);
+        self.stop.cancel();
+    }
+
+    pub fn pause_reason(&self) -> Option<PauseReason> {
+        *self.pause.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// How a job ends before settlement.
+enum Step {
+    /// A final outcome: publish the event (and dead letter), then ack.
+    Done(Box<Outcome>),
+    /// Not finished: put it back in the queue with its state, then ack this delivery.
+    Requeue(RetryState),
+}
+
+/// Handles one delivery to the end. Never panics on input; every path settles the delivery or
+/// leaves it unacked for the broker to redeliver.
+pub async fn handle(ctx: &Context, session: &Session, delivery: Delivery) {
+    ctx.metrics.inflight_inc();
+    let _inflight = scopeguard(|| ctx.metrics.inflight_dec());
+    let headers = delivery.properties.headers().clone().unwrap_or_default();
+    let state = RetryState::from_headers(&headers, OffsetDateTime::now_utc());
+    let traceparent =
+        contract::header_str(&headers, contract::headers::TRACEPARENT).map(|s| s.into_owned());
+    let message_id = delivery
+        .properties
+        .message_id()
+        .as_ref()
+        .map(ShortString::as_str);
+    let span = tracing::info_span!(
+        "job",
+        request_id = Empty,
+        device_id = Empty,
+        attempt = state.attempts,
+        graph_request_id = Empty
+    );
+    let step = match contract::parse_request(&delivery.data, message_id) {
+        Ok(request) => {
+            span.record("request_id", request.request_id.as_str());
+            if let Some(id) = request.device_id() {
+                span.record("device_id", id.as_str());
+            }
+            process(ctx, session, &request, state)
+                .instrument(span.clone())
+                .await
+        }
+        Err(invalid) => Step::Done(Box::new(invalid_outcome(invalid, state))),
+    };
+    let step = match step {
+        Step::Done(mut outcome) => {
+            outcome.traceparent = traceparent;
+            Step::Done(outcome)
+        }
+        requeue => requeue,
+    };
+    settle(ctx, session, &delivery, step).instrument(span).await;
+}
+
+/// The Graph part of a job: call, decide, wait, call again.
+async fn process(ctx: &Context, session: &Session, request: &Request, state: RetryState) -> Step {
+    let job = Job { request, state };
+    if let Some(tenant) = &request.tenant_id
+        && !tenant.eq_ignore_ascii_case(&ctx.tenant_id)
+    {
+        return job.fail(Failure::new(
+            ErrorKind::InvalidRequest,
+            "tenant_id names no configured tenant",
+        ));
+    }
+    let device = match &request.target {
+        Target::Device(id) => id,
+        Target::Serial(_) | Target::User(_) => {
+            return job.fail(Failure::new(
+                ErrorKind::InvalidRequest,
+                "serial_number and user_principal_name are not supported yet: send device_id",
+            ));
+        }
+    };
+    call_until_decided(ctx, session, job, device).await
+}
+
+/// A request in progress and its durable state.
+struct Job<'a> {
+    request: &'a Request,
+    state: RetryState,
+}
+
+impl Job<'_> {
+    fn outcome(&self, error: Option<Failure>, reply: Option<&Reply>) -> Outcome {
+        Outcome {
+            request_id: self.request.request_id.clone(),
+            device_id: self.request.device_id().cloned(),
+            requested_by: self.request.requested_by.clone(),
+            reason: self.request.reason.clone(),
+            attempts: self.state.attempts,
+            error,
+            graph_request_id: reply.and_then(|r| r.response()?.request_id.clone()),
+            client_request_id: reply.map(|r| r.client_request_id.clone()),
+            received_at: self.state.first_received_at,
+            completed_at: OffsetDateTime::now_utc(),
+            traceparent: None,
+        }
+    }
+
+    fn fail(&self, failure: Failure) -> Step {
+        Step::Done(Box::new(self.outcome(Some(failure), None)))
+    }
+
+    fn elapsed(&self) -> Duration {
+        (OffsetDateTime::now_utc() - self.state.first_received_at)
+            .try_into()
+            .unwrap_or_default()
+    }
+
+    /// Time left before `not_after`; zero once it has passed.
+    fn until_deadline(&self) -> Option<Duration> {
+        let not_after = self.request.not_after?;
+        Some(
+            (not_after - OffsetDateTime::now_utc())
+                .try_into()
+                .unwrap_or_default(),
+        )
+    }
+
+    /// Gives up for good, saying why and what Graph said last.
+    fn give_up(&self, kind: ErrorKind, last: Option<&Reply>) -> Step {
+        let why = match kind {
+            ErrorKind::DeadlineExceeded => "not_after passed",
+            ErrorKind::RetriesExhausted => "retry budget spent",
+            _ => "failed",
+        };
+        let message = match last {
+            Some(reply) => format!(
+                "{why} after {} call(s) in {:.0?}; last: {}",
+                self.state.attempts,
+                self.elapsed(),
+                reply.describe()
+            ),
+            None => format!("{why} before any call was made"),
+        };
+        let failure = Failure {
+            message,
+            ..failure_from(kind, last)
+        };
+        Step::Done(Box::new(self.outcome(Some(failure), last)))
+    }
+}
+
+/// Graph's status and error code, if an answer was had.
+fn failure_from(kind: ErrorKind, reply: Option<&Reply>) -> Failure {
+    let response = reply.and_then(Reply::response);
+    Failure {
+        kind,
+        http_status: response.map(|r| r.status),
+        graph_code: response.and_then(|r| r.error.as_ref()?.code.clone()),
+        message: reply.map(Reply::describe).unwrap_or_default(),
+    }
+}
+
+async fn call_until_decided(
+    ctx: &Context,
+    session: &Session,
+    mut job: Job<'_>,
+    device: &DeviceId,
+) -> Step {
+    let held_since = tokio::time::Instant::now();
+    let mut last: Option<Reply> = None;
+    let mut token_refreshed = false;
+    if let Some(wait) = job.state.retry_at.and_then(until) {
+        if let Some(step) = wait_or_requeue(ctx, session, &mut job, wait, held_since).await {
+            return step;
+        }
+    }
+    loop {
+        if job.until_deadline() == Some(Duration::ZERO) {
+            return job.give_up(ErrorKind::DeadlineExceeded, last.as_ref());
+        }
+        let Some((reply, token)) = call(ctx, session, &mut job, device).await else {
+            return Step::Requeue(job.state);
+        };
+        let decision = retry::decide(
+            &reply.answer(),
+            Attempt {
+                calls: job.state.attempts,
+                elapsed: job.elapsed(),
+                until_deadline: job.until_deadline(),
+                token_refreshed,
+            },
+            &ctx.policy,
+            SystemTime::now(),
+            rand::random(),
+        );
+        token_refreshed = false;
+        match decision {
+            Decision::Succeed => {
+                tracing::info!(attempts = job.state.attempts, "unassigned");
+                return Step::Done(Box::new(job.outcome(None, Some(&reply))));
+            }
+            Decision::Fail(kind @ (ErrorKind::RetriesExhausted | ErrorKind::DeadlineExceeded)) => {
+                return job.give_up(kind, Some(&reply));
+            }
+            Decision::Fail(kind) => {
+                let failure = failure_from(kind, Some(&reply));
+                return Step::Done(Box::new(job.outcome(Some(failure), Some(&reply))));
+            }
+            Decision::RefreshToken => {
+                tracing::info!("graph answered 401; fetching a fresh token");
+                ctx.tokens.invalidate(&token).await;
+                token_refreshed = true;
+            }
+            Decision::Pause(reason) => {
+                tracing::error!(reason = reason.as_str(), "pausing consumption");
+                session.pause(reason);
+                return Step::Requeue(job.state);
+            }
+            Decision::Retry {
+                delay,
+                reason,
+                hold_tenant,
+            } => {
+                ctx.metrics.retry(reason);
+                if let Some(hold) = hold_tenant {
+                    ctx.gate.hold(hold);
+                }
+                tracing::warn!(
+                    reason = reason.as_str(),
+                    delay_ms = delay.as_millis() as u64,
+                    answer = %reply.describe(),
+                    "retrying"
+                );
+                if let Some(step) = wait_or_requeue(ctx, session, &mut job, delay, held_since).await
+                {
+                    return step;
+                }
+            }
+        }
+        last = Some(reply);
+    }
+}
+
+/// One Graph call, after the concurrency slot, the tenant's gate and a token. `None` if the
+/// session stopped before the call was sent, or no token could be had (which pauses).
+async fn call(
+    ctx: &Context,
+    session: &Session,
+    job: &mut Job<'_>,
+    device: &DeviceId,
+) -> Option<(Reply, AccessToken)> {
+    let admitted = async {
+        let permit = ctx
+            .graph_slots
+            .acquire()
+            .await
+            .expect("the semaphore is never closed");
+        ctx.gate.admit().await;
+        permit
+    };
+    let _permit = tokio::select! {
+        biased;
+        _ = session.stop.cancelled() => return None,
+        permit = admitted => permit,
+    };
+    let token = match ctx.tokens.token().await {
+        Ok(token) => token,
+        Err(e) => {
+            tracing::error!(error = %e, "no access token; pausing consumption");
+            session.pause(PauseReason::NoToken);
+            return None;
+        }
+    };
+    // Once sent, a call is seen through: aborting it would leave Graph's side unknown.
+    let reply = ctx.graph.unassign(&token, device).await;
+    job.state.attempts += 1;
+    let span = tracing::Span::current();
+    span.record("attempt", job.state.attempts);
+    let response = reply.response();
+    if let Some(id) = response.and_then(|r| r.request_id.as_deref()) {
+        span.record("graph_request_id", id);
+    }
+    tracing::debug!(
+        client_request_id = %reply.client_request_id,
+        activity_id = response.and_then(|r| r.error.as_ref()?.activity_id.as_deref()),
+        answer = %reply.describe(),
+        "graph call"
+    );
+    Some((reply, token))
+}
+
+/// Waits `delay` holding the delivery, or — if that would hold it past `max_hold`, or the
+/// session stops — hands the job back with the wait still owed. `None` means "call again".
+async fn wait_or_requeue(
+    ctx: &Context,
+    session: &Session,
+    job: &mut Job<'_>,
+    delay: Duration,
+    held_since: tokio::time::Instant,
+) -> Option<Step> {
+    let retry_at = OffsetDateTime::now_utc() + delay;
+    let requeue = Step::Requeue(RetryState {
+        retry_at: Some(retry_at),
+        ..job.state
+    });
+    if held_since.elapsed() + delay > ctx.max_hold {
+        return Some(requeue);
+    }
+    if !sleep_unless_stopped(delay, &session.stop).await {
+        return Some(requeue);
+    }
+    job.state.retry_at = None;
+    None
+}
+
+fn until(at: OffsetDateTime) -> Option<Duration> {
+    let left = at - OffsetDateTime::now_utc();
+    left.is_positive()
+        .then(|| left.try_into().unwrap_or_default())
+}
+
+fn invalid_outcome(invalid: Invalid, state: RetryState) -> Outcome {
+    tracing::warn!(request_id = invalid.request_id.as_deref(), reason = %invalid.message, "invalid request");
+    Outcome {
+        request_id: invalid.request_id.unwrap_or_default(),
+        device_id: invalid.device_id,
+        requested_by: invalid.requested_by,
+        reason: invalid.reason,
+        attempts: state.attempts,
+        error: Some(Failure::new(ErrorKind::InvalidRequest, invalid.message)),
+        graph_request_id: None,
+        client_request_id: None,
+        received_at: state.first_received_at,
+        completed_at: OffsetDateTime::now_utc(),
+        traceparent: None,
+    }
+}
+
+/// Publishes what the step calls for, with confirms, and acks only once all are confirmed.
+/// A refused publish (nack, unroutable) is retried with backoff while the delivery is held —
+/// Graph is not called again and the broker's delivery count is not spent; when the session
+/// stops or the hold is too long, the delivery is requeued. On a dead channel nothing can be
+/// settled and the broker requeues the delivery by itself. Nothing is lost either way.
+async fn settle(ctx: &Context, session: &Session, delivery: &Delivery, step: Step) {
+    let event_id = uuid::Uuid::new_v4().to_string();
+    let held_since = tokio::time::Instant::now();
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let published = match &step {
+            Step::Done(outcome) => {
+                publish_outcome(ctx, session, delivery, outcome, &event_id).await
+            }
+            Step::Requeue(state) => requeue(ctx, session, delivery, state).await,
+        };
+        let error = match published {
+            Ok(()) => break,
+            Err(PublishError::Broker(e)) => {
+                tracing::warn!(error = %e, "broker channel failed; the broker will redeliver");
+                return;
+            }
+            Err(e) => e,
+        };
+        tracing::warn!(error = %error, retry_in = ?backoff, "publish not confirmed; holding the request");
+        let give_back = held_since.elapsed() + backoff > ctx.max_hold;
+        if give_back || !sleep_unless_stopped(backoff, &session.stop).await {
+            let requeue = BasicNackOptions {
+                requeue: true,
+                ..Default::default()
+            };
+            let _ = delivery.acker.nack(requeue).await;
+            return;
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(30));
+    }
+    if let Err(e) = delivery.acker.ack(BasicAckOptions::default()).await {
+        tracing::warn!(error = %e, "ack failed; the broker will redeliver");
+        return;
+    }
+    if let Step::Done(outcome) = step {
+        let seconds = (outcome.completed_at - outcome.received_at)
+            .as_seconds_f64()
+            .max(0.0);
+        ctx.metrics.job_finished(outcome.error.is_some(), seconds);
+        if let Some(failure) = &outcome.error {
+            ctx.metrics.dead_lettered(failure.kind);
+            tracing::warn!(kind = failure.kind.as_str(), message = %failure.message, "failed; dead-lettered");
+        }
+    }
+}
+
+/// Sleeps `d`; `false` if `stop` fired first.
+async fn sleep_unless_stopped(d: Duration, stop: &CancellationToken) -> bool {
+    tokio::select! {
+        biased;
+        _ = stop.cancelled() => false,
+        _ = tokio::time::sleep(d) => true,
+    }
+}
+
+/// The event (and its copy to `reply-to`) and, on failure, the dead letter — concurrently.
+async fn publish_outcome(
+    ctx: &Context,
+    session: &Session,
+    delivery: &Delivery,
+    outcome: &Outcome,
+    event_id: &str,
+) -> Result<(), PublishError> {
+    let publisher = &session.publisher;
+    let body = serde_json::to_vec(&outcome.to_event(&ctx.source, event_id.to_owned()))
+        .expect("events always serialise");
+    let mut event_headers = FieldTable::default();
+    if let Some(tp) = &outcome.traceparent {
+        event_headers.insert(
+            contract::headers::TRACEPARENT.into(),
+            AMQPValue::LongString(tp.as_str().into()),
+        );
+    }
+    let properties = BasicProperties::default()
+        .with_content_type("application/cloudevents+json".into())
+        .with_delivery_mode(2)
+        .with_message_id(event_id.into())
+        .with_correlation_id(outcome.request_id.as_str().into())
+        .with_timestamp(
+            outcome
+                .completed_at
+                .unix_timestamp()
+                .try_into()
+                .unwrap_or_default(),
+        )
+        .with_headers(event_headers);
+    // A request nothing can correlate gets no event, only the dead letter.
+    let has_event = !outcome.request_id.is_empty();
+    let event = async {
+        if has_event {
+            let rk = outcome.event_type();
+            publisher
+                .publish(
+                    &ctx.amqp.events_exchange,
+                    rk,
+                    &body,
+                    properties.clone(),
+                    true,
+                )
+                .await?;
+        }
+        Ok(())
+    };
+    let reply_to = async {
+        match delivery
+            .properties
+            .reply_to()
+            .as_ref()
+            .filter(|_| has_event)
+        {
+            // A reply queue that is gone must not hold the request hostage: not mandatory.
+            Some(queue) => {
+                publisher
+                    .publish("", queue.as_str(), &body, properties.clone(), false)
+                    .await
+            }
+            None => Ok(()),
+        }
+    };
+    let dead_letter = async {
+        match &outcome.error {
+            Some(failure) => {
+                let original = delivery.properties.headers().clone().unwrap_or_default();
+                let headers = contract::dead_letter_headers(
+                    &original,
+                    failure,
+                    outcome.attempts,
+                    outcome.completed_at,
+                );
+                let properties = delivery.properties.clone().with_headers(headers);
+                let exchange = &ctx.amqp.dead_letter_exchange;
+                publisher
+                    .publish(
+                        exchange,
+                        &ctx.amqp.routing_key,
+                        &delivery.data,
+                        properties,
+                        true,
+                    )
+                    .await
+            }
+            None => Ok(()),
+        }
+    };
+    tokio::try_join!(event, reply_to, dead_letter).map(drop)
+}
+
+/// Puts the request back at the tail of the queue with its retry state, so attempts and
+/// budgets survive, and the broker's delivery count (the crash-loop guard) is not spent on
+/// orderly hand-backs.
+async fn requeue(
+    ctx: &Context,
+    session: &Session,
+    delivery: &Delivery,
+    state: &RetryState,
+) -> Result<(), PublishError> {
+    let original = delivery.properties.headers().clone().unwrap_or_default();
+    let properties = delivery
+        .properties
+        .clone()
+        .with_headers(state.to_headers(&original));
+    let (exchange, key) = (&ctx.amqp.exchange, &ctx.amqp.routing_key);
+    session
+        .publisher
+        .publish(exchange, key, &delivery.data, properties, true)
+        .await
+}
+
+/// Runs `f` when dropped, so a gauge is decremented on every path out.
+fn scopeguard(f: impl FnOnce()) -> impl Drop {
+    struct Guard<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f();
+            }
+        }
+    }
+    Guard(Some(f))
+}

@@ -1,0 +1,294 @@
+//! `graph-sim`: a stand-in for the Microsoft identity platform token endpoint and the Graph
+//! Autopilot endpoints the worker calls, faithful to their throttling, token and error behaviour,
+//! with knobs (latency, injected errors, outages, throttling, scripted answers) for tests and demos.
+
+mod devices;
+mod routes;
+mod state;
+mod throttle;
+mod token;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use state::Shared;
+
+/// CLI options of `unassign-worker graph-sim`; also used by tests (via `Default` or `parse_from`).
+#[derive(Parser, Debug, Clone)]
+pub struct SimOptions {
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Accepted tenant (GUID); any tenant GUID is accepted when absent.
+    #[arg(long)]
+    pub tenant_id: Option<String>,
+    #[arg(long, default_value = "00000000-0000-0000-0000-00000000c11e")]
+    pub client_id: String,
+    #[arg(long, default_value = "sim-secret")]
+    pub client_secret: String,
+    #[arg(long, default_value_t = 3599)]
+    pub token_ttl_secs: u64,
+    #[arg(long, default_value_t = 0)]
+    pub latency_ms: u64,
+    /// Random error injection, repeatable: STATUS=RATIO, e.g. --error-rate 503=0.05
+    #[arg(long = "error-rate", value_parser = parse_error_rate)]
+    pub error_rates: Vec<(u16, f64)>,
+    /// Throttle: at most this many action calls per tenant per window (0 = off); excess answered 429.
+    #[arg(long, default_value_t = 0)]
+    pub throttle_limit: u32,
+    #[arg(long, default_value_t = 20_000)]
+    pub throttle_window_ms: u64,
+    /// How Retry-After is sent on 429 / injected 503.
+    #[arg(long, value_enum, default_value = "fractional")]
+    pub retry_after: RetryAfterMode,
+    /// Outage windows relative to start, repeatable: START..END in seconds, e.g. 10..40; all action calls answer 503 then.
+    #[arg(long = "outage", value_parser = parse_outage)]
+    pub outages: Vec<(f64, f64)>,
+    /// Send Retry-After (in --retry-after form) on outage 503s.
+    #[arg(long)]
+    pub outage_retry_after: bool,
+    /// JSON array (or JSON Lines) of devices {"id","serialNumber","userPrincipalName"}; when loaded, unknown ids answer 404.
+    #[arg(long)]
+    pub devices: Option<PathBuf>,
+    #[arg(long, default_value_t = 100)]
+    pub page_size: usize,
+    /// Answer every Graph call with 403 (app lacks permission).
+    #[arg(long)]
+    pub forbid: bool,
+}
+
+impl Default for SimOptions {
+    /// The CLI defaults, but on an ephemeral port so tests never collide.
+    fn default() -> Self {
+        let mut opts = Self::parse_from(["graph-sim"]);
+        opts.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        opts
+    }
+}
+
+/// How a `Retry-After` header is written (Graph sends fractional seconds; HTTP allows a date; Intune
+/// sometimes sends none).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RetryAfterMode {
+    /// Seconds with three decimals, e.g. `2.128`.
+    Fractional,
+    /// Whole seconds, rounded up.
+    Integer,
+    /// RFC 9110 IMF-fixdate of the (whole-second, rounded up) instant.
+    HttpDate,
+    /// No header at all.
+    Absent,
+}
+
+/// The knobs that can change while the simulator runs (initialised from [`SimOptions`]).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Behaviour {
+    pub client_secret: String,
+    pub latency_ms: u64,
+    pub error_rates: Vec<(u16, f64)>,
+    pub throttle_limit: u32,
+    pub throttle_window_ms: u64,
+    pub retry_after: RetryAfterMode,
+    /// Manual outage switch: every action call answers 503.
+    pub outage: bool,
+    pub outage_retry_after: bool,
+    pub forbid: bool,
+    /// The token endpoint answers 503.
+    pub token_outage: bool,
+}
+
+impl From<&SimOptions> for Behaviour {
+    fn from(o: &SimOptions) -> Self {
+        Self {
+            client_secret: o.client_secret.clone(),
+            latency_ms: o.latency_ms,
+            error_rates: o.error_rates.clone(),
+            throttle_limit: o.throttle_limit,
+            throttle_window_ms: o.throttle_window_ms,
+            retry_after: o.retry_after,
+            outage: false,
+            outage_retry_after: o.outage_retry_after,
+            forbid: o.forbid,
+            token_outage: false,
+        }
+    }
+}
+
+/// One canned answer for the next action call (after authentication, before every other rule).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Scripted {
+    pub status: u16,
+    /// Raw Retry-After header value to send, if any.
+    pub retry_after: Option<String>,
+    /// Hold the response this long before answering (to simulate a slow Graph).
+    #[serde(default)]
+    pub delay_ms: u64,
+}
+
+/// What the simulator has seen, for tests to assert on.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Stats {
+    pub action_calls: u64,
+    /// Action calls per device id (as sent).
+    pub calls_by_device: BTreeMap<String, u64>,
+    /// Action responses by status.
+    pub responses_by_status: BTreeMap<u16, u64>,
+    pub token_requests: u64,
+    pub token_failures: u64,
+    pub list_calls: u64,
+    /// Action calls that arrived before a Retry-After deadline this simulator had given to that tenant.
+    pub early_calls: u64,
+    /// Requests to paths/methods the simulator does not serve, "METHOD path?query", at most 100 kept.
+    pub unexpected_requests: Vec<String>,
+    pub max_in_flight: u64,
+}
+
+/// A running simulator.
+pub struct Sim {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+    task: JoinHandle<std::io::Result<()>>,
+}
+
+impl Sim {
+    /// Binds `opts.listen` and serves in a spawned task.
+    pub async fn start(opts: SimOptions) -> anyhow::Result<Sim> {
+        let shared = Arc::new(Shared::new(&opts)?);
+        let listener = TcpListener::bind(opts.listen)
+            .await
+            .with_context(|| format!("graph-sim: cannot listen on {}", opts.listen))?;
+        let addr = listener.local_addr()?;
+        let shutdown = CancellationToken::new();
+        let app = routes::router(shared.clone());
+        let stop = shutdown.clone().cancelled_owned();
+        let task = tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(stop)
+                .await
+        });
+        Ok(Sim {
+            addr,
+            shared,
+            shutdown,
+            task,
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Authority for the token endpoint `{authority}/{tenant}/oauth2/v2.0/token`.
+    pub fn authority(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn base_url(&self) -> String {
+        format!("http://{}/beta", self.addr)
+    }
+
+    pub fn stats(&self) -> Stats {
+        self.shared.stats()
+    }
+
+    pub fn reset_stats(&self) {
+        self.shared.reset_stats();
+    }
+
+    /// Changes behaviour at run time.
+    pub fn update(&self, f: impl FnOnce(&mut Behaviour)) {
+        self.shared.update(f);
+    }
+
+    /// Queues scripted answers for the next action calls, consumed in order.
+    pub fn push_script(&self, answers: impl IntoIterator<Item = Scripted>) {
+        self.shared.push_script(answers);
+    }
+
+    /// Invalidates every issued access token (the next Graph call with one gets 401).
+    pub fn revoke_tokens(&self) {
+        self.shared.revoke_tokens();
+    }
+
+    /// The latest access tokens issued (up to 100), for tests that must not find them in logs.
+    pub fn issued_tokens(&self) -> Vec<String> {
+        self.shared.issued_tokens()
+    }
+
+    /// Stops accepting, lets in-flight requests finish (up to 5 s), then stops.
+    pub async fn shutdown(mut self) {
+        self.shutdown.cancel();
+        if tokio::time::timeout(Duration::from_secs(5), &mut self.task)
+            .await
+            .is_err()
+        {
+            self.task.abort();
+        }
+    }
+}
+
+/// Entry point of the `graph-sim` subcommand: serves until `shutdown` is cancelled.
+pub async fn run(opts: SimOptions, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let sim = Sim::start(opts).await?;
+    let url = sim.authority();
+    println!(
+        "graph-sim listening on {url} (authority {url}, graph base {})",
+        sim.base_url()
+    );
+    shutdown.cancelled().await;
+    sim.shutdown().await;
+    Ok(())
+}
+
+fn parse_error_rate(s: &str) -> Result<(u16, f64), String> {
+    let (status, ratio) = s
+        .split_once('=')
+        .ok_or("expected STATUS=RATIO, e.g. 503=0.05")?;
+    let status: u16 = status
+        .trim()
+        .parse()
+        .map_err(|_| format!("status {status:?} is not a number"))?;
+    if !(400..=599).contains(&status) {
+        return Err(format!("status {status} is not an error status (400-599)"));
+    }
+    let ratio: f64 = ratio
+        .trim()
+        .parse()
+        .map_err(|_| format!("ratio {ratio:?} is not a number"))?;
+    if !(0.0..=1.0).contains(&ratio) {
+        return Err(format!("ratio {ratio} is not between 0 and 1"));
+    }
+    Ok((status, ratio))
+}
+
+fn parse_outage(s: &str) -> Result<(f64, f64), String> {
+    let (start, end) = s
+        .split_once("..")
+        .ok_or("expected START..END in seconds, e.g. 10..40")?;
+    let secs = |v: &str| {
+        v.trim()
+            .parse::<f64>()
+            .ok()
+            .filter(|v| v.is_finite() && *v >= 0.0)
+            .ok_or(format!("{v:?} is not a number of seconds"))
+    };
+    let (start, end) = (secs(start)?, secs(end)?);
+    if start >= end {
+        return Err(format!("outage start {start} is not before its end {end}"));
+    }
+    Ok((start, end))
+}

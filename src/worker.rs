@@ -1,0 +1,401 @@
+//! The worker: builds everything from [`Settings`], then supervises the broker connection and
+//! runs consume sessions on it until `shutdown` is cancelled. A session ends on shutdown,
+//! connection loss, or a credential pause; the supervisor reacts and starts the next one.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use futures_util::StreamExt;
+use lapin::{
+    Connection, Consumer, Event,
+    options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions},
+    types::FieldTable,
+};
+use tokio::{net::TcpListener, sync::Semaphore, time::Instant};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    amqp::{self, Publisher, TopologyError},
+    auth::TokenSource,
+    config::{ConfigError, Settings},
+    graph::{self, GraphClient},
+    http::{self, Health},
+    metrics::Metrics,
+    pipeline::{self, Context, Session},
+    retry::{PauseReason, Policy},
+    throttle::Gate,
+};
+
+/// Probing after a credential pause backs off up to this (CONTRACT section 6, item 3).
+const MAX_PAUSE_BACKOFF: Duration = Duration::from_secs(60);
+/// A session that pauses sooner than this after resuming keeps the pause backoff growing.
+const PAUSE_RESET_AFTER: Duration = Duration::from_secs(60);
+/// How often idle loops report that they are turning.
+const TICK: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Topology(TopologyError),
+    #[error("{0:#}")]
+    Runtime(#[from] anyhow::Error),
+}
+
+impl RunError {
+    /// CONTRACT section 1: 2 for configuration (a conflicting topology included), else 1.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::Config(_) | Self::Topology(TopologyError::Conflict { .. }) => 2,
+            _ => 1,
+        }
+    }
+}
+
+/// A built worker, its HTTP port bound, ready to [`App::run`].
+pub struct App {
+    settings: Settings,
+    ctx: Arc<Context>,
+    health: Arc<Health>,
+    metrics: Arc<Metrics>,
+    listener: TcpListener,
+    name: String,
+}
+
+/// How a consume session ended.
+enum SessionEnd {
+    Shutdown,
+    Lost(String),
+    Paused(PauseReason),
+}
+
+impl App {
+    /// Validates credentials, builds the clients and binds the HTTP listener (port 0 works).
+    pub async fn build(settings: Settings) -> Result<App, RunError> {
+        let credentials = settings.credentials()?;
+        let metrics = Arc::new(Metrics::new());
+        let http = graph::http_client(Duration::from_secs(settings.graph.timeout_secs));
+        let name = format!(
+            "unassign-worker/{}",
+            instance_name(&settings.worker.instance)
+        );
+        let ctx = Context {
+            amqp: settings.amqp.clone(),
+            graph: GraphClient::new(
+                http.clone(),
+                settings.graph.base_url.clone(),
+                metrics.clone(),
+            ),
+            gate: Gate::new(settings.graph.max_requests_per_second, metrics.clone()),
+            tenant_id: credentials.tenant_id.clone(),
+            tokens: TokenSource::new(http, credentials, metrics.clone()),
+            graph_slots: Semaphore::new(settings.worker.concurrency),
+            metrics: metrics.clone(),
+            policy: Policy::from(&settings.retry),
+            max_hold: Duration::from_secs(settings.retry.max_hold_secs),
+            source: name.clone(),
+        };
+        let listener = TcpListener::bind(settings.http.listen)
+            .await
+            .with_context(|| format!("binding http.listen {}", settings.http.listen))?;
+        Ok(App {
+            settings,
+            ctx: Arc::new(ctx),
+            health: Arc::new(Health::default()),
+            metrics,
+            listener,
+            name,
+        })
+    }
+
+    pub fn http_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    /// Runs until `shutdown` is cancelled and in-flight work is settled or handed back.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), RunError> {
+        let App {
+            settings,
+            ctx,
+            health,
+            metrics,
+            listener,
+            name,
+        } = self;
+        health.tick();
+        let http_stop = CancellationToken::new();
+        let router = http::router(metrics.clone(), health.clone());
+        let server = tokio::spawn(http::serve(listener, router, http_stop.clone()));
+        tracing::info!(
+            broker = %settings.amqp.redacted_url(),
+            queue = %settings.amqp.queue,
+            graph = %settings.graph.base_url,
+            concurrency = settings.worker.concurrency,
+            "worker starting"
+        );
+        let supervisor = Supervisor {
+            settings,
+            ctx,
+            health,
+            metrics,
+            name,
+        };
+        let result = supervisor.run(&shutdown).await;
+        http_stop.cancel();
+        let _ = server.await;
+        tracing::info!("worker stopped");
+        result
+    }
+}
+
+struct Supervisor {
+    settings: Settings,
+    ctx: Arc<Context>,
+    health: Arc<Health>,
+    metrics: Arc<Metrics>,
+    name: String,
+}
+
+impl Supervisor {
+    async fn run(&self, shutdown: &CancellationToken) -> Result<(), RunError> {
+        let max_reconnect = Duration::from_secs(self.settings.amqp.reconnect_max_delay_secs.max(1));
+        let mut reconnect_delay = Duration::from_millis(500);
+        let mut pause_backoff = Duration::from_secs(1);
+        let mut connected_before = false;
+        while !shutdown.is_cancelled() {
+            self.health.tick();
+            let connection = match self.connect().await {
+                Ok(connection) => connection,
+                Err(RunError::Runtime(e)) => {
+                    tracing::warn!(error = %format!("{e:#}"), retry_in = ?reconnect_delay, "broker unavailable");
+                    self.sleep(jittered(reconnect_delay), shutdown).await;
+                    reconnect_delay = (reconnect_delay * 2).min(max_reconnect);
+                    continue;
+                }
+                Err(fatal) => return Err(fatal),
+            };
+            if connected_before {
+                self.metrics.amqp_reconnected();
+            }
+            connected_before = true;
+            reconnect_delay = Duration::from_millis(500);
+            self.set_connected(true);
+            loop {
+                let started = Instant::now();
+                match self.session(&connection, shutdown).await {
+                    SessionEnd::Shutdown => {
+                        let _ = connection.close(200, "shutdown".into()).await;
+                        self.set_connected(false);
+                        return Ok(());
+                    }
+                    SessionEnd::Lost(why) => {
+                        tracing::warn!(error = %why, "broker connection lost; reconnecting");
+                        self.set_connected(false);
+                        break;
+                    }
+                    SessionEnd::Paused(reason) => {
+                        if started.elapsed() > PAUSE_RESET_AFTER {
+                            pause_backoff = Duration::from_secs(1);
+                        }
+                        self.wait_out_pause(reason, &mut pause_backoff, shutdown)
+                            .await;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn set_connected(&self, connected: bool) {
+        self.health.set_connected(connected);
+        self.metrics.set_amqp_connected(connected);
+    }
+
+    /// Connects and declares the topology. A conflicting topology is fatal; the rest is retried.
+    async fn connect(&self) -> Result<Connection, RunError> {
+        let amqp = &self.settings.amqp;
+        let connection = amqp::connect(amqp, &self.name)
+            .await
+            .context("connecting to the broker")?;
+        if amqp.declare_topology {
+            let channel = connection
+                .create_channel()
+                .await
+                .context("opening a channel")?;
+            match amqp::declare(&channel, amqp).await {
+                Ok(()) => {
+                    let _ = channel.close(200, "declared".into()).await;
+                }
+                Err(e @ TopologyError::Conflict { .. }) => return Err(RunError::Topology(e)),
+                Err(e) => return Err(RunError::Runtime(e.into())),
+            }
+        }
+        tracing::info!(broker = %amqp.redacted_url(), "connected to the broker");
+        Ok(connection)
+    }
+
+    /// One consume session: deliveries become jobs until shutdown, pause or connection loss.
+    async fn session(&self, connection: &Connection, shutdown: &CancellationToken) -> SessionEnd {
+        let (channel, mut consumer, publisher) = match self.open_session(connection).await {
+            Ok(parts) => parts,
+            Err(e) => return SessionEnd::Lost(format!("{e:#}")),
+        };
+        let stop = shutdown.child_token();
+        let session = Arc::new(Session::new(publisher, stop.clone()));
+        let jobs = TaskTracker::new();
+        let mut events = connection.events_listener();
+        self.health.set_consuming(true);
+        tracing::info!(queue = %self.settings.amqp.queue, "consuming");
+        let end = loop {
+            self.health.tick();
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => break match session.pause_reason() {
+                    Some(reason) => SessionEnd::Paused(reason),
+                    None => SessionEnd::Shutdown,
+                },
+                event = events.next() => match event {
+                    Some(Event::Error(e)) => break SessionEnd::Lost(e.to_string()),
+                    Some(_) => {}
+                    None => break SessionEnd::Lost("connection events ended".to_owned()),
+                },
+                delivery = consumer.next() => match delivery {
+                    Some(Ok(delivery)) => self.spawn_job(&jobs, &session, delivery),
+                    Some(Err(e)) => break SessionEnd::Lost(e.to_string()),
+                    None => break SessionEnd::Lost("the broker cancelled the consumer".to_owned()),
+                },
+                _ = tokio::time::sleep(TICK) => {}
+            }
+        };
+        self.health.set_consuming(false);
+        stop.cancel();
+        if let SessionEnd::Lost(_) = end {
+            // Nothing can be settled on a dead connection; the broker requeues what we held.
+            return end;
+        }
+        // Stop the flow, and hand back what was prefetched but not yet picked up.
+        let tag = consumer.tag();
+        if let Err(e) = channel
+            .basic_cancel(tag, BasicCancelOptions::default())
+            .await
+        {
+            tracing::warn!(error = %e, "cancelling the consumer failed");
+        }
+        while let Ok(Some(Ok(delivery))) =
+            tokio::time::timeout(Duration::from_secs(1), consumer.next()).await
+        {
+            self.spawn_job(&jobs, &session, delivery);
+        }
+        jobs.close();
+        let grace = Duration::from_secs(self.settings.worker.shutdown_grace_secs);
+        if tokio::time::timeout(grace, jobs.wait()).await.is_err() {
+            tracing::warn!(
+                left = jobs.len(),
+                "grace period over; unsettled deliveries are left for the broker to requeue"
+            );
+        }
+        let _ = channel.close(200, "session over".into()).await;
+        end
+    }
+
+    async fn open_session(
+        &self,
+        connection: &Connection,
+    ) -> anyhow::Result<(lapin::Channel, Consumer, Publisher)> {
+        let amqp = &self.settings.amqp;
+        let channel = connection
+            .create_channel()
+            .await
+            .context("opening the consume channel")?;
+        let prefetch = amqp.effective_prefetch(self.settings.worker.concurrency);
+        channel
+            .basic_qos(prefetch, BasicQosOptions::default())
+            .await
+            .context("setting prefetch")?;
+        let publisher = Publisher::open(connection)
+            .await
+            .context("opening the publish channel")?;
+        let tag = format!("{}/{}", self.name, uuid::Uuid::new_v4().simple());
+        let consumer = channel
+            .basic_consume(
+                amqp.queue.as_str().into(),
+                tag.into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .with_context(|| format!("consuming from {}", amqp.queue))?;
+        Ok((channel, consumer, publisher))
+    }
+
+    fn spawn_job(
+        &self,
+        jobs: &TaskTracker,
+        session: &Arc<Session>,
+        delivery: lapin::message::Delivery,
+    ) {
+        let (ctx, session) = (self.ctx.clone(), session.clone());
+        jobs.spawn(async move { pipeline::handle(&ctx, &session, delivery).await });
+    }
+
+    /// Credential trouble: not ready, nothing consumed, until a token can be had again.
+    async fn wait_out_pause(
+        &self,
+        reason: PauseReason,
+        backoff: &mut Duration,
+        shutdown: &CancellationToken,
+    ) {
+        self.health.set_paused(Some(reason.as_str().to_owned()));
+        loop {
+            tracing::warn!(reason = reason.as_str(), probe_in = ?*backoff, "consumption paused");
+            if !self.sleep(*backoff, shutdown).await {
+                break;
+            }
+            *backoff = (*backoff * 2).min(MAX_PAUSE_BACKOFF);
+            self.ctx.tokens.clear().await;
+            match self.ctx.tokens.token().await {
+                Ok(_) => {
+                    tracing::info!("credentials work again; resuming consumption");
+                    break;
+                }
+                Err(e) => tracing::warn!(error = %e, "still no token"),
+            }
+        }
+        self.health.set_paused(None);
+    }
+
+    /// Sleeps, ticking the health clock; `false` if shutdown came first.
+    async fn sleep(&self, duration: Duration, shutdown: &CancellationToken) -> bool {
+        let deadline = Instant::now() + duration;
+        while Instant::now() < deadline {
+            self.health.tick();
+            let step = deadline.saturating_duration_since(Instant::now()).min(TICK);
+            tokio::select! {
+                _ = shutdown.cancelled() => return false,
+                _ = tokio::time::sleep(step) => {}
+            }
+        }
+        !shutdown.is_cancelled()
+    }
+}
+
+/// ±25 % so a fleet of workers does not reconnect in lockstep.
+fn jittered(d: Duration) -> Duration {
+    d.mul_f64(0.75 + rand::random::<f64>() * 0.5)
+}
+
+/// `worker.instance`, else the host name (the pod name on Kubernetes).
+fn instance_name(configured: &str) -> String {
+    if !configured.is_empty() {
+        return configured.to_owned();
+    }
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "unknown".to_owned())
+}

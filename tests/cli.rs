@@ -1,0 +1,293 @@
+//! The binary as a black box: exit codes, `enqueue`, `check`, SIGTERM, and secrets in logs.
+
+mod common;
+
+use std::{
+    collections::BTreeSet,
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use common::{Broker, SECRET, TENANT, device, eventually};
+use unassign_worker::{config::Settings, sim::Sim};
+
+const BIN: &str = env!("CARGO_BIN_EXE_unassign-worker");
+const WAIT: Duration = Duration::from_secs(30);
+
+/// The environment that points the binary at `sim` and the broker objects of `settings`.
+fn env_for(sim: &Sim, settings: &Settings) -> Vec<(String, String)> {
+    let a = &settings.amqp;
+    [
+        ("AMQP_URL", common::amqp_url()),
+        ("AZURE_TENANT_ID", TENANT.to_owned()),
+        ("AZURE_CLIENT_ID", settings.auth.client_id.clone()),
+        ("AZURE_CLIENT_SECRET", SECRET.to_owned()),
+        ("AZURE_AUTHORITY_HOST", sim.authority()),
+        ("UNASSIGN__GRAPH__BASE_URL", sim.base_url()),
+        ("UNASSIGN__GRAPH__MAX_REQUESTS_PER_SECOND", "0".to_owned()),
+        ("UNASSIGN__HTTP__LISTEN", "127.0.0.1:0".to_owned()),
+        ("UNASSIGN__RETRY__BASE_DELAY_MS", "20".to_owned()),
+        ("UNASSIGN__AMQP__EXCHANGE", a.exchange.clone()),
+        ("UNASSIGN__AMQP__QUEUE", a.queue.clone()),
+        (
+            "UNASSIGN__AMQP__DEAD_LETTER_EXCHANGE",
+            a.dead_letter_exchange.clone(),
+        ),
+        (
+            "UNASSIGN__AMQP__DEAD_LETTER_QUEUE",
+            a.dead_letter_queue.clone(),
+        ),
+        ("UNASSIGN__AMQP__EVENTS_EXCHANGE", a.events_exchange.clone()),
+        ("UNASSIGN__AMQP__OUTCOMES_QUEUE", a.outcomes_queue.clone()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect()
+}
+
+fn command(vars: &[(String, String)]) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default());
+    cmd.envs(vars.iter().map(|(k, v)| (k, v)));
+    cmd
+}
+
+fn output(cmd: &mut Command) -> (i32, String, String) {
+    let Output {
+        status,
+        stdout,
+        stderr,
+    } = cmd.output().expect("the binary runs");
+    (
+        status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&stdout).into(),
+        String::from_utf8_lossy(&stderr).into(),
+    )
+}
+
+#[test]
+fn bad_configuration_exits_2_naming_the_key() {
+    let (code, _, err) =
+        output(command(&[("UNASSIGN__WORKER__CONCURRENCY".into(), "lots".into())]).arg("run"));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.to_lowercase().contains("worker.concurrency"), "{err}");
+
+    let (code, _, err) = output(command(&[]).arg("run"));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("AZURE_TENANT_ID"), "{err}");
+
+    let (code, _, err) = output(command(&[]).args(["run", "--config", "/nonexistent.toml"]));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("/nonexistent.toml"), "{err}");
+
+    let (code, _, err) = output(command(&[]).arg("frobnicate"));
+    assert_eq!(code, 2, "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enqueue_validates_and_publishes_with_confirm() {
+    let sim = Sim::start(common::sim_options()).await.unwrap();
+    let settings = common::settings(&sim, &common::prefix("enqueue"));
+    let vars = env_for(&sim, &settings);
+    let (code, _, err) = output(command(&vars).args(["enqueue", "--device-id", "../../me"]));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("GUID"), "{err}");
+
+    let dev = device();
+    let (code, out, err) = output(command(&vars).args([
+        "enqueue",
+        "--device-id",
+        &dev,
+        "--request-id",
+        "cli-1",
+        "--reason",
+        "left",
+    ]));
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("cli-1"), "{out}");
+    let broker = Broker::connect(&settings).await;
+    assert_eq!(broker.depth(&settings.amqp.queue).await, 1);
+    broker.cleanup().await;
+    sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_reports_each_check_and_never_the_secret() {
+    let sim = Sim::start(common::sim_options()).await.unwrap();
+    let settings = common::settings(&sim, &common::prefix("check"));
+    let mut vars = env_for(&sim, &settings);
+    let (code, out, err) = output(command(&vars).arg("check"));
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(
+        out.lines().filter(|l| l.starts_with("ok ")).count(),
+        3,
+        "{out}"
+    );
+
+    vars.retain(|(k, _)| k != "AZURE_CLIENT_SECRET");
+    vars.push(("AZURE_CLIENT_SECRET".into(), "wrong-secret-value".into()));
+    vars.push((
+        "AMQP_URL".into(),
+        "amqp://guest:hunter2@127.0.0.1:1/%2f".into(),
+    ));
+    let (code, out, err) = output(command(&vars).arg("check"));
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        out.contains("FAIL broker") && out.contains("FAIL token"),
+        "{out}"
+    );
+    assert!(out.contains("AADSTS7000215"), "says why: {out}");
+    for secret in ["wrong-secret-value", "hunter2"] {
+        assert!(
+            !out.contains(secret) && !err.contains(secret),
+            "{secret} leaked: {out}{err}"
+        );
+    }
+    sim.shutdown().await;
+}
+
+/// A worker process whose logs (stderr) are read as they come, so a full pipe never blocks it.
+struct Running {
+    child: Child,
+    logs: std::thread::JoinHandle<String>,
+}
+
+fn spawn_worker(vars: &[(String, String)]) -> Running {
+    let mut child = command(vars)
+        .arg("run")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the worker starts");
+    let mut stderr = child.stderr.take().unwrap();
+    let logs = std::thread::spawn(move || {
+        let mut logs = String::new();
+        std::io::Read::read_to_string(&mut stderr, &mut logs).unwrap();
+        logs
+    });
+    Running { child, logs }
+}
+
+fn sigterm(worker: &Running) {
+    let pid = worker.child.id().to_string();
+    let status = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(status.success());
+}
+
+/// Waits for the process to exit, returning its exit code, how long it took, and its logs.
+async fn wait_exit(mut worker: Running, limit: Duration) -> (i32, Duration, String) {
+    let started = Instant::now();
+    let status = eventually("the worker to exit", limit, || {
+        let status = worker.child.try_wait().unwrap();
+        async move { status }
+    })
+    .await;
+    let logs = worker.logs.join().unwrap();
+    (status.code().unwrap_or(-1), started.elapsed(), logs)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_within_the_grace_period_and_loses_nothing() {
+    let sim_options = unassign_worker::sim::SimOptions {
+        latency_ms: 300,
+        ..common::sim_options()
+    };
+    let sim = Sim::start(sim_options).await.unwrap();
+    let settings = common::settings(&sim, &common::prefix("sigterm"));
+    let broker = Broker::connect(&settings).await;
+    let events = broker.collect(&settings.amqp.outcomes_queue).await;
+    let mut vars = env_for(&sim, &settings);
+    vars.push(("UNASSIGN__WORKER__SHUTDOWN_GRACE_SECS".into(), "5".into()));
+    vars.push(("UNASSIGN__WORKER__CONCURRENCY".into(), "4".into()));
+    let ids: Vec<String> = (0..60).map(|i| format!("term-{i}")).collect();
+    for id in &ids {
+        broker.publish_request(id, &device()).await;
+    }
+    let child = spawn_worker(&vars);
+    events.wait_for(4, WAIT).await;
+    sigterm(&child);
+    let (code, took, logs) = wait_exit(child, Duration::from_secs(10)).await;
+    assert_eq!(code, 0, "{logs}");
+    assert!(
+        took < Duration::from_secs(10),
+        "exit within grace + 5 s, took {took:?}"
+    );
+
+    // Every request has an outcome event or is back in the queue.
+    let queued = drain_request_ids(&broker, &settings.amqp.queue).await;
+    let done: BTreeSet<String> = events
+        .all()
+        .iter()
+        .map(|e| e.event().data.request_id)
+        .collect();
+    let accounted: BTreeSet<String> = done.iter().cloned().chain(queued.iter().cloned()).collect();
+    let missing: Vec<_> = ids.iter().filter(|id| !accounted.contains(*id)).collect();
+    assert!(missing.is_empty(), "lost on shutdown: {missing:?}");
+    assert!(
+        !queued.is_empty(),
+        "the test should interrupt work in progress"
+    );
+    broker.cleanup().await;
+    sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_never_reach_the_logs_even_at_trace_level() {
+    let sim = Sim::start(unassign_worker::sim::SimOptions {
+        client_secret: "not-yet".into(),
+        ..common::sim_options()
+    })
+    .await
+    .unwrap();
+    let settings = common::settings(&sim, &common::prefix("secrets"));
+    let broker = Broker::connect(&settings).await;
+    let events = broker.collect(&settings.amqp.outcomes_queue).await;
+    let mut vars = env_for(&sim, &settings);
+    vars.push(("RUST_LOG".into(), "trace".into()));
+    let child = spawn_worker(&vars);
+    broker.publish_request("s-1", &device()).await;
+    eventually("a token failure", WAIT, || async {
+        (sim.stats().token_failures >= 1).then_some(())
+    })
+    .await;
+    sim.update(|b| b.client_secret = SECRET.to_owned());
+    events.wait_for(1, WAIT).await;
+    sigterm(&child);
+    let (code, _, logs) = wait_exit(child, Duration::from_secs(40)).await;
+    assert_eq!(code, 0);
+    assert!(logs.contains("token"), "the run logged its token trouble");
+    let tokens = sim.issued_tokens();
+    assert!(!tokens.is_empty());
+    for secret in tokens
+        .iter()
+        .map(String::as_str)
+        .chain([SECRET, "guest:guest"])
+    {
+        assert!(
+            !logs.contains(secret),
+            "a secret reached the logs: {secret}"
+        );
+    }
+    broker.cleanup().await;
+    sim.shutdown().await;
+}
+
+async fn drain_request_ids(broker: &Broker, queue: &str) -> Vec<String> {
+    use lapin::options::{BasicAckOptions, BasicGetOptions};
+    let channel = broker.connection.create_channel().await.unwrap();
+    let mut ids = Vec::new();
+    while let Ok(Some(message)) = channel
+        .basic_get(queue.into(), BasicGetOptions::default())
+        .await
+    {
+        let body: serde_json::Value = serde_json::from_slice(&message.delivery.data).unwrap();
+        ids.push(body["request_id"].as_str().unwrap().to_owned());
+        message
+            .delivery
+            .ack(BasicAckOptions::default())
+            .await
+            .unwrap();
+    }
+    ids
+}

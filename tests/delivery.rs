@@ -1,0 +1,213 @@
+//! The delivery invariants of CONTRACT section 6: no confirm, no ack; connection loss and
+//! shutdown lose nothing; a conflicting topology is a configuration error.
+
+mod common;
+
+use std::{collections::BTreeSet, time::Duration};
+
+use common::{Broker, Env, Worker, device, eventually, relay::Relay};
+use lapin::{
+    options::{QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions},
+    types::{AMQPValue, FieldTable},
+};
+use unassign_worker::{sim::Sim, worker::App};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+#[tokio::test]
+async fn an_unconfirmed_outcome_leaves_the_request_unacked() {
+    let env = Env::start("noconfirm").await;
+    // A queue that refuses every message, bound to the events exchange: the broker nacks
+    // every event publish (reject-publish), so no outcome can be confirmed.
+    let refuser = format!("{}.refuser", env.settings().amqp.queue);
+    let mut args = FieldTable::default();
+    args.insert("x-max-length".into(), AMQPValue::LongInt(0));
+    args.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString("reject-publish".into()),
+    );
+    let ch = &env.broker.channel;
+    ch.queue_declare(
+        refuser.as_str().into(),
+        QueueDeclareOptions::default(),
+        args,
+    )
+    .await
+    .unwrap();
+    let events_x = env.settings().amqp.events_exchange.clone();
+    ch.queue_bind(
+        refuser.as_str().into(),
+        events_x.as_str().into(),
+        "#".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+
+    let dev = device();
+    env.broker.publish_request("held-1", &dev).await;
+    eventually("the Graph call", WAIT, || async {
+        (env.sim.stats().action_calls == 1).then_some(())
+    })
+    .await;
+    // The worker keeps retrying the publish while holding the delivery: the request is neither
+    // acked nor dead-lettered, and Graph is not called again.
+    eventually("a refused publish to be retried", WAIT, || async {
+        let (_, logs) = env.worker.get("/metrics").await;
+        logs.contains("unassign_inflight_jobs 1").then_some(())
+    })
+    .await;
+    let queue = env.settings().amqp.queue.clone();
+    assert_eq!(env.broker.depth(&queue).await, 0, "held, not acked");
+
+    // Shut the worker down: the held request goes back to the queue, nothing is lost.
+    let Env {
+        sim,
+        broker,
+        events,
+        dead,
+        worker,
+    } = env;
+    worker.stop().await;
+    assert_eq!(
+        broker.depth(&queue).await,
+        1,
+        "the request is back in the queue"
+    );
+    assert_eq!(dead.len(), 0);
+    assert_eq!(sim.stats().calls_by_device.get(&dev), Some(&1));
+
+    // Once events can be confirmed again, a new worker completes it.
+    broker
+        .channel
+        .queue_delete(refuser.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .unwrap();
+    let worker = Worker::start(broker.settings.clone()).await;
+    eventually("the request to be completed and acked", WAIT, || async {
+        (worker
+            .metric("unassign_jobs_total{outcome=\"succeeded\"}")
+            .await
+            == 1.0)
+            .then_some(())
+    })
+    .await;
+    assert_eq!(broker.depth(&queue).await, 0);
+    assert!(
+        events
+            .all()
+            .iter()
+            .all(|e| e.event().data.request_id == "held-1")
+    );
+    Env {
+        sim,
+        broker,
+        events,
+        dead,
+        worker,
+    }
+    .finish()
+    .await;
+}
+
+#[tokio::test]
+async fn a_cut_broker_connection_is_rebuilt_and_every_job_finishes() {
+    let sim_options = unassign_worker::sim::SimOptions {
+        latency_ms: 50,
+        ..common::sim_options()
+    };
+    let sim = Sim::start(sim_options).await.unwrap();
+    let settings = common::settings(&sim, &common::prefix("cut"));
+    let broker = Broker::connect(&settings).await;
+    let events = broker.collect(&settings.amqp.outcomes_queue).await;
+    let dead = broker.collect(&settings.amqp.dead_letter_queue).await;
+    let upstream: url::Url = common::amqp_url().parse().unwrap();
+    let upstream = format!(
+        "{}:{}",
+        upstream.host_str().unwrap(),
+        upstream.port().unwrap_or(5672)
+    );
+    let relay = Relay::start(
+        tokio::net::lookup_host(upstream)
+            .await
+            .unwrap()
+            .next()
+            .unwrap(),
+    )
+    .await;
+    let mut worker_settings = settings.clone();
+    worker_settings.amqp.url = format!("amqp://guest:guest@{}/%2f", relay.addr).into();
+    let worker = Worker::start(worker_settings).await;
+    worker.wait_ready().await;
+
+    let ids: Vec<String> = (0..40).map(|i| format!("cut-{i}")).collect();
+    for id in &ids {
+        broker.publish_request(id, &device()).await;
+    }
+    events.wait_for(5, WAIT).await;
+    assert!(
+        relay.cut() >= 1,
+        "the worker's connection went through the relay"
+    );
+
+    eventually("every job to finish after reconnecting", WAIT, || async {
+        let done: BTreeSet<String> = events
+            .all()
+            .iter()
+            .map(|e| e.event().data.request_id)
+            .collect();
+        ids.iter().all(|id| done.contains(id)).then_some(())
+    })
+    .await;
+    assert!(worker.metric("unassign_amqp_reconnects_total").await >= 1.0);
+    assert_eq!(worker.metric("unassign_amqp_connected").await, 1.0);
+    worker.wait_ready().await;
+    assert_eq!(dead.len(), 0);
+    worker.stop().await;
+    broker.cleanup().await;
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_conflicting_queue_is_a_configuration_error_naming_it() {
+    let sim = Sim::start(common::sim_options()).await.unwrap();
+    let settings = common::settings(&sim, &common::prefix("conflict"));
+    let connection = lapin::Connection::connect(&common::amqp_url(), Default::default())
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    // A classic queue where the worker wants a quorum queue with dead-lettering.
+    let queue = settings.amqp.queue.clone();
+    channel
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+
+    let app = App::build(settings).await.unwrap();
+    let error = tokio::time::timeout(WAIT, app.run(Default::default()))
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(error.exit_code(), 2, "{error}");
+    let text = error.to_string();
+    assert!(text.contains(&queue), "names the queue: {text}");
+    assert!(
+        text.contains("x-queue-type") || text.contains("x-dead-letter-exchange"),
+        "names the argument: {text}"
+    );
+
+    let channel = connection.create_channel().await.unwrap();
+    channel
+        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .unwrap();
+    sim.shutdown().await;
+}

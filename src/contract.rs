@@ -418,7 +418,6 @@ pub struct Outcome {
     pub client_request_id: Option<String>,
     pub received_at: OffsetDateTime,
     pub completed_at: OffsetDateTime,
-    pub traceparent: Option<String>,
 }
 
 impl Outcome {
@@ -430,8 +429,9 @@ impl Outcome {
         }
     }
 
-    /// The CloudEvent for this outcome; `source` is `unassign-worker/<instance>`.
-    pub fn to_event(&self, source: &str, id: String) -> OutcomeEvent {
+    /// The CloudEvent for this outcome; `source` is `unassign-worker/<instance>`, `traceparent`
+    /// the request's W3C trace context, carried over.
+    pub fn to_event(&self, source: &str, id: String, traceparent: Option<&str>) -> OutcomeEvent {
         OutcomeEvent {
             specversion: "1.0".to_owned(),
             id,
@@ -440,7 +440,7 @@ impl Outcome {
             subject: self.device_id.as_ref().map(ToString::to_string),
             time: rfc3339(self.completed_at),
             datacontenttype: "application/json".to_owned(),
-            traceparent: self.traceparent.clone(),
+            traceparent: traceparent.map(str::to_owned),
             data: EventData {
                 request_id: self.request_id.clone(),
                 device_id: self.device_id.as_ref().map(ToString::to_string),
@@ -668,10 +668,9 @@ mod tests {
             client_request_id: Some("c".into()),
             received_at: t,
             completed_at: t,
-            traceparent: None,
         };
-        let event =
-            serde_json::to_value(outcome.to_event("unassign-worker/w1", "e1".into())).unwrap();
+        let event = serde_json::to_value(outcome.to_event("unassign-worker/w1", "e1".into(), None))
+            .unwrap();
         assert_eq!(
             event,
             json!({
@@ -695,8 +694,13 @@ mod tests {
             }),
             ..outcome
         };
-        let event = serde_json::to_value(failed.to_event("s", "e2".into())).unwrap();
+        let event =
+            serde_json::to_value(failed.to_event("s", "e2".into(), Some("00-t-s-01"))).unwrap();
         assert_eq!(event["type"], "autopilot.unassign.failed");
+        assert_eq!(
+            event["traceparent"], "00-t-s-01",
+            "the distributed-tracing extension"
+        );
         assert!(
             event.get("subject").is_none(),
             "no subject without a valid device id"

@@ -93,8 +93,6 @@ pub async fn handle(ctx: &Context, session: &Session, delivery: Delivery) {
     let _inflight = scopeguard(|| ctx.metrics.inflight_dec());
     let headers = delivery.properties.headers().clone().unwrap_or_default();
     let state = RetryState::from_headers(&headers, OffsetDateTime::now_utc());
-    let traceparent =
-        contract::header_str(&headers, contract::headers::TRACEPARENT).map(|s| s.into_owned());
     let message_id = delivery
         .properties
         .message_id()
@@ -118,13 +116,6 @@ pub async fn handle(ctx: &Context, session: &Session, delivery: Delivery) {
                 .await
         }
         Err(invalid) => Step::Done(Box::new(invalid_outcome(invalid, state))),
-    };
-    let step = match step {
-        Step::Done(mut outcome) => {
-            outcome.traceparent = traceparent;
-            Step::Done(outcome)
-        }
-        requeue => requeue,
     };
     settle(ctx, session, &delivery, step).instrument(span).await;
 }
@@ -171,7 +162,6 @@ impl Job<'_> {
             client_request_id: reply.map(|r| r.client_request_id.clone()),
             received_at: self.state.first_received_at,
             completed_at: OffsetDateTime::now_utc(),
-            traceparent: None,
         }
     }
 
@@ -402,7 +392,6 @@ fn invalid_outcome(invalid: Invalid, state: RetryState) -> Outcome {
         client_request_id: None,
         received_at: state.first_received_at,
         completed_at: OffsetDateTime::now_utc(),
-        traceparent: None,
     }
 }
 
@@ -476,13 +465,15 @@ async fn publish_outcome(
     event_id: &str,
 ) -> Result<(), PublishError> {
     let publisher = &session.publisher;
-    let body = serde_json::to_vec(&outcome.to_event(&ctx.source, event_id.to_owned()))
-        .expect("events always serialise");
+    let original = delivery.properties.headers().clone().unwrap_or_default();
+    let traceparent = contract::header_str(&original, contract::headers::TRACEPARENT);
+    let event = outcome.to_event(&ctx.source, event_id.to_owned(), traceparent.as_deref());
+    let body = serde_json::to_vec(&event).expect("events always serialise");
     let mut event_headers = FieldTable::default();
-    if let Some(tp) = &outcome.traceparent {
+    if let Some(tp) = &traceparent {
         event_headers.insert(
             contract::headers::TRACEPARENT.into(),
-            AMQPValue::LongString(tp.as_str().into()),
+            AMQPValue::LongString(tp.as_ref().into()),
         );
     }
     let properties = BasicProperties::default()
@@ -534,7 +525,6 @@ async fn publish_outcome(
     let dead_letter = async {
         match &outcome.error {
             Some(failure) => {
-                let original = delivery.properties.headers().clone().unwrap_or_default();
                 let headers = contract::dead_letter_headers(
                     &original,
                     failure,
@@ -559,7 +549,7 @@ async fn publish_outcome(
     tokio::try_join!(event, reply_to, dead_letter).map(drop)
 }
 
-/// Puts the request back at the tail of the queue with its retry state, so attempts and
+/// Puts the request back at the tail of its queue with its retry state, so attempts and
 /// budgets survive, and the broker's delivery count (the crash-loop guard) is not spent on
 /// orderly hand-backs.
 async fn requeue(
@@ -573,10 +563,12 @@ async fn requeue(
         .properties
         .clone()
         .with_headers(state.to_headers(&original));
-    let (exchange, key) = (&ctx.amqp.exchange, &ctx.amqp.routing_key);
+    // Straight to the queue through the default exchange: other bindings of the request
+    // exchange (an audit queue, say) must not see a hand-back as a new request.
+    let queue = &ctx.amqp.queue;
     session
         .publisher
-        .publish(exchange, key, &delivery.data, properties, true)
+        .publish("", queue, &delivery.data, properties, true)
         .await
 }
 

@@ -297,7 +297,14 @@ impl Supervisor {
                 "grace period over; unsettled deliveries are left for the broker to requeue"
             );
         }
+        // Closed here, not on drop: a drop-time close racing the connection's close makes
+        // lapin report a spurious connection error.
         let _ = channel.close(200, "session over".into()).await;
+        let _ = session
+            .publisher
+            .channel()
+            .close(200, "session over".into())
+            .await;
         end
     }
 

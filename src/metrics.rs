@@ -43,6 +43,11 @@ struct TokenResult {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Queue {
+    queue: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Version {
     version: &'static str,
 }
@@ -87,6 +92,7 @@ pub struct Metrics {
     amqp_connected: Gauge,
     amqp_reconnects: Counter,
     token_requests: Family<TokenResult, Counter>,
+    queue_messages: Family<Queue, Gauge>,
 }
 
 impl Default for Metrics {
@@ -113,6 +119,7 @@ impl Metrics {
             amqp_connected: Gauge::default(),
             amqp_reconnects: Counter::default(),
             token_requests: Family::default(),
+            queue_messages: Family::default(),
         };
         // Known label values start at zero so dashboards and alerts see series from the start.
         for outcome in ["succeeded", "failed"] {
@@ -134,6 +141,9 @@ impl Metrics {
         }
         for result in ["ok", "error"] {
             let _ = m.token_requests.get_or_create(&TokenResult { result });
+        }
+        for queue in ["requests", "dead_letter"] {
+            let _ = m.queue_messages.get_or_create(&Queue { queue });
         }
         m.register();
         m
@@ -201,6 +211,11 @@ impl Metrics {
             "unassign_token_requests",
             "Token endpoint requests by result",
             self.token_requests.clone(),
+        );
+        r.register(
+            "unassign_queue_messages",
+            "Messages ready in the request and dead-letter queues, as last seen",
+            self.queue_messages.clone(),
         );
         let build_info = Family::<Version, Gauge>::default();
         build_info
@@ -274,6 +289,13 @@ impl Metrics {
         self.amqp_reconnects.inc();
     }
 
+    /// `queue` is `requests` or `dead_letter`: the configured names stay out of the labels.
+    pub fn set_queue_messages(&self, queue: &'static str, ready: u32) {
+        self.queue_messages
+            .get_or_create(&Queue { queue })
+            .set(ready.into());
+    }
+
     pub fn token_request(&self, ok: bool) {
         let result = if ok { "ok" } else { "error" };
         self.token_requests
@@ -307,6 +329,7 @@ mod tests {
             "unassign_amqp_reconnects_total ",
             "unassign_token_requests_total{result=\"ok\"}",
             "unassign_build_info{version=",
+            "unassign_queue_messages{queue=\"requests\"}",
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
         }

@@ -8,7 +8,7 @@ use anyhow::Context as _;
 use futures_util::StreamExt;
 use lapin::{
     Connection, Consumer, Event,
-    options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions},
+    options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions},
     types::FieldTable,
 };
 use tokio::{net::TcpListener, sync::Semaphore, time::Instant};
@@ -32,6 +32,8 @@ const MAX_PAUSE_BACKOFF: Duration = Duration::from_secs(60);
 const PAUSE_RESET_AFTER: Duration = Duration::from_secs(60);
 /// How often idle loops report that they are turning.
 const TICK: Duration = Duration::from_secs(5);
+/// How often the request and dead-letter queue depths are read for `/metrics`.
+const QUEUE_POLL: Duration = Duration::from_secs(15);
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -247,6 +249,7 @@ impl Supervisor {
         let session = Arc::new(Session::new(publisher, stop.clone()));
         let jobs = TaskTracker::new();
         let mut events = connection.events_listener();
+        let mut queue_poll = tokio::time::interval(QUEUE_POLL);
         self.health.set_consuming(true);
         tracing::info!(queue = %self.settings.amqp.queue, "consuming");
         let end = loop {
@@ -267,6 +270,7 @@ impl Supervisor {
                     Some(Err(e)) => break SessionEnd::Lost(e.to_string()),
                     None => break SessionEnd::Lost("the broker cancelled the consumer".to_owned()),
                 },
+                _ = queue_poll.tick() => self.poll_queue_depths(connection).await,
                 _ = tokio::time::sleep(TICK) => {}
             }
         };
@@ -336,6 +340,35 @@ impl Supervisor {
             .await
             .with_context(|| format!("consuming from {}", amqp.queue))?;
         Ok((channel, consumer, publisher))
+    }
+
+    /// Reads the ready counts of the request and dead-letter queues (passive declares on a
+    /// throwaway channel, since a missing queue closes the channel it was asked on).
+    async fn poll_queue_depths(&self, connection: &Connection) {
+        let Ok(channel) = connection.create_channel().await else {
+            return;
+        };
+        let amqp = &self.settings.amqp;
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        let queues = [
+            ("requests", &amqp.queue),
+            ("dead_letter", &amqp.dead_letter_queue),
+        ];
+        for (label, queue) in queues {
+            let declared =
+                channel.queue_declare(queue.as_str().into(), passive, FieldTable::default());
+            match declared.await {
+                Ok(q) => self.metrics.set_queue_messages(label, q.message_count()),
+                Err(e) => {
+                    tracing::debug!(queue = %queue, error = %e, "queue depth unavailable");
+                    return;
+                }
+            }
+        }
+        let _ = channel.close(200, "polled".into()).await;
     }
 
     fn spawn_job(

@@ -78,6 +78,11 @@ async fn success_publishes_one_event_and_drains_the_queue() {
     let queue = env.settings().amqp.queue.clone();
     assert_eq!(env.broker.depth(&queue).await, 0);
     assert_eq!(env.dead.len(), 0);
+    assert_eq!(env.worker.get("/healthz").await.0, 200);
+    assert_eq!(
+        env.worker.get("/readyz").await,
+        (200, r#"{"ready":true}"#.to_owned())
+    );
     env.finish().await;
 }
 

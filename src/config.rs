@@ -55,6 +55,7 @@ pub struct AmqpSettings {
     pub events_exchange: String,
     pub outcomes_queue: String,
     pub delivery_limit: u32,
+    pub delay_tiers_secs: Vec<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -77,6 +78,7 @@ pub struct GraphSettings {
     pub base_url: Url,
     pub timeout_secs: u64,
     pub max_requests_per_second: f64,
+    pub adaptive_throttling: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -86,7 +88,7 @@ pub struct RetrySettings {
     pub base_delay_ms: u64,
     pub max_delay_secs: u64,
     pub max_elapsed_secs: u64,
-    pub max_hold_secs: u64,
+    pub park_after_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -197,6 +199,13 @@ impl Settings {
                 "must be a finite number ≥ 0",
             ));
         }
+        let tiers = &self.amqp.delay_tiers_secs;
+        if tiers.is_empty() || tiers[0] == 0 || tiers.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(ConfigError::key(
+                "amqp.delay_tiers_secs",
+                "must list increasing whole seconds ≥ 1",
+            ));
+        }
         if self.graph.timeout_secs == 0 {
             return Err(ConfigError::key("graph.timeout_secs", "must be at least 1"));
         }
@@ -293,6 +302,10 @@ impl RetrySettings {
     pub fn max_elapsed(&self) -> Duration {
         Duration::from_secs(self.max_elapsed_secs)
     }
+
+    pub fn park_after(&self) -> Duration {
+        Duration::from_secs(self.park_after_secs)
+    }
 }
 
 /// `scheme://user:***@host…`: the password never leaves the process.
@@ -376,6 +389,8 @@ mod tests {
                 "https://graph.microsoft.com/beta"
             );
             assert_eq!(s.amqp.delivery_limit, 20);
+            assert!(s.graph.adaptive_throttling);
+            assert_eq!(s.amqp.delay_tiers_secs.first(), Some(&4));
             Ok(())
         });
     }
@@ -424,6 +439,11 @@ mod tests {
                 err(Settings::load(None)).contains("concurency"),
                 "typos are refused"
             );
+            Ok(())
+        });
+        jailed(|jail| {
+            jail.set_env("UNASSIGN__AMQP__DELAY_TIERS_SECS", "[8, 4]");
+            assert!(err(Settings::load(None)).contains("amqp.delay_tiers_secs"));
             Ok(())
         });
         jailed(|jail| {

@@ -19,15 +19,19 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, field::Empty};
 
 use crate::{
-    amqp::{PublishError, Publisher},
+    amqp::{PublishError, Publisher, delay},
     auth::{AccessToken, TokenSource},
     config::AmqpSettings,
     contract::{self, DeviceId, ErrorKind, Failure, Invalid, Outcome, Request, RetryState, Target},
     graph::{GraphClient, Reply},
-    metrics::Metrics,
+    metrics::{Metrics, RetryReason},
     retry::{self, Attempt, Decision, PauseReason, Policy},
-    throttle::Gate,
+    throttle::{Gate, Ticket},
 };
+
+/// Longest a delivery is held while its outcome cannot be published; well below RabbitMQ's
+/// 30-minute consumer timeout.
+const MAX_PUBLISH_HOLD: Duration = Duration::from_secs(600);
 
 /// What every job shares for the life of the worker.
 pub struct Context {
@@ -41,10 +45,17 @@ pub struct Context {
     pub policy: Policy,
     /// The configured tenant; a request naming another is invalid.
     pub tenant_id: String,
-    /// Longest a delivery waits in-process before it is requeued with its state instead.
-    pub max_hold: Duration,
+    /// Waits longer than this go through the delay queues (`retry.park_after_secs`).
+    pub park_after: Duration,
     /// `unassign-worker/<instance>`, the events' `source`.
     pub source: String,
+}
+
+impl Context {
+    /// Whether a wait of `wait` goes through a delay queue rather than holding the delivery.
+    fn parks(&self, wait: Duration) -> bool {
+        wait > self.park_after && delay::tier_for(&self.amqp, wait).is_some()
+    }
 }
 
 /// What a job needs from the consume session that delivered it.
@@ -82,8 +93,8 @@ impl Session {
 enum Step {
     /// A final outcome: publish the event (and dead letter), then ack.
     Done(Box<Outcome>),
-    /// Not finished: put it back in the queue with its state, then ack this delivery.
-    Requeue(RetryState),
+    /// Not finished: back to the queue — or a delay queue — with its state, then ack.
+    HandBack(RetryState),
 }
 
 /// Handles one delivery to the end. Never panics on input; every path settles the delivery or
@@ -165,6 +176,15 @@ impl Job<'_> {
         }
     }
 
+    /// Not finished: back to the queue with its state and the wait it still owes.
+    fn hand_back(&self, wait: Option<Duration>) -> Step {
+        let retry_at = wait.map(|w| OffsetDateTime::now_utc() + w);
+        Step::HandBack(RetryState {
+            retry_at,
+            ..self.state
+        })
+    }
+
     fn fail(&self, failure: Failure) -> Step {
         Step::Done(Box::new(self.outcome(Some(failure), None)))
     }
@@ -226,11 +246,10 @@ async fn call_until_decided(
     mut job: Job<'_>,
     device: &DeviceId,
 ) -> Step {
-    let held_since = tokio::time::Instant::now();
     let mut last: Option<Reply> = None;
     let mut token_refreshed = false;
     if let Some(wait) = job.state.retry_at.and_then(until) {
-        if let Some(step) = wait_or_requeue(ctx, session, &mut job, wait, held_since).await {
+        if let Some(step) = wait_or_hand_back(ctx, session, &mut job, wait).await {
             return step;
         }
     }
@@ -238,8 +257,9 @@ async fn call_until_decided(
         if job.until_deadline() == Some(Duration::ZERO) {
             return job.give_up(ErrorKind::DeadlineExceeded, last.as_ref());
         }
-        let Some((reply, token)) = call(ctx, session, &mut job, device).await else {
-            return Step::Requeue(job.state);
+        let (reply, token, ticket) = match call(ctx, session, &mut job, device).await {
+            Called::Sent(reply, token, ticket) => (reply, token, ticket),
+            Called::HandBack(step) => return step,
         };
         let decision = retry::decide(
             &reply.answer(),
@@ -256,6 +276,7 @@ async fn call_until_decided(
         token_refreshed = false;
         match decision {
             Decision::Succeed => {
+                ctx.gate.succeeded(ticket);
                 tracing::info!(attempts = job.state.attempts, "unassigned");
                 return Step::Done(Box::new(job.outcome(None, Some(&reply))));
             }
@@ -274,7 +295,7 @@ async fn call_until_decided(
             Decision::Pause(reason) => {
                 tracing::error!(reason = reason.as_str(), "pausing consumption");
                 session.pause(reason);
-                return Step::Requeue(job.state);
+                return job.hand_back(None);
             }
             Decision::Retry {
                 delay,
@@ -282,6 +303,9 @@ async fn call_until_decided(
                 hold_tenant,
             } => {
                 ctx.metrics.retry(reason);
+                if reason == RetryReason::Throttled {
+                    ctx.gate.throttled(ticket);
+                }
                 if let Some(hold) = hold_tenant {
                     ctx.gate.hold(hold);
                 }
@@ -291,8 +315,7 @@ async fn call_until_decided(
                     answer = %reply.describe(),
                     "retrying"
                 );
-                if let Some(step) = wait_or_requeue(ctx, session, &mut job, delay, held_since).await
-                {
+                if let Some(step) = wait_or_hand_back(ctx, session, &mut job, delay).await {
                     return step;
                 }
             }
@@ -301,34 +324,38 @@ async fn call_until_decided(
     }
 }
 
-/// One Graph call, after the concurrency slot, the tenant's gate and a token. `None` if the
-/// session stopped before the call was sent, or no token could be had (which pauses).
-async fn call(
-    ctx: &Context,
-    session: &Session,
-    job: &mut Job<'_>,
-    device: &DeviceId,
-) -> Option<(Reply, AccessToken)> {
+/// How an attempt to call Graph ended.
+enum Called {
+    Sent(Reply, AccessToken, Ticket),
+    /// Not sent: the session stopped, no token could be had (which pauses), or the tenant is
+    /// held back for longer than is worth waiting with the delivery in hand.
+    HandBack(Step),
+}
+
+/// One Graph call, after the concurrency slot, the tenant's gate and a token.
+async fn call(ctx: &Context, session: &Session, job: &mut Job<'_>, device: &DeviceId) -> Called {
+    if let Some(held) = ctx.gate.held_for().filter(|held| ctx.parks(*held)) {
+        return Called::HandBack(job.hand_back(Some(held)));
+    }
     let admitted = async {
         let permit = ctx
             .graph_slots
             .acquire()
             .await
             .expect("the semaphore is never closed");
-        ctx.gate.admit().await;
-        permit
+        (permit, ctx.gate.admit().await)
     };
-    let _permit = tokio::select! {
+    let (_permit, ticket) = tokio::select! {
         biased;
-        _ = session.stop.cancelled() => return None,
-        permit = admitted => permit,
+        _ = session.stop.cancelled() => return Called::HandBack(job.hand_back(None)),
+        admitted = admitted => admitted,
     };
     let token = match ctx.tokens.token().await {
         Ok(token) => token,
         Err(e) => {
             tracing::error!(error = %e, "no access token; pausing consumption");
             session.pause(PauseReason::NoToken);
-            return None;
+            return Called::HandBack(job.hand_back(None));
         }
     };
     // Once sent, a call is seen through: aborting it would leave Graph's side unknown.
@@ -346,28 +373,24 @@ async fn call(
         answer = %reply.describe(),
         "graph call"
     );
-    Some((reply, token))
+    Called::Sent(reply, token, ticket)
 }
 
-/// Waits `delay` holding the delivery, or — if that would hold it past `max_hold`, or the
-/// session stops — hands the job back with the wait still owed. `None` means "call again".
-async fn wait_or_requeue(
+/// Waits `delay` holding the delivery — unless it is long enough to go through the delay
+/// queues, or the session stops: then the job is handed back with the wait still owed.
+/// `None` means "call again".
+async fn wait_or_hand_back(
     ctx: &Context,
     session: &Session,
     job: &mut Job<'_>,
     delay: Duration,
-    held_since: tokio::time::Instant,
 ) -> Option<Step> {
-    let retry_at = OffsetDateTime::now_utc() + delay;
-    let requeue = Step::Requeue(RetryState {
-        retry_at: Some(retry_at),
-        ..job.state
-    });
-    if held_since.elapsed() + delay > ctx.max_hold {
-        return Some(requeue);
+    if ctx.parks(delay) {
+        return Some(job.hand_back(Some(delay)));
     }
+    let retry_at = OffsetDateTime::now_utc() + delay;
     if !sleep_unless_stopped(delay, &session.stop).await {
-        return Some(requeue);
+        return Some(job.hand_back(until(retry_at)));
     }
     job.state.retry_at = None;
     None
@@ -409,7 +432,7 @@ async fn settle(ctx: &Context, session: &Session, delivery: &Delivery, step: Ste
             Step::Done(outcome) => {
                 publish_outcome(ctx, session, delivery, outcome, &event_id).await
             }
-            Step::Requeue(state) => requeue(ctx, session, delivery, state).await,
+            Step::HandBack(state) => hand_back(ctx, session, delivery, state).await,
         };
         let error = match published {
             Ok(()) => break,
@@ -420,7 +443,7 @@ async fn settle(ctx: &Context, session: &Session, delivery: &Delivery, step: Ste
             Err(e) => e,
         };
         tracing::warn!(error = %error, retry_in = ?backoff, "publish not confirmed; holding the request");
-        let give_back = held_since.elapsed() + backoff > ctx.max_hold;
+        let give_back = held_since.elapsed() + backoff > MAX_PUBLISH_HOLD;
         if give_back || !sleep_unless_stopped(backoff, &session.stop).await {
             let requeue = BasicNackOptions {
                 requeue: true,
@@ -549,10 +572,10 @@ async fn publish_outcome(
     tokio::try_join!(event, reply_to, dead_letter).map(drop)
 }
 
-/// Puts the request back at the tail of its queue with its retry state, so attempts and
-/// budgets survive, and the broker's delivery count (the crash-loop guard) is not spent on
-/// orderly hand-backs.
-async fn requeue(
+/// Puts the request back with its retry state — in the delay queue that fits the wait it owes,
+/// else at the tail of its queue — so attempts and budgets survive restarts, and the broker's
+/// delivery count (the crash-loop guard) is not spent on orderly hand-backs.
+async fn hand_back(
     ctx: &Context,
     session: &Session,
     delivery: &Delivery,
@@ -563,12 +586,27 @@ async fn requeue(
         .properties
         .clone()
         .with_headers(state.to_headers(&original));
+    let wait = state.retry_at.and_then(until).unwrap_or_default();
     // Straight to the queue through the default exchange: other bindings of the request
     // exchange (an audit queue, say) must not see a hand-back as a new request.
-    let queue = &ctx.amqp.queue;
+    let tier = ctx
+        .parks(wait)
+        .then(|| delay::tier_for(&ctx.amqp, wait))
+        .flatten();
+    let queue = match tier {
+        Some((tier, tier_delay)) => {
+            tracing::info!(
+                wait_ms = wait.as_millis() as u64,
+                tier_secs = tier_delay.as_secs(),
+                "parked in a delay queue"
+            );
+            tier
+        }
+        None => ctx.amqp.queue.clone(),
+    };
     session
         .publisher
-        .publish("", queue, &delivery.data, properties, true)
+        .publish("", &queue, &delivery.data, properties, true)
         .await
 }
 

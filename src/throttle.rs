@@ -1,6 +1,14 @@
-//! The tenant's gate: every Graph call to a tenant passes through it. It holds all calls back
-//! while a `Retry-After` is pending (CONTRACT section 6, item 6) and spaces calls to the
-//! configured proactive rate, so a burst of jobs does not trip Graph's throttling at all.
+//! The tenant's gate: every Graph call to a tenant passes through it.
+//!
+//! - **Hold**: a `Retry-After` (429, or 503/504 naming one) holds back *every* call to the tenant
+//!   until it has passed, not only the call that got it (CONTRACT section 6, item 6).
+//! - **Proactive limit**: calls are spaced at the current budget, never above
+//!   `graph.max_requests_per_second`, so a burst of jobs does not trip Graph's throttling.
+//! - **Adaptive rate**: the budget is learned from 429s — multiplicative decrease on a 429,
+//!   growth while the budget is the bottleneck — so the worker runs at the tenant's real ceiling,
+//!   and replicas sharing a tenant converge on sharing it without talking to each other.
+//!
+//! [`Schedule`] and [`Aimd`] are plain data driven by an injected clock; [`Gate`] adds the waiting.
 
 use std::{
     sync::{Arc, Mutex},
@@ -11,12 +19,105 @@ use tokio::time::Instant;
 
 use crate::metrics::Metrics;
 
-/// The bookkeeping, separate from waiting so it can be tested with a hand-made clock.
+/// Start of the adaptive budget when no limit is configured: Intune's documented write limit
+/// for one app (100 per 20 s per tenant).
+pub const INTUNE_WRITES_PER_SECOND: f64 = 5.0;
+/// Effectively unlimited, for an adaptive budget with no configured ceiling.
+const NO_CEILING: f64 = 10_000.0;
+/// The budget never falls below this, so a tenant is always probed again.
+const FLOOR: f64 = 0.2;
+/// Multiplicative decrease on a 429.
+const DECREASE: f64 = 0.9;
+/// After a decrease, recover quickly to this fraction of the rate that was throttled…
+const PLATEAU: f64 = 0.95;
+/// …at this fraction of that rate per second…
+const RECOVER_PER_SEC: f64 = 0.1;
+/// …then probe above it slowly, so 429s stay rare: this fraction of the *reference* rate (the
+/// configured ceiling, else Intune's documented budget) per second. The same absolute step for
+/// every replica of a tenant is what makes them converge on equal shares (Chiu and Jain's
+/// additive increase); a step proportional to each one's own rate would keep their ratios.
+const PROBE_PER_SEC: f64 = 0.05;
+
+/// How the gate behaves (from `[graph]` settings).
+#[derive(Debug, Clone, Copy)]
+pub struct GateConfig {
+    /// Ceiling in calls per second; 0 = none.
+    pub max_per_second: f64,
+    /// Shared holds and the adaptive budget. Off only for comparison benchmarks: then each call
+    /// honours its own Retry-After and nothing else, as the Graph SDKs do.
+    pub adaptive: bool,
+}
+
+/// The adaptive budget: slow start until the first 429, then decrease by [`DECREASE`] per
+/// congestion event and grow back — fast to just under the rate that was throttled, slowly
+/// beyond it.
+#[derive(Debug, Clone)]
+pub struct Aimd {
+    rate: f64,
+    ceiling: f64,
+    /// Calls per second added per second while probing.
+    probe_step: f64,
+    slow_start: bool,
+    throttled_at: Option<f64>,
+    last_decrease: Option<Instant>,
+    last_growth: Instant,
+}
+
+impl Aimd {
+    /// `reference` scales the probing step: the same for every replica of a tenant.
+    pub fn new(initial: f64, ceiling: f64, reference: f64, now: Instant) -> Self {
+        Self {
+            rate: initial.min(ceiling).max(FLOOR),
+            ceiling,
+            probe_step: PROBE_PER_SEC * reference,
+            slow_start: true,
+            throttled_at: None,
+            last_decrease: None,
+            last_growth: now,
+        }
+    }
+
+    pub fn rate(&self) -> f64 {
+        self.rate
+    }
+
+    /// A call went through. The budget grows only if the call had to wait for its slot —
+    /// an idle worker learns nothing about the tenant's ceiling.
+    pub fn succeeded(&mut self, waited: bool, now: Instant) {
+        let dt = now
+            .saturating_duration_since(self.last_growth)
+            .min(Duration::from_secs(1));
+        self.last_growth = now;
+        if !waited {
+            return;
+        }
+        let dt = dt.as_secs_f64();
+        self.rate = match self.throttled_at {
+            _ if self.slow_start => self.rate * 2f64.powf(dt),
+            Some(max) if self.rate < PLATEAU * max => self.rate + RECOVER_PER_SEC * max * dt,
+            _ => self.rate + self.probe_step * dt,
+        }
+        .min(self.ceiling);
+    }
+
+    /// A call sent at `sent_at` was answered 429. Calls sent before the last decrease belong to
+    /// the congestion event already counted, so they do not decrease the budget again.
+    pub fn throttled(&mut self, sent_at: Instant, now: Instant) {
+        if self.last_decrease.is_some_and(|t| sent_at <= t) {
+            return;
+        }
+        self.throttled_at = Some(self.rate);
+        self.rate = (self.rate * DECREASE).max(FLOOR);
+        self.slow_start = false;
+        self.last_decrease = Some(now);
+    }
+}
+
+/// Holds and slots, separate from waiting so it can be tested with a hand-made clock.
 #[derive(Debug)]
 struct Schedule {
     held_until: Option<Instant>,
     next_slot: Instant,
-    interval: Option<Duration>,
 }
 
 /// What [`Schedule::reserve`] tells a caller.
@@ -30,11 +131,12 @@ enum Admission {
 }
 
 impl Schedule {
-    fn reserve(&mut self, now: Instant) -> Admission {
+    /// Reserves the next slot for a call spaced `interval` after the previous one.
+    fn reserve(&mut self, now: Instant, interval: Option<Duration>) -> Admission {
         if let Some(until) = self.held_until.filter(|until| *until > now) {
             return Admission::HeldUntil(until);
         }
-        let Some(interval) = self.interval else {
+        let Some(interval) = interval else {
             return Admission::Go;
         };
         let slot = self.next_slot.max(now);
@@ -51,69 +153,159 @@ impl Schedule {
         self.held_until = Some(self.held_until.map_or(until, |held| held.max(until)));
     }
 
-    fn held_at(&self, now: Instant) -> bool {
-        self.held_until.is_some_and(|until| until > now)
+    fn held_until(&self, now: Instant) -> Option<Instant> {
+        self.held_until.filter(|until| *until > now)
     }
 }
 
-/// One tenant's gate; clone the `Arc` to share it between jobs.
+/// A call's pass through the gate: when it went, and whether it had to wait for a slot.
+#[derive(Debug, Clone, Copy)]
+pub struct Ticket {
+    sent_at: Instant,
+    waited: bool,
+}
+
+struct State {
+    schedule: Schedule,
+    /// `None`: a fixed budget (the ceiling, or none at all).
+    aimd: Option<Aimd>,
+    fixed_interval: Option<Duration>,
+}
+
+impl State {
+    fn interval(&self) -> Option<Duration> {
+        match &self.aimd {
+            Some(aimd) => Some(Duration::from_secs_f64(1.0 / aimd.rate())),
+            None => self.fixed_interval,
+        }
+    }
+
+    fn rate(&self) -> f64 {
+        self.aimd.as_ref().map_or_else(
+            || self.fixed_interval.map_or(0.0, |i| 1.0 / i.as_secs_f64()),
+            Aimd::rate,
+        )
+    }
+}
+
+/// One tenant's gate; share it between jobs through the `Arc`.
 pub struct Gate {
-    schedule: Mutex<Schedule>,
+    state: Mutex<State>,
+    adaptive: bool,
     metrics: Arc<Metrics>,
 }
 
 impl Gate {
-    /// `max_per_second` of 0 means no proactive limit (Retry-After holds still apply).
-    pub fn new(max_per_second: f64, metrics: Arc<Metrics>) -> Arc<Self> {
-        let interval =
-            (max_per_second > 0.0).then(|| Duration::from_secs_f64(1.0 / max_per_second));
-        metrics.set_rate_limit(max_per_second);
-        Arc::new(Self {
-            schedule: Mutex::new(Schedule {
+    pub fn new(config: GateConfig, metrics: Arc<Metrics>) -> Arc<Self> {
+        let now = Instant::now();
+        let ceiling = (config.max_per_second > 0.0).then_some(config.max_per_second);
+        let aimd = config.adaptive.then(|| match ceiling {
+            // A configured ceiling is where an operator says to start.
+            Some(c) => Aimd::new(c, c, c, now),
+            // Without one, start at Intune's documented budget and find the real one.
+            None => Aimd::new(
+                INTUNE_WRITES_PER_SECOND,
+                NO_CEILING,
+                INTUNE_WRITES_PER_SECOND,
+                now,
+            ),
+        });
+        let state = State {
+            schedule: Schedule {
                 held_until: None,
-                next_slot: Instant::now(),
-                interval,
-            }),
+                next_slot: now,
+            },
+            aimd,
+            fixed_interval: ceiling.map(|c| Duration::from_secs_f64(1.0 / c)),
+        };
+        metrics.set_rate_limit(state.rate());
+        Arc::new(Self {
+            state: Mutex::new(state),
+            adaptive: config.adaptive,
             metrics,
         })
     }
 
     /// Waits until a call may be sent now. Cancel-safe: dropping it at most wastes a slot.
-    pub async fn admit(&self) {
+    pub async fn admit(&self) -> Ticket {
+        let mut waited = false;
         loop {
-            let admission = self.lock().reserve(Instant::now());
+            let admission = {
+                let mut state = self.lock();
+                let interval = state.interval();
+                state.schedule.reserve(Instant::now(), interval)
+            };
             match admission {
-                Admission::Go => return,
+                Admission::Go => {
+                    return Ticket {
+                        sent_at: Instant::now(),
+                        waited,
+                    };
+                }
                 Admission::HeldUntil(until) => tokio::time::sleep_until(until).await,
                 Admission::SlotAt(slot) => {
+                    waited = true;
                     tokio::time::sleep_until(slot).await;
                     // A Retry-After that arrived while we waited for our slot wins over it.
-                    if !self.lock().held_at(Instant::now()) {
-                        return;
+                    if self.lock().schedule.held_until(Instant::now()).is_none() {
+                        return Ticket {
+                            sent_at: Instant::now(),
+                            waited,
+                        };
                     }
                 }
             }
         }
     }
 
+    /// How much longer the tenant is held back, if it is.
+    pub fn held_for(&self) -> Option<Duration> {
+        let now = Instant::now();
+        self.lock()
+            .schedule
+            .held_until(now)
+            .map(|until| until - now)
+    }
+
     /// Holds every call to this tenant back for `duration` (Graph's Retry-After).
     pub fn hold(self: &Arc<Self>, duration: Duration) {
+        if !self.adaptive {
+            return;
+        }
         let until = Instant::now() + duration;
-        self.lock().hold(until);
+        self.lock().schedule.hold(until);
         self.metrics.set_throttled(true);
         let gate = Arc::clone(self);
         tokio::spawn(async move {
             tokio::time::sleep_until(until).await;
-            if !gate.lock().held_at(Instant::now()) {
+            if gate.lock().schedule.held_until(Instant::now()).is_none() {
                 gate.metrics.set_throttled(false);
             }
         });
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Schedule> {
-        // The schedule is plain data updated atomically under the lock, so a poisoned lock
+    /// The call of `ticket` was answered 429: the budget shrinks.
+    pub fn throttled(&self, ticket: Ticket) {
+        self.update(|aimd, now| aimd.throttled(ticket.sent_at, now));
+    }
+
+    /// The call of `ticket` went through: the budget may grow.
+    pub fn succeeded(&self, ticket: Ticket) {
+        self.update(|aimd, now| aimd.succeeded(ticket.waited, now));
+    }
+
+    fn update(&self, f: impl FnOnce(&mut Aimd, Instant)) {
+        let mut state = self.lock();
+        if let Some(aimd) = state.aimd.as_mut() {
+            f(aimd, Instant::now());
+            self.metrics.set_rate_limit(aimd.rate());
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // The state is plain data updated atomically under the lock, so a poisoned lock
         // still holds a consistent value.
-        self.schedule.lock().unwrap_or_else(|e| e.into_inner())
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -121,63 +313,175 @@ impl Gate {
 mod tests {
     use super::*;
 
-    fn schedule(per_second: Option<u64>, now: Instant) -> Schedule {
+    const SECOND: Duration = Duration::from_secs(1);
+
+    fn schedule(now: Instant) -> Schedule {
         Schedule {
             held_until: None,
             next_slot: now,
-            interval: per_second.map(|n| Duration::from_secs(1) / n as u32),
         }
     }
 
     #[test]
     fn unlimited_goes_at_once() {
         let now = Instant::now();
-        let mut s = schedule(None, now);
+        let mut s = schedule(now);
         for _ in 0..100 {
-            assert_eq!(s.reserve(now), Admission::Go);
+            assert_eq!(s.reserve(now, None), Admission::Go);
         }
     }
 
     #[test]
     fn rate_spaces_calls_evenly() {
         let now = Instant::now();
-        let mut s = schedule(Some(4), now);
-        assert_eq!(s.reserve(now), Admission::Go);
+        let mut s = schedule(now);
+        let quarter = Some(SECOND / 4);
+        assert_eq!(s.reserve(now, quarter), Admission::Go);
+        assert_eq!(s.reserve(now, quarter), Admission::SlotAt(now + SECOND / 4));
+        assert_eq!(s.reserve(now, quarter), Admission::SlotAt(now + SECOND / 2));
+        // After an idle spell there is no burst credit: the next call goes, the one after waits.
+        let later = now + 2 * SECOND;
+        assert_eq!(s.reserve(later, quarter), Admission::Go);
         assert_eq!(
-            s.reserve(now),
-            Admission::SlotAt(now + Duration::from_millis(250))
-        );
-        assert_eq!(
-            s.reserve(now),
-            Admission::SlotAt(now + Duration::from_millis(500))
-        );
-        // After an idle second there is no burst credit: the next call goes, the one after waits.
-        let later = now + Duration::from_secs(2);
-        assert_eq!(s.reserve(later), Admission::Go);
-        assert_eq!(
-            s.reserve(later),
-            Admission::SlotAt(later + Duration::from_millis(250))
+            s.reserve(later, quarter),
+            Admission::SlotAt(later + SECOND / 4)
         );
     }
 
     #[test]
     fn hold_blocks_everyone_and_only_grows() {
         let now = Instant::now();
-        let mut s = schedule(None, now);
-        s.hold(now + Duration::from_secs(2));
-        s.hold(now + Duration::from_secs(1));
-        assert_eq!(
-            s.reserve(now),
-            Admission::HeldUntil(now + Duration::from_secs(2))
+        let mut s = schedule(now);
+        s.hold(now + 2 * SECOND);
+        s.hold(now + SECOND);
+        assert_eq!(s.reserve(now, None), Admission::HeldUntil(now + 2 * SECOND));
+        assert!(
+            s.held_until(now + 2 * SECOND - Duration::from_millis(1))
+                .is_some()
         );
-        assert!(s.held_at(now + Duration::from_millis(1999)));
-        assert!(!s.held_at(now + Duration::from_secs(2)));
-        assert_eq!(s.reserve(now + Duration::from_secs(2)), Admission::Go);
+        assert_eq!(s.held_until(now + 2 * SECOND), None);
+        assert_eq!(s.reserve(now + 2 * SECOND, None), Admission::Go);
+    }
+
+    /// Feeds `aimd` one waited success every `1/rate` for `secs` seconds.
+    fn run(aimd: &mut Aimd, now: &mut Instant, secs: f64) {
+        let end = *now + Duration::from_secs_f64(secs);
+        while *now < end {
+            *now += Duration::from_secs_f64(1.0 / aimd.rate());
+            aimd.succeeded(true, *now);
+        }
+    }
+
+    #[test]
+    fn slow_start_doubles_each_second_up_to_the_ceiling() {
+        let mut now = Instant::now();
+        let mut aimd = Aimd::new(5.0, 60.0, 5.0, now);
+        run(&mut aimd, &mut now, 2.0);
+        assert!((18.0..=22.0).contains(&aimd.rate()), "{}", aimd.rate());
+        run(&mut aimd, &mut now, 5.0);
+        assert_eq!(aimd.rate(), 60.0, "never above the configured ceiling");
+    }
+
+    #[test]
+    fn an_idle_worker_learns_nothing() {
+        let mut now = Instant::now();
+        let mut aimd = Aimd::new(5.0, 100.0, 5.0, now);
+        now += 10 * SECOND;
+        aimd.succeeded(false, now);
+        now += Duration::from_millis(10);
+        aimd.succeeded(true, now);
+        assert!(
+            aimd.rate() < 5.1,
+            "idle time is not growth time: {}",
+            aimd.rate()
+        );
+    }
+
+    #[test]
+    fn one_decrease_per_congestion_event() {
+        let now = Instant::now();
+        let mut aimd = Aimd::new(50.0, 100.0, 5.0, now);
+        let sent = now;
+        let later = now + Duration::from_millis(5);
+        aimd.throttled(sent, later);
+        assert_eq!(aimd.rate(), 45.0);
+        // Calls already in flight when the first 429 came back are the same event.
+        aimd.throttled(sent, later + Duration::from_millis(1));
+        assert_eq!(aimd.rate(), 45.0);
+        // A call sent after the decrease and still throttled is a new one.
+        aimd.throttled(
+            later + Duration::from_millis(2),
+            later + Duration::from_millis(3),
+        );
+        assert_eq!(aimd.rate(), 40.5);
+        for _ in 0..100 {
+            let t = Instant::now() + Duration::from_secs(1000);
+            aimd.throttled(t, t);
+        }
+        assert_eq!(aimd.rate(), FLOOR, "never below the floor");
+    }
+
+    #[test]
+    fn recovers_fast_to_the_plateau_then_probes_slowly() {
+        let mut now = Instant::now();
+        let mut aimd = Aimd::new(50.0, 1000.0, 5.0, now);
+        aimd.throttled(now, now);
+        run(&mut aimd, &mut now, 1.0);
+        assert!((47.5..48.0).contains(&aimd.rate()), "{}", aimd.rate());
+        run(&mut aimd, &mut now, 4.0);
+        assert!(
+            aimd.rate() < 49.0,
+            "slow beyond the plateau: {}",
+            aimd.rate()
+        );
+    }
+
+    /// Three replicas against one shared limit, each seeing the 429s of its own calls: the
+    /// aggregate settles near the limit and no replica starves.
+    #[test]
+    fn replicas_converge_on_sharing_the_limit() {
+        const LIMIT: f64 = 50.0;
+        let start = Instant::now();
+        let mut replicas: Vec<Aimd> = [5.0, 5.0, 30.0]
+            .map(|r| Aimd::new(r, 1000.0, 5.0, start))
+            .into();
+        let step = Duration::from_millis(10);
+        let mut now = start;
+        let (mut sum_total, mut samples) = (0.0, 0);
+        for tick in 0..12_000 {
+            now += step;
+            let total: f64 = replicas.iter().map(Aimd::rate).sum();
+            let over = total > LIMIT;
+            for r in &mut replicas {
+                // Each call over the limit is a 429 for whoever sent it; all calls wait for slots.
+                if over {
+                    r.throttled(now - step, now);
+                } else {
+                    r.succeeded(true, now);
+                }
+            }
+            if tick >= 6_000 {
+                sum_total += replicas.iter().map(Aimd::rate).sum::<f64>();
+                samples += 1;
+            }
+        }
+        let mean = sum_total / samples as f64;
+        assert!(
+            mean > 0.9 * LIMIT && mean <= 1.02 * LIMIT,
+            "aggregate {mean}"
+        );
+        for r in &replicas {
+            assert!(r.rate() > 0.15 * LIMIT, "a replica starved: {}", r.rate());
+        }
     }
 
     #[tokio::test(start_paused = true)]
     async fn admit_waits_out_a_hold_that_arrives_during_a_slot_wait() {
-        let gate = Gate::new(1.0, Arc::new(Metrics::new()));
+        let config = GateConfig {
+            max_per_second: 1.0,
+            adaptive: true,
+        };
+        let gate = Gate::new(config, Arc::new(Metrics::new()));
         let start = Instant::now();
         gate.admit().await;
         let waiter = {
@@ -191,5 +495,19 @@ mod tests {
             Instant::now() >= start + Duration::from_secs(5),
             "never before the Retry-After"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_adaptive_throttling_holds_are_per_call_only() {
+        let config = GateConfig {
+            max_per_second: 0.0,
+            adaptive: false,
+        };
+        let gate = Gate::new(config, Arc::new(Metrics::new()));
+        gate.hold(Duration::from_secs(5));
+        assert_eq!(gate.held_for(), None);
+        let start = Instant::now();
+        gate.admit().await;
+        assert_eq!(Instant::now(), start);
     }
 }

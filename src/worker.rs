@@ -23,7 +23,7 @@ use crate::{
     metrics::Metrics,
     pipeline::{self, Context, Session},
     retry::{PauseReason, Policy},
-    throttle::Gate,
+    throttle::{Gate, GateConfig},
 };
 
 /// Probing after a credential pause backs off up to this (CONTRACT section 6, item 3).
@@ -89,13 +89,19 @@ impl App {
                 settings.graph.base_url.clone(),
                 metrics.clone(),
             ),
-            gate: Gate::new(settings.graph.max_requests_per_second, metrics.clone()),
+            gate: Gate::new(
+                GateConfig {
+                    max_per_second: settings.graph.max_requests_per_second,
+                    adaptive: settings.graph.adaptive_throttling,
+                },
+                metrics.clone(),
+            ),
             tenant_id: credentials.tenant_id.clone(),
             tokens: TokenSource::new(http, credentials, metrics.clone()),
             graph_slots: Semaphore::new(settings.worker.concurrency),
             metrics: metrics.clone(),
             policy: Policy::from(&settings.retry),
-            max_hold: Duration::from_secs(settings.retry.max_hold_secs),
+            park_after: settings.retry.park_after(),
             source: name.clone(),
         };
         let listener = TcpListener::bind(settings.http.listen)

@@ -1,4 +1,5 @@
-//! The broker objects of CONTRACT section 3, declared idempotently.
+//! The broker objects of CONTRACT section 3, declared idempotently, and the delay queues of
+//! [`super::delay`].
 
 use lapin::{
     Channel, ExchangeKind,
@@ -42,7 +43,19 @@ pub async fn declare(channel: &Channel, s: &AmqpSettings) -> Result<(), Topology
     queue(channel, &s.dead_letter_queue, quorum([])).await?;
     bind(channel, &s.dead_letter_queue, &s.dead_letter_exchange, "").await?;
     queue(channel, &s.outcomes_queue, quorum([])).await?;
-    bind(channel, &s.outcomes_queue, &s.events_exchange, "#").await
+    bind(channel, &s.outcomes_queue, &s.events_exchange, "#").await?;
+    for &secs in &s.delay_tiers_secs {
+        let ttl_ms = i64::try_from(secs.saturating_mul(1000)).unwrap_or(i64::MAX);
+        let args = quorum([
+            ("x-message-ttl", AMQPValue::LongLongInt(ttl_ms)),
+            ("x-dead-letter-exchange", text(&s.exchange)),
+            ("x-dead-letter-routing-key", text(&s.routing_key)),
+            ("x-dead-letter-strategy", text("at-least-once")),
+            ("x-overflow", text("reject-publish")),
+        ]);
+        queue(channel, &super::delay::tier_queue(s, secs), args).await?;
+    }
+    Ok(())
 }
 
 fn quorum<const N: usize>(args: [(&str, AMQPValue); N]) -> FieldTable {

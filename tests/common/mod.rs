@@ -24,7 +24,7 @@ use serde_json::Value;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use unassign_worker::{
-    amqp::{self, Publisher},
+    amqp::{self, Publisher, delay},
     config::Settings,
     contract::OutcomeEvent,
     sim::{Sim, SimOptions},
@@ -79,6 +79,8 @@ pub fn settings(sim: &Sim, prefix: &str) -> Settings {
     s.amqp.events_exchange = format!("{prefix}.events");
     s.amqp.outcomes_queue = format!("{prefix}.outcomes");
     s.amqp.reconnect_max_delay_secs = 1;
+    // Fewer delay tiers than in production: quorum queues take a moment each to declare.
+    s.amqp.delay_tiers_secs = vec![2, 4];
     s.auth.authority_host = sim.authority().parse().unwrap();
     s.auth.tenant_id = TENANT.to_owned();
     s.auth.client_id = SimOptions::default().client_id;
@@ -239,7 +241,16 @@ impl Broker {
     pub async fn cleanup(&self) {
         let a = &self.settings.amqp;
         let channel = self.connection.create_channel().await.unwrap();
-        for q in [&a.queue, &a.dead_letter_queue, &a.outcomes_queue] {
+        let tiers = a
+            .delay_tiers_secs
+            .iter()
+            .map(|&secs| delay::tier_queue(a, secs));
+        let queues = [
+            a.queue.clone(),
+            a.dead_letter_queue.clone(),
+            a.outcomes_queue.clone(),
+        ];
+        for q in queues.into_iter().chain(tiers) {
             let _ = channel
                 .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
                 .await;

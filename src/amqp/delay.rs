@@ -1,0 +1,49 @@
+//! Durable retry waits. RabbitMQ expires messages only at a queue's head, so every delay gets a
+//! queue of its own (`<queue>.delay.<n>s`, one TTL each) that dead-letters back to the request
+//! exchange. A wait picks the longest tier that fits; the rest is waited on the next delivery,
+//! so precision is that of the last, in-process wait. No plugin needed.
+
+use std::time::Duration;
+
+use crate::config::AmqpSettings;
+
+/// The name of the delay queue of `secs`.
+pub fn tier_queue(settings: &AmqpSettings, secs: u64) -> String {
+    format!("{}.delay.{secs}s", settings.queue)
+}
+
+/// The longest tier that fits in `wait`: its queue and its delay.
+pub fn tier_for(settings: &AmqpSettings, wait: Duration) -> Option<(String, Duration)> {
+    let secs = settings
+        .delay_tiers_secs
+        .iter()
+        .rev()
+        .find(|&&t| Duration::from_secs(t) <= wait)?;
+    Some((tier_queue(settings, *secs), Duration::from_secs(*secs)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> AmqpSettings {
+        let mut s = crate::config::Settings::load(None).unwrap().amqp;
+        s.queue = "q".to_owned();
+        s.delay_tiers_secs = vec![4, 8, 16];
+        s
+    }
+
+    #[test]
+    fn picks_the_longest_tier_that_fits() {
+        let s = settings();
+        let tier = |ms| tier_for(&s, Duration::from_millis(ms)).map(|(q, _)| q);
+        assert_eq!(tier(3_999), None);
+        assert_eq!(tier(4_000).as_deref(), Some("q.delay.4s"));
+        assert_eq!(tier(15_999).as_deref(), Some("q.delay.8s"));
+        assert_eq!(
+            tier(3_600_000).as_deref(),
+            Some("q.delay.16s"),
+            "long waits chain"
+        );
+    }
+}

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# Builds the release worker and runs the throughput benchmark; extra arguments go to it
-# (e.g. --jobs 5000 --concurrency 64 --latency-ms 0).
+# Builds the release worker and runs a benchmark: bench/run.sh throughput|throttle [ARGS…]
+#   throughput: --jobs 5000 --concurrency 64 --latency-ms 0
+#   throttle:   --jobs 3000 [--only 1|2a|2b|3|4|5]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+bench=${1:?usage: bench/run.sh throughput|throttle [ARGS…]}
+shift
 scripts/ensure-rabbitmq.sh
 cargo build --release --quiet --bin unassign-worker
-cargo run --release --quiet --example throughput -- "$@"
+cargo run --release --quiet --example "$bench" -- "$@"

@@ -26,10 +26,12 @@ pub const INTUNE_WRITES_PER_SECOND: f64 = 5.0;
 const NO_CEILING: f64 = 10_000.0;
 /// The budget never falls below this, so a tenant is always probed again.
 const FLOOR: f64 = 0.2;
+/// Growth per second before the first 429: from Intune's 5/s to a 50/s tenant in under 2 s.
+const SLOW_START_PER_SEC: f64 = 4.0;
 /// Multiplicative decrease on a 429.
 const DECREASE: f64 = 0.9;
 /// After a decrease, recover quickly to this fraction of the rate that was throttled…
-const PLATEAU: f64 = 0.95;
+const PLATEAU: f64 = 0.97;
 /// …at this fraction of that rate per second…
 const RECOVER_PER_SEC: f64 = 0.1;
 /// …then probe above it slowly, so 429s stay rare: this fraction of the *reference* rate (the
@@ -48,7 +50,7 @@ pub struct GateConfig {
     pub adaptive: bool,
 }
 
-/// The adaptive budget: slow start until the first 429, then decrease by [`DECREASE`] per
+/// The adaptive budget: slow start (×4 a second) until the first 429, then decrease by [`DECREASE`] per
 /// congestion event and grow back — fast to just under the rate that was throttled, slowly
 /// beyond it.
 #[derive(Debug, Clone)]
@@ -58,6 +60,8 @@ pub struct Aimd {
     /// Calls per second added per second while probing.
     probe_step: f64,
     slow_start: bool,
+    /// Successes of the last second during slow start: what the tenant demonstrably accepts.
+    recent: std::collections::VecDeque<Instant>,
     throttled_at: Option<f64>,
     last_decrease: Option<Instant>,
     last_growth: Instant,
@@ -71,6 +75,7 @@ impl Aimd {
             ceiling,
             probe_step: PROBE_PER_SEC * reference,
             slow_start: true,
+            recent: std::collections::VecDeque::new(),
             throttled_at: None,
             last_decrease: None,
             last_growth: now,
@@ -88,12 +93,22 @@ impl Aimd {
             .saturating_duration_since(self.last_growth)
             .min(Duration::from_secs(1));
         self.last_growth = now;
+        if self.slow_start {
+            self.recent.push_back(now);
+            while self
+                .recent
+                .front()
+                .is_some_and(|t| now - *t > Duration::from_secs(1))
+            {
+                self.recent.pop_front();
+            }
+        }
         if !waited {
             return;
         }
         let dt = dt.as_secs_f64();
         self.rate = match self.throttled_at {
-            _ if self.slow_start => self.rate * 2f64.powf(dt),
+            _ if self.slow_start => self.rate * SLOW_START_PER_SEC.powf(dt),
             Some(max) if self.rate < PLATEAU * max => self.rate + RECOVER_PER_SEC * max * dt,
             _ => self.rate + self.probe_step * dt,
         }
@@ -106,9 +121,17 @@ impl Aimd {
         if self.last_decrease.is_some_and(|t| sent_at <= t) {
             return;
         }
-        self.throttled_at = Some(self.rate);
-        self.rate = (self.rate * DECREASE).max(FLOOR);
+        // Growing exponentially, the budget is well past the tenant's limit by the time the
+        // first 429 comes back; the calls accepted in the last second are the better estimate.
+        let throttled_at = match self.slow_start {
+            // (No less than the budget of a second ago, which the tenant took.)
+            true => (self.recent.len() as f64).clamp(self.rate / SLOW_START_PER_SEC, self.rate),
+            false => self.rate,
+        };
+        self.throttled_at = Some(throttled_at);
+        self.rate = (throttled_at * DECREASE).max(FLOOR);
         self.slow_start = false;
+        self.recent = Default::default();
         self.last_decrease = Some(now);
     }
 }
@@ -363,6 +386,14 @@ mod tests {
         assert_eq!(s.reserve(now + 2 * SECOND, None), Admission::Go);
     }
 
+    /// A budget past slow start, as after its first 429.
+    fn avoiding(rate: f64, now: Instant) -> Aimd {
+        Aimd {
+            slow_start: false,
+            ..Aimd::new(rate, 1000.0, 5.0, now)
+        }
+    }
+
     /// Feeds `aimd` one waited success every `1/rate` for `secs` seconds.
     fn run(aimd: &mut Aimd, now: &mut Instant, secs: f64) {
         let end = *now + Duration::from_secs_f64(secs);
@@ -373,13 +404,28 @@ mod tests {
     }
 
     #[test]
-    fn slow_start_doubles_each_second_up_to_the_ceiling() {
+    fn slow_start_quadruples_each_second_up_to_the_ceiling() {
         let mut now = Instant::now();
         let mut aimd = Aimd::new(5.0, 60.0, 5.0, now);
-        run(&mut aimd, &mut now, 2.0);
+        run(&mut aimd, &mut now, 1.0);
         assert!((18.0..=22.0).contains(&aimd.rate()), "{}", aimd.rate());
         run(&mut aimd, &mut now, 5.0);
         assert_eq!(aimd.rate(), 60.0, "never above the configured ceiling");
+    }
+
+    #[test]
+    fn leaving_slow_start_falls_back_to_what_the_tenant_accepted() {
+        let mut now = Instant::now();
+        let mut aimd = Aimd::new(5.0, 1000.0, 5.0, now);
+        run(&mut aimd, &mut now, 3.0);
+        let accepted = aimd.recent.len() as f64;
+        assert!(
+            aimd.rate() > 1.5 * accepted,
+            "{} vs {accepted}",
+            aimd.rate()
+        );
+        aimd.throttled(now, now);
+        assert_eq!(aimd.rate(), accepted * DECREASE);
     }
 
     #[test]
@@ -400,7 +446,7 @@ mod tests {
     #[test]
     fn one_decrease_per_congestion_event() {
         let now = Instant::now();
-        let mut aimd = Aimd::new(50.0, 100.0, 5.0, now);
+        let mut aimd = avoiding(50.0, now);
         let sent = now;
         let later = now + Duration::from_millis(5);
         aimd.throttled(sent, later);
@@ -424,13 +470,13 @@ mod tests {
     #[test]
     fn recovers_fast_to_the_plateau_then_probes_slowly() {
         let mut now = Instant::now();
-        let mut aimd = Aimd::new(50.0, 1000.0, 5.0, now);
+        let mut aimd = avoiding(50.0, now);
         aimd.throttled(now, now);
         run(&mut aimd, &mut now, 1.0);
-        assert!((47.5..48.0).contains(&aimd.rate()), "{}", aimd.rate());
+        assert!((48.5..49.0).contains(&aimd.rate()), "{}", aimd.rate());
         run(&mut aimd, &mut now, 4.0);
         assert!(
-            aimd.rate() < 49.0,
+            aimd.rate() < 50.0,
             "slow beyond the plateau: {}",
             aimd.rate()
         );

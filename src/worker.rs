@@ -280,6 +280,10 @@ impl Supervisor {
                 _ = tokio::time::sleep(TICK) => {}
             }
         };
+        if let SessionEnd::Paused(reason) = &end {
+            // Before "not consuming", so /readyz never shows a misleading reason in between.
+            self.health.set_paused(Some(reason.as_str().to_owned()));
+        }
         self.health.set_consuming(false);
         stop.cancel();
         if let SessionEnd::Lost(_) = end {

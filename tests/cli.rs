@@ -153,6 +153,16 @@ struct Running {
     logs: std::thread::JoinHandle<String>,
 }
 
+/// A test that fails half-way must not leave its worker running.
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 fn spawn_worker(vars: &[(String, String)]) -> Running {
     let mut child = command(vars)
         .arg("run")
@@ -183,8 +193,12 @@ async fn wait_exit(mut worker: Running, limit: Duration) -> (i32, Duration, Stri
         async move { status }
     })
     .await;
-    let logs = worker.logs.join().unwrap();
-    (status.code().unwrap_or(-1), started.elapsed(), logs)
+    let logs = std::mem::replace(&mut worker.logs, std::thread::spawn(String::new));
+    (
+        status.code().unwrap_or(-1),
+        started.elapsed(),
+        logs.join().unwrap(),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

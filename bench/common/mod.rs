@@ -1,0 +1,219 @@
+//! What the benchmarks share: a uniquely named topology on the local broker, bulk publishing
+//! with pipelined confirms, worker processes pointed at an in-process graph-sim, and an event
+//! counter. The worker always runs as its own release process, as in production.
+#![allow(dead_code)] // each benchmark uses a different part
+
+use std::{
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use futures_util::StreamExt;
+use lapin::{
+    BasicProperties, Channel, Connection,
+    options::{
+        BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions,
+        QueueDeleteOptions,
+    },
+    types::FieldTable,
+};
+use unassign_worker::{
+    amqp::delay,
+    config::Settings,
+    sim::{Sim, SimOptions},
+};
+
+pub const TENANT: &str = "3f1c3a8e-5c1b-4f5e-9a7d-0d2f6a1b2c3d";
+pub const BINARY: &str = "target/release/unassign-worker";
+
+pub fn amqp_url() -> String {
+    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+/// A run's broker objects, declared fresh and deleted at the end.
+pub struct Topology {
+    pub settings: Settings,
+    pub connection: Connection,
+    pub channel: Channel,
+}
+
+impl Topology {
+    pub async fn declare(name: &str) -> anyhow::Result<Topology> {
+        let prefix = format!(
+            "bench.{name}.{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..6]
+        );
+        let mut settings = Settings::load(None)?;
+        let a = &mut settings.amqp;
+        a.exchange = format!("{prefix}.x");
+        a.queue = format!("{prefix}.requests");
+        a.dead_letter_exchange = format!("{prefix}.dlx");
+        a.dead_letter_queue = format!("{prefix}.dead");
+        a.events_exchange = format!("{prefix}.events");
+        a.outcomes_queue = format!("{prefix}.outcomes");
+        let connection = Connection::connect(&amqp_url(), Default::default()).await?;
+        let channel = connection.create_channel().await?;
+        unassign_worker::amqp::declare(&channel, &settings.amqp).await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        Ok(Topology {
+            settings,
+            connection,
+            channel,
+        })
+    }
+
+    /// Publishes `n` requests for random devices with pipelined confirms; returns msg/s.
+    pub async fn publish(&self, n: usize) -> anyhow::Result<f64> {
+        let started = Instant::now();
+        let mut confirms = Vec::with_capacity(n);
+        let exchange = self.settings.amqp.exchange.as_str();
+        for i in 0..n {
+            let body = serde_json::json!({"request_id": format!("b-{i}"), "device_id": uuid::Uuid::new_v4().to_string()});
+            let properties = BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_content_type("application/json".into());
+            let confirm = self
+                .channel
+                .basic_publish(
+                    exchange.into(),
+                    "request".into(),
+                    BasicPublishOptions::default(),
+                    body.to_string().as_bytes(),
+                    properties,
+                )
+                .await?;
+            confirms.push(confirm);
+        }
+        for confirm in confirms {
+            anyhow::ensure!(confirm.await?.is_ack(), "publish nacked");
+        }
+        Ok(n as f64 / started.elapsed().as_secs_f64())
+    }
+
+    /// Counts outcome events until `n` have arrived: (succeeded, failed).
+    pub async fn await_outcomes(&self, n: usize) -> anyhow::Result<(usize, usize)> {
+        let channel = self.connection.create_channel().await?;
+        let queue = self.settings.amqp.outcomes_queue.as_str();
+        let mut consumer = channel
+            .basic_consume(
+                queue.into(),
+                "bench".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let (mut succeeded, mut failed) = (0, 0);
+        while succeeded + failed < n {
+            let delivery = tokio::time::timeout(Duration::from_secs(120), consumer.next())
+                .await
+                .context("no outcome event for 120 s")?
+                .context("consumer ended")??;
+            let event: serde_json::Value = serde_json::from_slice(&delivery.data)?;
+            match event["data"]["outcome"].as_str() {
+                Some("succeeded") => succeeded += 1,
+                _ => failed += 1,
+            }
+            delivery.ack(BasicAckOptions::default()).await?;
+        }
+        Ok((succeeded, failed))
+    }
+
+    pub async fn delete(self) {
+        let a = &self.settings.amqp;
+        let tiers = a.delay_tiers_secs.iter().map(|&s| delay::tier_queue(a, s));
+        let queues = [
+            a.queue.clone(),
+            a.dead_letter_queue.clone(),
+            a.outcomes_queue.clone(),
+        ];
+        for q in queues.into_iter().chain(tiers) {
+            let _ = self
+                .channel
+                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                .await;
+        }
+    }
+}
+
+/// A worker process: the release binary with the environment of `vars` on top of the
+/// simulator's credentials and the topology's names.
+pub struct WorkerProcess {
+    child: Child,
+}
+
+impl WorkerProcess {
+    pub fn spawn(
+        sim: &Sim,
+        topology: &Topology,
+        http_port: u16,
+        vars: &[(&str, String)],
+    ) -> anyhow::Result<Self> {
+        let a = &topology.settings.amqp;
+        let mut cmd = Command::new(BINARY);
+        cmd.arg("run")
+            .env("AMQP_URL", amqp_url())
+            .env("AZURE_TENANT_ID", TENANT)
+            .env("AZURE_CLIENT_ID", SimOptions::default().client_id)
+            .env("AZURE_CLIENT_SECRET", SimOptions::default().client_secret)
+            .env("AZURE_AUTHORITY_HOST", sim.authority())
+            .env("UNASSIGN__GRAPH__BASE_URL", sim.base_url())
+            .env("UNASSIGN__HTTP__LISTEN", format!("127.0.0.1:{http_port}"))
+            .env("UNASSIGN__LOG__LEVEL", "error")
+            .env("UNASSIGN__AMQP__EXCHANGE", &a.exchange)
+            .env("UNASSIGN__AMQP__QUEUE", &a.queue)
+            .env(
+                "UNASSIGN__AMQP__DEAD_LETTER_EXCHANGE",
+                &a.dead_letter_exchange,
+            )
+            .env("UNASSIGN__AMQP__DEAD_LETTER_QUEUE", &a.dead_letter_queue)
+            .env("UNASSIGN__AMQP__EVENTS_EXCHANGE", &a.events_exchange)
+            .env("UNASSIGN__AMQP__OUTCOMES_QUEUE", &a.outcomes_queue)
+            .stdout(Stdio::null());
+        for (k, v) in vars {
+            cmd.env(k, v);
+        }
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {BINARY} (cargo build --release)"))?;
+        Ok(Self { child })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGTERM, then wait for the exit.
+    pub fn stop(mut self) -> anyhow::Result<()> {
+        Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()?;
+        self.child.wait()?;
+        Ok(())
+    }
+}
+
+/// CPU seconds (user + system) and peak RSS (KiB) of a running process, from /proc.
+pub fn process_usage(pid: u32) -> anyhow::Result<(f64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .context("stat format")?
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
+    let hz: f64 = String::from_utf8(Command::new("getconf").arg("CLK_TCK").output()?.stdout)?
+        .trim()
+        .parse()?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let hwm = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .context("VmHWM")?;
+    Ok((ticks as f64 / hz, hwm))
+}

@@ -1,0 +1,175 @@
+//! Draining at Graph's ceiling: the scenarios of the throttling issue against graph-sim, each
+//! with the worker as separate release processes, printed as one table.
+//!
+//!     bench/run.sh throttle                       # all scenarios, 3,000 jobs each
+//!     cargo run --release --example throttle -- --jobs 3000 --only 1
+
+#[path = "common/mod.rs"]
+mod common;
+
+use std::time::Instant;
+
+use anyhow::bail;
+use common::{Topology, WorkerProcess};
+use unassign_worker::sim::{RetryAfterMode, Sim, SimOptions};
+
+/// The simulator's limit in the throttled scenarios: 50 calls per 1 s sliding window.
+const LIMIT: u32 = 50;
+
+struct Scenario {
+    name: &'static str,
+    sim: SimOptions,
+    replicas: u16,
+    /// Extra worker settings.
+    vars: Vec<(&'static str, String)>,
+    /// Ideal jobs/s, for the "fraction" column.
+    ideal: f64,
+}
+
+fn throttled(retry_after: RetryAfterMode) -> SimOptions {
+    SimOptions {
+        throttle_limit: LIMIT,
+        throttle_window_ms: 1000,
+        retry_after,
+        ..SimOptions::default()
+    }
+}
+
+fn scenarios() -> Vec<Scenario> {
+    // Adaptive only: no configured ceiling, the worker must find the tenant's budget itself.
+    let adaptive = || vec![("UNASSIGN__GRAPH__MAX_REQUESTS_PER_SECOND", "0".to_owned())];
+    let limit = f64::from(LIMIT);
+    vec![
+        Scenario {
+            name: "1 throttled, fractional Retry-After",
+            sim: throttled(RetryAfterMode::Fractional),
+            replicas: 1,
+            vars: adaptive(),
+            ideal: limit,
+        },
+        Scenario {
+            name: "2a throttled, no Retry-After",
+            sim: throttled(RetryAfterMode::Absent),
+            replicas: 1,
+            vars: adaptive(),
+            ideal: limit,
+        },
+        Scenario {
+            name: "2b throttled, HTTP-date Retry-After",
+            sim: throttled(RetryAfterMode::HttpDate),
+            replicas: 1,
+            vars: adaptive(),
+            ideal: limit,
+        },
+        Scenario {
+            name: "3 throttled, 3 replicas",
+            sim: throttled(RetryAfterMode::Fractional),
+            replicas: 3,
+            vars: adaptive(),
+            ideal: limit,
+        },
+        Scenario {
+            name: "4 latency 200 ms, no limit, concurrency 64",
+            sim: SimOptions {
+                latency_ms: 200,
+                ..SimOptions::default()
+            },
+            replicas: 1,
+            vars: vec![
+                ("UNASSIGN__WORKER__CONCURRENCY", "64".to_owned()),
+                ("UNASSIGN__GRAPH__MAX_REQUESTS_PER_SECOND", "0".to_owned()),
+                ("UNASSIGN__GRAPH__ADAPTIVE_THROTTLING", "false".to_owned()),
+            ],
+            ideal: 64.0 / 0.2,
+        },
+        Scenario {
+            name: "5 naive baseline (scenario 1, gate and adaptive off)",
+            sim: throttled(RetryAfterMode::Fractional),
+            replicas: 1,
+            vars: vec![
+                ("UNASSIGN__GRAPH__MAX_REQUESTS_PER_SECOND", "0".to_owned()),
+                ("UNASSIGN__GRAPH__ADAPTIVE_THROTTLING", "false".to_owned()),
+            ],
+            ideal: limit,
+        },
+    ]
+}
+
+struct Row {
+    jobs: usize,
+    succeeded: usize,
+    failed: usize,
+    wall: f64,
+    calls: u64,
+    throttled: u64,
+}
+
+async fn run(scenario: &Scenario, jobs: usize) -> anyhow::Result<Row> {
+    let sim = Sim::start(scenario.sim.clone()).await?;
+    let topology = Topology::declare("throttle").await?;
+    topology.publish(jobs).await?;
+    let started = Instant::now();
+    let workers = (0..scenario.replicas)
+        .map(|i| WorkerProcess::spawn(&sim, &topology, 19470 + i, &scenario.vars))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let (succeeded, failed) = topology.await_outcomes(jobs).await?;
+    let wall = started.elapsed().as_secs_f64();
+    for worker in workers {
+        worker.stop()?;
+    }
+    let stats = sim.stats();
+    topology.delete().await;
+    sim.shutdown().await;
+    Ok(Row {
+        jobs,
+        succeeded,
+        failed,
+        wall,
+        calls: stats.action_calls,
+        throttled: stats.responses_by_status.get(&429).copied().unwrap_or(0),
+    })
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let (mut jobs, mut only) = (3000usize, None::<String>);
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let Some(value) = it.next() else {
+            bail!("{flag} needs a value")
+        };
+        match flag.as_str() {
+            "--jobs" => jobs = value.parse()?,
+            "--only" => only = Some(value),
+            other => bail!("unknown flag {other}"),
+        }
+    }
+    println!(
+        "| scenario | jobs | succeeded jobs/s | of ideal | 429s / calls | dead letters | wall |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    for scenario in scenarios() {
+        if only
+            .as_deref()
+            .is_some_and(|o| !scenario.name.starts_with(o))
+        {
+            continue;
+        }
+        let row = run(&scenario, jobs).await?;
+        let rate = row.succeeded as f64 / row.wall;
+        println!(
+            "| {} | {} | {:.1} | {:.1} % | {:.2} % ({} / {}) | {} | {:.1} s |",
+            scenario.name,
+            row.jobs,
+            rate,
+            100.0 * rate / scenario.ideal,
+            100.0 * row.throttled as f64 / row.calls.max(1) as f64,
+            row.throttled,
+            row.calls,
+            row.failed,
+            row.wall,
+        );
+    }
+    println!("(wall: from the workers' start, including connecting, to the last outcome event)");
+    Ok(())
+}

@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/ensure-rabbitmq.sh
+scripts/ensure-prometheus.sh   # promtool + prometheus for tests/observability.rs
 exec cargo test --locked "$@"

@@ -1,0 +1,970 @@
+//! The operator kit under deploy/: the alert rules through promtool, the Grafana dashboard's
+//! queries against a real Prometheus scraping a real worker, and every YAML file parsed and
+//! cross-checked (probes, selectors, grace periods, the PrometheusRule mirroring alerts.yaml).
+//!
+//! Needs `promtool` and `prometheus` on PATH: scripts/test.sh installs them
+//! (scripts/ensure-prometheus.sh).
+
+mod common;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::TcpListener,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use common::{Env, device, eventually, sim_options};
+use figment::{
+    Figment,
+    providers::{Format, Toml},
+};
+use serde::Deserialize;
+use serde_json::Value as Json;
+use serde_norway::Value as Yaml;
+use unassign_worker::{
+    config::Settings,
+    sim::{Scripted, SimOptions},
+};
+
+const BIN: &str = env!("CARGO_BIN_EXE_unassign-worker");
+const WAIT: Duration = Duration::from_secs(30);
+/// The scrape job name the alert rules select on.
+const JOB: &str = "unassign-worker";
+
+/// Absolute paths only: nothing here depends on the current directory.
+fn repo(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
+fn read(path: &str) -> String {
+    std::fs::read_to_string(repo(path)).unwrap_or_else(|e| panic!("reading {path}: {e}"))
+}
+
+/// Every YAML document in a file.
+fn yaml_docs(path: &Path) -> Vec<Yaml> {
+    let text = std::fs::read_to_string(path).unwrap();
+    serde_norway::Deserializer::from_str(&text)
+        .map(|doc| {
+            Yaml::deserialize(doc)
+                .unwrap_or_else(|e| panic!("{} is not valid YAML: {e}", path.display()))
+        })
+        .filter(|doc| !doc.is_null())
+        .collect()
+}
+
+fn yaml(path: &str) -> Yaml {
+    let mut docs = yaml_docs(&repo(path));
+    assert_eq!(docs.len(), 1, "{path} holds one YAML document");
+    docs.remove(0)
+}
+
+fn str_of<'a>(value: &'a Yaml, what: &str) -> &'a str {
+    value
+        .as_str()
+        .unwrap_or_else(|| panic!("{what} is a string, found {value:?}"))
+}
+
+/// The built-in defaults with a TOML file's keys on top, as the worker reads `--config`: unknown
+/// keys and wrong types are refused. (Environment layers are not applied here.)
+fn settings_with(toml: &str, what: &str) -> Settings {
+    Figment::from(Toml::string(&read("config/default.toml")))
+        .merge(Toml::string(toml))
+        .extract()
+        .unwrap_or_else(|e| panic!("{what} is not a valid worker configuration: {e}"))
+}
+
+fn files_under(dir: &Path, out: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            files_under(&path, out);
+        } else {
+            out.push(path);
+        }
+    }
+}
+
+/// `promtool` or `prometheus`, or a panic that says how to get it.
+fn tool(name: &str) -> Command {
+    let found = std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).any(|dir| dir.join(name).is_file()))
+        .unwrap_or(false);
+    assert!(
+        found,
+        "`{name}` is not on PATH: run scripts/ensure-prometheus.sh (scripts/test.sh does)"
+    );
+    Command::new(name)
+}
+
+// ------------------------------------------------------------------------------ alert rules
+
+#[test]
+fn alert_rules_pass_promtool_check_and_their_unit_tests() {
+    for (args, file) in [
+        (["check", "rules"], "deploy/prometheus/alerts.yaml"),
+        (["test", "rules"], "deploy/prometheus/alerts.test.yaml"),
+    ] {
+        let output = tool("promtool")
+            .args(args)
+            .arg(repo(file))
+            .output()
+            .expect("promtool runs");
+        assert!(
+            output.status.success(),
+            "promtool {} {file} failed:\n{}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}
+
+/// GitHub's anchor for a Markdown heading.
+fn slug(heading: &str) -> String {
+    heading
+        .trim()
+        .to_lowercase()
+        .chars()
+        .filter(|c| c.is_alphanumeric() || *c == '-' || *c == '_' || *c == ' ')
+        .map(|c| if c == ' ' { '-' } else { c })
+        .collect()
+}
+
+fn alert_rules() -> Vec<Yaml> {
+    let rules = yaml("deploy/prometheus/alerts.yaml");
+    rules["groups"]
+        .as_sequence()
+        .expect("groups")
+        .iter()
+        .flat_map(|g| g["rules"].as_sequence().expect("rules").clone())
+        .collect()
+}
+
+#[test]
+fn every_alert_has_a_severity_a_for_and_a_runbook_in_the_readme_and_is_tested_both_ways() {
+    let readme = read("README.md");
+    let anchors: BTreeSet<String> = readme
+        .lines()
+        .filter_map(|line| line.strip_prefix('#'))
+        .map(|heading| slug(heading.trim_start_matches('#')))
+        .collect();
+    let tests = yaml("deploy/prometheus/alerts.test.yaml");
+    let mut fires = BTreeSet::new();
+    let mut stays_quiet = BTreeSet::new();
+    for test in tests["tests"].as_sequence().unwrap() {
+        for case in test["alert_rule_test"].as_sequence().unwrap() {
+            let name = str_of(&case["alertname"], "alertname").to_owned();
+            match case["exp_alerts"].as_sequence().map(Vec::len) {
+                Some(0) => stays_quiet.insert(name),
+                Some(_) => fires.insert(name),
+                None => panic!("{name}: exp_alerts is a list"),
+            };
+        }
+    }
+
+    let rules = alert_rules();
+    assert!(rules.len() >= 7, "the issue asks for at least seven alerts");
+    for rule in &rules {
+        let name = str_of(&rule["alert"], "alert");
+        assert!(
+            name.starts_with("UnassignWorker"),
+            "{name}: alerts share a prefix"
+        );
+        assert!(rule["for"].as_str().is_some(), "{name} has a `for:`");
+        assert!(
+            matches!(
+                rule["labels"]["severity"].as_str(),
+                Some("warning" | "critical")
+            ),
+            "{name} has severity warning or critical"
+        );
+        let annotations = &rule["annotations"];
+        for key in ["summary", "description"] {
+            assert!(
+                annotations[key].as_str().is_some_and(|s| !s.is_empty()),
+                "{name} has a {key}"
+            );
+        }
+        let runbook = str_of(&annotations["runbook"], "runbook");
+        let anchor = runbook
+            .strip_prefix("README.md#")
+            .unwrap_or_else(|| panic!("{name}: runbook points into README.md, not {runbook}"));
+        assert_eq!(anchor, name.to_lowercase(), "{name}: runbook anchor");
+        assert!(
+            anchors.contains(anchor),
+            "{name}: README.md has no heading for #{anchor}"
+        );
+        assert!(
+            fires.contains(name),
+            "{name}: alerts.test.yaml has no case where it fires"
+        );
+        assert!(
+            stays_quiet.contains(name),
+            "{name}: alerts.test.yaml has no case where it stays quiet"
+        );
+    }
+}
+
+#[test]
+fn the_prometheus_rule_carries_exactly_the_alert_rules() {
+    let rule = yaml("deploy/kubernetes/prometheusrule.yaml");
+    assert_eq!(str_of(&rule["kind"], "kind"), "PrometheusRule");
+    assert_eq!(
+        rule["spec"]["groups"],
+        yaml("deploy/prometheus/alerts.yaml")["groups"],
+        "deploy/kubernetes/prometheusrule.yaml differs from deploy/prometheus/alerts.yaml: regenerate it (command in its header)"
+    );
+}
+
+// ------------------------------------------------------------------------------ YAML and manifests
+
+#[test]
+fn every_yaml_and_json_file_under_deploy_parses() {
+    let mut files = Vec::new();
+    files_under(&repo("deploy"), &mut files);
+    let mut yaml_files = 0;
+    for file in files {
+        match file.extension().and_then(|e| e.to_str()) {
+            Some("yaml" | "yml") => {
+                assert!(
+                    !yaml_docs(&file).is_empty(),
+                    "{} holds a document",
+                    file.display()
+                );
+                yaml_files += 1;
+            }
+            Some("json") => {
+                let text = std::fs::read_to_string(&file).unwrap();
+                serde_json::from_str::<Json>(&text)
+                    .unwrap_or_else(|e| panic!("{} is not valid JSON: {e}", file.display()));
+            }
+            _ => {}
+        }
+    }
+    assert!(yaml_files >= 10, "found only {yaml_files} YAML files");
+}
+
+/// The Kubernetes resources of deploy/kubernetes, by kind (one of each).
+struct Manifests(BTreeMap<String, Yaml>);
+
+impl Manifests {
+    fn load() -> Manifests {
+        let kustomization = yaml("deploy/kubernetes/kustomization.yaml");
+        let listed: BTreeSet<String> = kustomization["resources"]
+            .as_sequence()
+            .expect("kustomization resources")
+            .iter()
+            .map(|r| str_of(r, "resource").to_owned())
+            .collect();
+        let mut on_disk = BTreeSet::new();
+        for entry in std::fs::read_dir(repo("deploy/kubernetes")).unwrap() {
+            let name = entry.unwrap().file_name().into_string().unwrap();
+            if name.ends_with(".yaml")
+                && name != "kustomization.yaml"
+                && !name.contains(".example.")
+            {
+                on_disk.insert(name);
+            }
+        }
+        assert_eq!(
+            listed, on_disk,
+            "kustomization.yaml lists every manifest in deploy/kubernetes (examples excepted)"
+        );
+        let mut by_kind = BTreeMap::new();
+        for file in &listed {
+            for doc in yaml_docs(&repo(&format!("deploy/kubernetes/{file}"))) {
+                let kind = str_of(&doc["kind"], "kind").to_owned();
+                assert!(doc["apiVersion"].as_str().is_some(), "{file}: apiVersion");
+                assert!(
+                    doc["metadata"]["name"].as_str().is_some(),
+                    "{file}: metadata.name"
+                );
+                assert!(by_kind.insert(kind.clone(), doc).is_none(), "one {kind}");
+            }
+        }
+        Manifests(by_kind)
+    }
+
+    fn get(&self, kind: &str) -> &Yaml {
+        self.0
+            .get(kind)
+            .unwrap_or_else(|| panic!("deploy/kubernetes has a {kind}"))
+    }
+}
+
+/// `selector` (a label map) picks `labels`.
+fn selects(selector: &Yaml, labels: &Yaml) -> bool {
+    let selector = selector.as_mapping().expect("a label selector");
+    !selector.is_empty() && selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+fn env_value<'a>(container: &'a Yaml, name: &str) -> Option<&'a Yaml> {
+    container["env"]
+        .as_sequence()?
+        .iter()
+        .find(|e| e["name"].as_str() == Some(name))
+}
+
+/// The pod volume that `path` lies on in `container`, and the file's path inside it.
+fn mounted<'a>(pod: &'a Yaml, container: &Yaml, path: &str) -> Option<(&'a Yaml, String)> {
+    container["volumeMounts"]
+        .as_sequence()?
+        .iter()
+        .find_map(|mount| {
+            let dir = str_of(&mount["mountPath"], "mountPath");
+            let file = path.strip_prefix(dir)?.strip_prefix('/')?;
+            let volume = pod["volumes"]
+                .as_sequence()?
+                .iter()
+                .find(|v| v["name"] == mount["name"])?;
+            Some((volume, file.to_owned()))
+        })
+}
+
+/// The file names a configMap or secret volume lists under `items` (`None`: every key).
+fn item_paths(source: &Yaml) -> Option<Vec<String>> {
+    let items = source["items"].as_sequence()?;
+    Some(
+        items
+            .iter()
+            .map(|i| str_of(&i["path"], "path").to_owned())
+            .collect(),
+    )
+}
+
+/// Whether the worker refuses to start with `AZURE_FEDERATED_TOKEN_FILE` set, as the Azure
+/// workload identity webhook sets it (asked of the binary, in its own process).
+fn worker_refuses_federated_token_file() -> bool {
+    let output = Command::new(BIN)
+        .arg("check")
+        .env(
+            "AZURE_FEDERATED_TOKEN_FILE",
+            "/var/run/secrets/azure/tokens/azure-identity-token",
+        )
+        .env("AZURE_TENANT_ID", common::TENANT)
+        .env("AZURE_CLIENT_ID", "00000000-0000-0000-0000-00000000c11e")
+        .env("AZURE_CLIENT_SECRET", "unused")
+        .env("AZURE_AUTHORITY_HOST", "http://127.0.0.1:9")
+        .env("UNASSIGN__GRAPH__BASE_URL", "http://127.0.0.1:9/beta")
+        .env("UNASSIGN__GRAPH__TIMEOUT_SECS", "1")
+        .stdin(Stdio::null())
+        .output()
+        .expect("the worker binary runs");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+    .to_lowercase();
+    output.status.code() == Some(2) && said.contains("azure_federated_token_file")
+}
+
+#[test]
+fn kubernetes_manifests_hang_together() {
+    let m = Manifests::load();
+    let deployment = m.get("Deployment");
+    let pod = &deployment["spec"]["template"];
+    let spec = &pod["spec"];
+    let labels = &pod["metadata"]["labels"];
+    assert!(selects(
+        &deployment["spec"]["selector"]["matchLabels"],
+        labels
+    ));
+
+    // The configuration the pod reads, and the grace period it gets.
+    let configmap = m.get("ConfigMap");
+    let toml = str_of(&configmap["data"]["config.toml"], "config.toml");
+    let settings = settings_with(toml, "the ConfigMap's config.toml");
+    let containers = spec["containers"].as_sequence().unwrap();
+    assert_eq!(containers.len(), 1);
+    let c = &containers[0];
+    let grace = env_value(c, "UNASSIGN__WORKER__SHUTDOWN_GRACE_SECS")
+        .map(|e| str_of(&e["value"], "grace").parse::<u64>().unwrap())
+        .unwrap_or(settings.worker.shutdown_grace_secs);
+    let termination = spec["terminationGracePeriodSeconds"]
+        .as_u64()
+        .expect("terminationGracePeriodSeconds is set");
+    assert!(
+        termination > grace + 5,
+        "terminationGracePeriodSeconds {termination} must exceed worker.shutdown_grace_secs {grace} + 5"
+    );
+
+    // The config file named by UNASSIGN_CONFIG (or --config) is the ConfigMap, mounted.
+    let args: Vec<&str> = c["args"]
+        .as_sequence()
+        .map(|a| a.iter().map(|v| v.as_str().unwrap()).collect())
+        .unwrap_or_default();
+    let config_path = args
+        .iter()
+        .position(|a| *a == "--config")
+        .map(|i| args[i + 1].to_owned())
+        .or_else(|| {
+            env_value(c, "UNASSIGN_CONFIG")
+                .map(|e| str_of(&e["value"], "UNASSIGN_CONFIG").to_owned())
+        })
+        .expect("the config file is named by --config or UNASSIGN_CONFIG");
+    let configmap_name = str_of(&configmap["metadata"]["name"], "ConfigMap name");
+    let (volume, file) = mounted(spec, c, &config_path)
+        .unwrap_or_else(|| panic!("{config_path} is on a mounted volume"));
+    assert_eq!(
+        volume["configMap"]["name"].as_str(),
+        Some(configmap_name),
+        "{config_path} comes from the ConfigMap"
+    );
+    assert!(
+        item_paths(&volume["configMap"]).is_none_or(|paths| paths.contains(&file)),
+        "{config_path}: the ConfigMap volume provides {file}"
+    );
+    assert!(
+        configmap["data"][file.as_str()].is_string(),
+        "the ConfigMap has {file}"
+    );
+
+    // The client secret is a mounted Secret file; the broker URL comes from the Secret too.
+    let secret_file = env_value(c, "AZURE_CLIENT_SECRET_FILE").expect("AZURE_CLIENT_SECRET_FILE");
+    let secret_file = str_of(&secret_file["value"], "AZURE_CLIENT_SECRET_FILE");
+    let (volume, file) = mounted(spec, c, secret_file)
+        .unwrap_or_else(|| panic!("{secret_file} is on a mounted volume"));
+    assert!(
+        volume["secret"]["secretName"].is_string(),
+        "{secret_file} comes from a Secret"
+    );
+    assert!(
+        item_paths(&volume["secret"]).is_none_or(|paths| paths.contains(&file)),
+        "{secret_file}: the Secret volume provides {file}"
+    );
+    assert!(
+        env_value(c, "AZURE_CLIENT_SECRET").is_none(),
+        "no secret in plain env"
+    );
+    let amqp = env_value(c, "AMQP_URL").expect("AMQP_URL");
+    assert!(
+        amqp["valueFrom"]["secretKeyRef"].is_mapping(),
+        "AMQP_URL (it holds a password) comes from a Secret"
+    );
+
+    // Probes on the port the worker listens on.
+    let port = &c["ports"][0];
+    assert_eq!(
+        port["containerPort"].as_u64(),
+        Some(u64::from(settings.http.listen.port())),
+        "containerPort is http.listen's port"
+    );
+    for (probe, path) in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")] {
+        let get = &c[probe]["httpGet"];
+        assert_eq!(get["path"].as_str(), Some(path), "{probe}");
+        assert!(
+            get["port"] == port["name"] || get["port"] == port["containerPort"],
+            "{probe} targets the metrics port"
+        );
+    }
+    assert!(c["resources"]["requests"]["memory"].is_string());
+    assert!(c["resources"]["limits"]["memory"].is_string());
+
+    // A restrictive security context.
+    assert_eq!(
+        spec["securityContext"]["runAsNonRoot"].as_bool(),
+        Some(true)
+    );
+    assert!(
+        spec["securityContext"]["runAsUser"]
+            .as_u64()
+            .is_some_and(|u| u > 0)
+    );
+    assert_eq!(
+        spec["securityContext"]["seccompProfile"]["type"].as_str(),
+        Some("RuntimeDefault")
+    );
+    let sc = &c["securityContext"];
+    assert_eq!(sc["allowPrivilegeEscalation"].as_bool(), Some(false));
+    assert_eq!(sc["readOnlyRootFilesystem"].as_bool(), Some(true));
+    assert_eq!(sc["runAsNonRoot"].as_bool(), Some(true));
+    assert_eq!(
+        sc["capabilities"]["drop"]
+            .as_sequence()
+            .map(|d| d.as_slice()),
+        Some([Yaml::from("ALL")].as_slice())
+    );
+
+    // Service account prepared for Azure workload identity.
+    let sa = m.get("ServiceAccount");
+    assert_eq!(spec["serviceAccountName"], sa["metadata"]["name"]);
+    assert_eq!(
+        sa["metadata"]["annotations"]["azure.workload.identity/client-id"].as_str(),
+        Some(settings.auth.client_id.as_str()),
+        "the workload identity client id is the configured auth.client_id"
+    );
+    let workload_identity = labels["azure.workload.identity/use"].as_str() == Some("true");
+    if worker_refuses_federated_token_file() {
+        assert!(
+            !workload_identity,
+            "the pod label azure.workload.identity/use=\"true\" makes the webhook set \
+             AZURE_FEDERATED_TOKEN_FILE, which this worker refuses at start: remove the label"
+        );
+    }
+
+    // The Service, the ServiceMonitor and the PodDisruptionBudget find the pods.
+    let service = m.get("Service");
+    assert!(
+        selects(&service["spec"]["selector"], labels),
+        "Service selects the pods"
+    );
+    let service_port = &service["spec"]["ports"][0];
+    assert!(
+        service_port["targetPort"] == port["name"]
+            || service_port["targetPort"] == port["containerPort"]
+    );
+    assert_eq!(
+        service["spec"]["publishNotReadyAddresses"].as_bool(),
+        Some(true),
+        "a paused (not ready) worker is still scraped"
+    );
+    assert_eq!(
+        str_of(&service["metadata"]["name"], "Service name"),
+        JOB,
+        "the ServiceMonitor's job label is the Service name, which the alerts select on"
+    );
+    let monitor = m.get("ServiceMonitor");
+    assert!(selects(
+        &monitor["spec"]["selector"]["matchLabels"],
+        &service["metadata"]["labels"]
+    ));
+    assert_eq!(
+        monitor["spec"]["endpoints"][0]["port"],
+        service_port["name"]
+    );
+    let pdb = m.get("PodDisruptionBudget");
+    assert!(selects(&pdb["spec"]["selector"]["matchLabels"], labels));
+    let replicas = deployment["spec"]["replicas"].as_u64().unwrap_or(1);
+    if let Some(min) = pdb["spec"]["minAvailable"].as_u64() {
+        assert!(
+            min < replicas,
+            "minAvailable {min} < replicas {replicas}: drains can proceed"
+        );
+    }
+}
+
+#[test]
+fn the_compose_stack_hangs_together() {
+    let compose = yaml("deploy/compose.yaml");
+    let services = compose["services"].as_mapping().expect("services");
+    for name in ["rabbitmq", "worker", "graph-sim", "prometheus", "grafana"] {
+        assert!(services.contains_key(name), "compose has {name}");
+    }
+    // Every bind-mounted file exists (relative to deploy/, the compose file's directory).
+    for (name, service) in services {
+        for volume in service["volumes"].as_sequence().into_iter().flatten() {
+            let source = str_of(volume, "volume").split(':').next().unwrap();
+            if source.starts_with('.') {
+                assert!(
+                    repo("deploy").join(source).exists(),
+                    "{name:?} mounts {source}, which does not exist"
+                );
+            }
+        }
+    }
+    let worker = &compose["services"]["worker"];
+    assert!(
+        worker["command"].is_null() || worker["command"][0].as_str() == Some("run"),
+        "the worker runs `run`"
+    );
+    let config = str_of(&worker["environment"]["UNASSIGN_CONFIG"], "UNASSIGN_CONFIG");
+    let mounted = worker["volumes"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|v| str_of(v, "volume").split(':').collect::<Vec<_>>())
+        .find(|parts| parts[1] == config)
+        .expect("the worker's config file is mounted");
+    let settings = settings_with(
+        &std::fs::read_to_string(repo("deploy").join(mounted[0])).unwrap(),
+        mounted[0],
+    );
+    let stop = str_of(&worker["stop_grace_period"], "stop_grace_period");
+    let stop: u64 = stop.strip_suffix('s').expect("seconds").parse().unwrap();
+    assert!(
+        stop > settings.worker.shutdown_grace_secs + 5,
+        "stop_grace_period {stop}s must exceed worker.shutdown_grace_secs + 5"
+    );
+    // Prometheus scrapes the worker under the job name the alerts select on, with the rules.
+    let prometheus = yaml("deploy/compose/prometheus.yml");
+    let jobs: Vec<&str> = prometheus["scrape_configs"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|j| str_of(&j["job_name"], "job_name"))
+        .collect();
+    assert!(jobs.contains(&JOB));
+    assert_eq!(
+        prometheus["scrape_configs"][0]["static_configs"][0]["targets"][0].as_str(),
+        Some(format!("worker:{}", settings.http.listen.port()).as_str())
+    );
+    let datasources = yaml("deploy/compose/grafana/datasources.yaml");
+    assert_eq!(
+        datasources["datasources"][0]["type"].as_str(),
+        Some("prometheus")
+    );
+}
+
+// ------------------------------------------------------------------------------ dashboard
+
+fn dashboard() -> Json {
+    serde_json::from_str(&read("deploy/grafana/unassign-worker.json")).expect("dashboard JSON")
+}
+
+/// Every `expr` in the dashboard (panel targets, variables, annotations), in document order.
+fn exprs(value: &Json, out: &mut Vec<String>) {
+    match value {
+        Json::Object(map) => {
+            for (key, v) in map {
+                match (key.as_str(), v) {
+                    ("expr", Json::String(expr)) => out.push(expr.clone()),
+                    _ => exprs(v, out),
+                }
+            }
+        }
+        Json::Array(items) => items.iter().for_each(|v| exprs(v, out)),
+        _ => {}
+    }
+}
+
+/// What Grafana would send for an `expr`: its macros and the template variables filled in.
+fn as_sent(expr: &str) -> String {
+    let sent = expr
+        .replace("$__rate_interval", "1m")
+        .replace("$__interval", "15s")
+        .replace("$__range", "1h")
+        .replace("$job", JOB)
+        .replace("$instance", ".*");
+    assert!(!sent.contains('$'), "an unknown variable is left in {sent}");
+    sent
+}
+
+#[test]
+fn the_dashboard_is_well_formed() {
+    let d = dashboard();
+    let panels = d["panels"].as_array().expect("panels");
+    let mut ids = BTreeSet::new();
+    for panel in panels {
+        assert!(
+            ids.insert(panel["id"].as_u64().expect("panel id")),
+            "panel ids are unique"
+        );
+        let pos = &panel["gridPos"];
+        assert!(
+            pos["x"].as_u64().unwrap() + pos["w"].as_u64().unwrap() <= 24,
+            "{} fits the grid",
+            panel["title"]
+        );
+        if panel["type"] != "row" {
+            assert_eq!(
+                panel["datasource"]["uid"], "${DS_PROMETHEUS}",
+                "{}: panels use the data source variable",
+                panel["title"]
+            );
+            assert!(panel["targets"].as_array().is_some_and(|t| !t.is_empty()));
+        }
+    }
+    let variables = d["templating"]["list"].as_array().unwrap();
+    assert!(
+        variables
+            .iter()
+            .any(|v| v["name"] == "DS_PROMETHEUS" && v["type"] == "datasource"),
+        "a DS_PROMETHEUS data source variable"
+    );
+    let mut all = Vec::new();
+    exprs(&d, &mut all);
+    assert!(all.len() >= 20, "found only {} queries", all.len());
+    for expr in &all {
+        as_sent(expr);
+        // Range vectors use Grafana's intervals, never a fixed window that breaks at other scrape
+        // intervals.
+        for window in expr.split('[').skip(1) {
+            let window = window.split(']').next().unwrap();
+            assert!(
+                window == "$__rate_interval" || window == "$__range" || window == "$__interval",
+                "{expr}: use $__rate_interval, not [{window}]"
+            );
+        }
+    }
+    for metric in [
+        "unassign_jobs_total",
+        "unassign_dead_letters_total",
+        "unassign_graph_requests_total",
+        "unassign_graph_request_duration_seconds_bucket",
+        "unassign_job_duration_seconds_bucket",
+        "unassign_retries_total",
+        "unassign_throttled",
+        "unassign_rate_limit_per_second",
+        "unassign_inflight_jobs",
+        "unassign_amqp_connected",
+        "unassign_amqp_reconnects_total",
+        "unassign_token_requests_total",
+        "unassign_queue_messages",
+        "unassign_build_info",
+    ] {
+        assert!(
+            all.iter().any(|e| e.contains(metric)),
+            "the dashboard shows {metric}"
+        );
+    }
+    for q in [
+        "histogram_quantile(0.5,",
+        "histogram_quantile(0.95,",
+        "histogram_quantile(0.99,",
+    ] {
+        assert!(all.iter().any(|e| e.contains(q)), "the dashboard has {q}");
+    }
+}
+
+/// A Prometheus server of its own: free loopback port, temporary storage, killed when dropped
+/// (a failing assertion included).
+struct Prometheus {
+    child: Child,
+    dir: PathBuf,
+    url: String,
+}
+
+impl Prometheus {
+    fn start(target: std::net::SocketAddr) -> Prometheus {
+        let dir = std::env::temp_dir().join(format!("unassign-prom-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = dir.join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n\
+                 rule_files:\n  - {rules}\n\
+                 scrape_configs:\n  - job_name: {JOB}\n    static_configs:\n      - targets: ['{target}']\n",
+                rules = repo("deploy/prometheus/alerts.yaml").display(),
+            ),
+        )
+        .unwrap();
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let log = std::fs::File::create(dir.join("prometheus.log")).unwrap();
+        let child = tool("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .arg("--log.level=warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("prometheus starts");
+        Prometheus {
+            child,
+            dir,
+            url: format!("http://127.0.0.1:{port}"),
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("prometheus.log")).unwrap_or_default()
+    }
+
+    async fn wait_ready(&mut self) {
+        let client = reqwest::Client::new();
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("prometheus exited ({status}):\n{}", self.log());
+            }
+            if let Ok(r) = client.get(format!("{}/-/ready", self.url)).send().await {
+                if r.status().is_success() {
+                    return;
+                }
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "prometheus not ready:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// An instant query's result vector (an empty one on any error, so callers can poll).
+    async fn query(&self, query: &str) -> Vec<Json> {
+        let response = reqwest::Client::new()
+            .get(format!("{}/api/v1/query", self.url))
+            .query(&[("query", query)])
+            .send()
+            .await;
+        let Ok(response) = response else {
+            return Vec::new();
+        };
+        let body: Json = response.json().await.unwrap_or_default();
+        assert_ne!(
+            body["errorType"], "bad_data",
+            "Prometheus refuses the query {query}: {}",
+            body["error"]
+        );
+        body["data"]["result"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// The one sample value of an instant query, once it has one.
+    async fn value(&self, query: &str) -> Option<f64> {
+        let result = self.query(query).await;
+        result.first()?["value"][1].as_str()?.parse().ok()
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[tokio::test]
+async fn every_dashboard_query_returns_data_from_prometheus_scraping_a_worker() {
+    // A device list makes graph-sim answer 404 for any other id.
+    let known = [device(), device(), device()];
+    let devices = std::env::temp_dir().join(format!("devices-{}.json", uuid::Uuid::new_v4()));
+    let list: Vec<Json> = known
+        .iter()
+        .map(|id| serde_json::json!({"id": id, "serialNumber": format!("SN-{id}"), "userPrincipalName": "a@contoso.com"}))
+        .collect();
+    std::fs::write(&devices, Json::from(list).to_string()).unwrap();
+    let sim = SimOptions {
+        devices: Some(devices.clone()),
+        ..sim_options()
+    };
+    let env = Env::start_with("observe", sim, |_| {}).await;
+    let mut prometheus = Prometheus::start(env.worker.http);
+    prometheus.wait_ready().await;
+
+    // One throttled call (429, Retry-After 1 s) and its retry, then successes and a 404.
+    env.sim.push_script([Scripted {
+        status: 429,
+        retry_after: Some("1".into()),
+        delay_ms: 0,
+    }]);
+    env.broker.publish_request("obs-throttled", &known[0]).await;
+    env.events.wait_for(1, WAIT).await;
+    env.broker.publish_request("obs-ok-1", &known[1]).await;
+    env.broker.publish_request("obs-ok-2", &known[2]).await;
+    env.broker.publish_request("obs-gone", &device()).await;
+    env.events.wait_for(4, WAIT).await;
+    env.dead.wait_for(1, WAIT).await;
+
+    // Prometheus has scraped what the worker counted.
+    let selector = format!("job=\"{JOB}\"");
+    for (query, at_least) in [
+        (
+            format!("sum(unassign_jobs_total{{{selector}, outcome=\"succeeded\"}})"),
+            3.0,
+        ),
+        (
+            format!("sum(unassign_jobs_total{{{selector}, outcome=\"failed\"}})"),
+            1.0,
+        ),
+        (
+            format!("sum(unassign_dead_letters_total{{{selector}, kind=\"device_not_found\"}})"),
+            1.0,
+        ),
+        (
+            format!("sum(unassign_graph_requests_total{{{selector}, status=\"429\"}})"),
+            1.0,
+        ),
+        (
+            format!("sum(unassign_graph_requests_total{{{selector}, status=\"404\"}})"),
+            1.0,
+        ),
+        (
+            format!("sum(unassign_retries_total{{{selector}, reason=\"throttled\"}})"),
+            1.0,
+        ),
+        (
+            format!("sum(unassign_token_requests_total{{{selector}, result=\"ok\"}})"),
+            1.0,
+        ),
+        (
+            format!("sum(unassign_job_duration_seconds_count{{{selector}}})"),
+            4.0,
+        ),
+        (format!("max(up{{{selector}}})"), 1.0),
+    ] {
+        eventually(&format!("{query} >= {at_least}"), WAIT, || async {
+            prometheus
+                .value(&query)
+                .await
+                .filter(|v| *v >= at_least)
+                .map(|_| ())
+        })
+        .await;
+    }
+
+    // Every dashboard query answers with at least one series.
+    let mut all = Vec::new();
+    exprs(&dashboard(), &mut all);
+    for expr in &all {
+        let sent = as_sent(expr);
+        eventually(&format!("a series from `{sent}`"), WAIT, || async {
+            (!prometheus.query(&sent).await.is_empty()).then_some(())
+        })
+        .await;
+    }
+    // The dashboard's variables find the worker too.
+    for (label, query) in [
+        ("job", "unassign_build_info"),
+        ("instance", "unassign_build_info"),
+    ] {
+        let result = prometheus.query(query).await;
+        assert!(
+            result.iter().any(|s| s["metric"][label].is_string()),
+            "label_values({query}, {label}) finds a value"
+        );
+    }
+
+    // Every alert rule evaluates without error against the real series.
+    let client = reqwest::Client::new();
+    eventually("every rule evaluated with health ok", WAIT, || async {
+        let body: Json = client
+            .get(format!("{}/api/v1/rules", prometheus.url))
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        let rules: Vec<&Json> = body["data"]["groups"]
+            .as_array()?
+            .iter()
+            .flat_map(|g| g["rules"].as_array().into_iter().flatten())
+            .collect();
+        if rules.len() != alert_rules().len() {
+            return None;
+        }
+        for rule in &rules {
+            match rule["health"].as_str() {
+                Some("ok") => {}
+                Some("unknown") => return None,
+                _ => panic!(
+                    "rule {} fails to evaluate: {}",
+                    rule["name"], rule["lastError"]
+                ),
+            }
+        }
+        Some(())
+    })
+    .await;
+
+    drop(prometheus);
+    env.finish().await;
+    let _ = std::fs::remove_file(devices);
+}

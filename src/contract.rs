@@ -316,6 +316,53 @@ fn bounded(field: &str, value: Option<String>, max: usize) -> Result<Option<Stri
     }
 }
 
+/// W3C trace context from a `traceparent` header. Only a well-formed one is continued: an
+/// untrusted header is never echoed into events.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TraceContext {
+    pub trace_id: String,
+    pub span_id: String,
+    flags: String,
+}
+
+impl TraceContext {
+    /// `00-<32 hex trace id>-<16 hex parent id>-<2 hex flags>`, ids not all zero.
+    pub fn parse(header: &str) -> Option<Self> {
+        let hex = |s: &str, len| {
+            s.len() == len && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        };
+        let nonzero = |s: &str| s.bytes().any(|b| b != b'0');
+        let mut parts = header.split('-');
+        let (version, trace_id, span_id, flags) =
+            (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+        let valid = version == "00"
+            && parts.next().is_none()
+            && hex(trace_id, 32)
+            && nonzero(trace_id)
+            && hex(span_id, 16)
+            && nonzero(span_id)
+            && hex(flags, 2);
+        valid.then(|| Self {
+            trace_id: trace_id.into(),
+            span_id: span_id.into(),
+            flags: flags.into(),
+        })
+    }
+
+    /// The job's own span in the same trace: same trace id and flags, a new span id.
+    pub fn child(&self) -> Self {
+        let span_id = format!("{:016x}", rand::random::<u64>().max(1));
+        Self {
+            span_id,
+            ..self.clone()
+        }
+    }
+
+    pub fn header(&self) -> String {
+        format!("00-{}-{}-{}", self.trace_id, self.span_id, self.flags)
+    }
+}
+
 /// Why a request failed for good (section 5).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -477,6 +524,10 @@ pub fn dead_letter_headers(
 ) -> FieldTable {
     let mut map = original.inner().clone();
     let replays = header_int(original, headers::REPLAY_COUNT).unwrap_or(0);
+    // Retry state belongs to a live request; a dead letter moved back by any means (a shovel,
+    // the management UI) must start with fresh budgets.
+    map.remove(headers::RETRY_AT);
+    map.remove(headers::FIRST_RECEIVED_AT);
     let mut put = |name: &str, value: AMQPValue| {
         map.insert(ShortString::from(name), value);
     };
@@ -718,6 +769,10 @@ mod tests {
         original.insert("traceparent".into(), long_string("00-abc-def-01"));
         original.insert(headers::HTTP_STATUS.into(), AMQPValue::LongLongInt(503));
         original.insert(headers::REPLAY_COUNT.into(), AMQPValue::LongInt(2));
+        original.insert(
+            headers::RETRY_AT.into(),
+            long_string("2026-11-28T10:00:00Z"),
+        );
         let t = OffsetDateTime::from_unix_timestamp(1_795_860_000).unwrap();
         let h = dead_letter_headers(
             &original,
@@ -741,10 +796,37 @@ mod tests {
             "absent without an HTTP answer"
         );
         assert_eq!(header_int(&h, headers::REPLAY_COUNT), Some(2));
+        assert!(
+            header_str(&h, headers::RETRY_AT).is_none(),
+            "no stale retry state"
+        );
         assert_eq!(
             header_str(&h, headers::FAILED_AT).as_deref(),
             Some("2026-11-28T10:00:00Z")
         );
+    }
+
+    #[test]
+    fn trace_context_is_validated_and_continued() {
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let parent = TraceContext::parse(tp).unwrap();
+        assert_eq!(parent.header(), tp);
+        let child = parent.child();
+        assert_eq!(child.trace_id, parent.trace_id);
+        assert_ne!(child.span_id, parent.span_id);
+        assert!(TraceContext::parse(&child.header()).is_some());
+        for bad in [
+            "",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-x",
+            "00-<script>alert(1)</script>-00f067aa0ba902b7-01",
+        ] {
+            assert_eq!(TraceContext::parse(bad), None, "{bad:?}");
+        }
     }
 
     #[test]

@@ -22,7 +22,10 @@ use crate::{
     amqp::{PublishError, Publisher, delay},
     auth::{AccessToken, TokenSource},
     config::AmqpSettings,
-    contract::{self, DeviceId, ErrorKind, Failure, Invalid, Outcome, Request, RetryState, Target},
+    contract::{
+        self, DeviceId, ErrorKind, Failure, Invalid, Outcome, Request, RetryState, Target,
+        TraceContext,
+    },
     graph::{GraphClient, Reply},
     metrics::{Metrics, RetryReason},
     retry::{self, Attempt, Decision, PauseReason, Policy},
@@ -109,12 +112,18 @@ pub async fn handle(ctx: &Context, session: &Session, delivery: Delivery) {
         .message_id()
         .as_ref()
         .map(ShortString::as_str);
+    // The job is a span of its own in the producer's trace, if it sent a valid one.
+    let trace = contract::header_str(&headers, contract::headers::TRACEPARENT)
+        .and_then(|tp| TraceContext::parse(&tp))
+        .map(|parent| parent.child());
     let span = tracing::info_span!(
         "job",
         request_id = Empty,
         device_id = Empty,
         attempt = state.attempts,
-        graph_request_id = Empty
+        graph_request_id = Empty,
+        trace_id = trace.as_ref().map(|t| t.trace_id.as_str()),
+        span_id = trace.as_ref().map(|t| t.span_id.as_str()),
     );
     let step = match contract::parse_request(&delivery.data, message_id) {
         Ok(request) => {
@@ -128,7 +137,9 @@ pub async fn handle(ctx: &Context, session: &Session, delivery: Delivery) {
         }
         Err(invalid) => Step::Done(Box::new(invalid_outcome(invalid, state))),
     };
-    settle(ctx, session, &delivery, step).instrument(span).await;
+    settle(ctx, session, &delivery, step, trace.as_ref())
+        .instrument(span)
+        .await;
 }
 
 /// The Graph part of a job: call, decide, wait, call again.
@@ -423,14 +434,20 @@ fn invalid_outcome(invalid: Invalid, state: RetryState) -> Outcome {
 /// Graph is not called again and the broker's delivery count is not spent; when the session
 /// stops or the hold is too long, the delivery is requeued. On a dead channel nothing can be
 /// settled and the broker requeues the delivery by itself. Nothing is lost either way.
-async fn settle(ctx: &Context, session: &Session, delivery: &Delivery, step: Step) {
+async fn settle(
+    ctx: &Context,
+    session: &Session,
+    delivery: &Delivery,
+    step: Step,
+    trace: Option<&TraceContext>,
+) {
     let event_id = uuid::Uuid::new_v4().to_string();
     let held_since = tokio::time::Instant::now();
     let mut backoff = Duration::from_millis(200);
     loop {
         let published = match &step {
             Step::Done(outcome) => {
-                publish_outcome(ctx, session, delivery, outcome, &event_id).await
+                publish_outcome(ctx, session, delivery, outcome, &event_id, trace).await
             }
             Step::HandBack(state) => hand_back(ctx, session, delivery, state).await,
         };
@@ -486,17 +503,17 @@ async fn publish_outcome(
     delivery: &Delivery,
     outcome: &Outcome,
     event_id: &str,
+    trace: Option<&TraceContext>,
 ) -> Result<(), PublishError> {
     let publisher = &session.publisher;
-    let original = delivery.properties.headers().clone().unwrap_or_default();
-    let traceparent = contract::header_str(&original, contract::headers::TRACEPARENT);
+    let traceparent = trace.map(TraceContext::header);
     let event = outcome.to_event(&ctx.source, event_id.to_owned(), traceparent.as_deref());
     let body = serde_json::to_vec(&event).expect("events always serialise");
     let mut event_headers = FieldTable::default();
     if let Some(tp) = &traceparent {
         event_headers.insert(
             contract::headers::TRACEPARENT.into(),
-            AMQPValue::LongString(tp.as_ref().into()),
+            AMQPValue::LongString(tp.as_str().into()),
         );
     }
     let properties = BasicProperties::default()
@@ -548,6 +565,7 @@ async fn publish_outcome(
     let dead_letter = async {
         match &outcome.error {
             Some(failure) => {
+                let original = delivery.properties.headers().clone().unwrap_or_default();
                 let headers = contract::dead_letter_headers(
                     &original,
                     failure,

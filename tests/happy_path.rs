@@ -120,10 +120,16 @@ async fn reply_to_and_traceparent_are_honoured() {
         event.data.request_id, "msg-id-as-request-id",
         "message-id is the fallback id"
     );
-    assert_eq!(event.traceparent.as_deref(), Some(traceparent));
+    // The job continues the producer's trace as a span of its own: same trace id, new span id.
+    let continued = event.traceparent.clone().expect("traceparent on the event");
+    assert!(
+        continued.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
+        "{continued}"
+    );
+    assert_ne!(continued, traceparent);
     assert_eq!(
         header_str(&reply.header(), "traceparent").as_deref(),
-        Some(traceparent)
+        Some(continued.as_str())
     );
     assert_eq!(
         env.events.wait_for(1, WAIT).await[0].event().id,

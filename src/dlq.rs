@@ -11,6 +11,7 @@ use lapin::{
     BasicProperties, Channel, Connection, Consumer,
     message::Delivery,
     options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions},
+    protocol::{AMQPErrorKind, AMQPSoftError},
     types::{AMQPValue, FieldTable, ShortString},
 };
 use serde::Serialize;
@@ -149,11 +150,11 @@ impl Death {
     fn explain(&self) -> String {
         let why = match self.reason.as_str() {
             DELIVERY_LIMIT => {
-                "delivered more often than its x-delivery-limit without an ack (crash-loop guard)"
+                "x-delivery-limit reached (crash-loop guard: delivered that often without an ack)"
             }
-            _ => "dead-lettered by the broker",
+            other => other,
         };
-        format!("{why}; reason {} in queue {}", self.reason, self.queue)
+        format!("broker dead-lettered it from {}: {why}", self.queue)
     }
 }
 
@@ -227,7 +228,14 @@ impl Window {
         let total = channel
             .queue_declare(queue.into(), passive, FieldTable::default())
             .await
-            .map_err(|_| DlqError::NoQueue(queue.to_owned()))?
+            .map_err(|e| match e.kind() {
+                lapin::ErrorKind::ProtocolError(e)
+                    if *e.kind() == AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND) =>
+                {
+                    DlqError::NoQueue(queue.to_owned())
+                }
+                _ => DlqError::Broker(e),
+            })?
             .message_count();
         let target = total.min(limit.unwrap_or(u32::MAX)).min(MAX_WINDOW);
         let mut window = Self {
@@ -354,13 +362,17 @@ pub struct ReplayOptions {
 pub struct ReplaySummary {
     /// Ready dead letters when the replay began.
     pub total: u32,
+    /// Read and matched against the filter: `total`, unless it exceeds [`MAX_WINDOW`] or
+    /// `limit` was reached first.
+    pub examined: u32,
     /// Moved (or, in a dry run, matched).
     pub moved: u32,
 }
 
 /// Moves the dead letters `options` selects back to the request exchange, calling `on_moved`
-/// for each (with its new replay count) once it is republished (confirmed) and acked. Republishes are pipelined; the
-/// rest of the window is handed back untouched when the channel closes.
+/// for each (with its new replay count) once it is republished (confirmed) and acked, in
+/// queue order. Republishes are pipelined; the rest of the window is handed back untouched
+/// when the channel closes.
 pub async fn replay(
     connection: &Connection,
     amqp: &AmqpSettings,
@@ -371,10 +383,11 @@ pub async fn replay(
     let (channel, total) = (window.channel.clone(), window.total);
     let publisher = Publisher::open(connection).await?;
     let limit = options.limit.map_or(usize::MAX, |n| n as usize);
-    let mut moved = 0;
+    let (mut examined, mut moved) = (0, 0);
     let result = window
         .deliveries()
         .try_filter_map(|delivery| {
+            examined += 1;
             let letter = DeadLetter::describe(&delivery.data, &delivery.properties);
             ready(Ok(options
                 .filter
@@ -383,7 +396,7 @@ pub async fn replay(
         })
         .take(limit)
         .map_ok(|(delivery, letter)| move_one(&publisher, amqp, options, delivery, letter))
-        .try_buffer_unordered(REPLAY_PIPELINE)
+        .try_buffered(REPLAY_PIPELINE)
         .try_for_each(|letter| {
             moved += 1;
             on_moved(&letter);
@@ -392,7 +405,11 @@ pub async fn replay(
         .await;
     close(&channel).await;
     close(publisher.channel()).await;
-    result.map(|()| ReplaySummary { total, moved })
+    result.map(|()| ReplaySummary {
+        total,
+        examined,
+        moved,
+    })
 }
 
 /// Publish (confirmed) first, then ack: the order that can duplicate but never lose.

@@ -3,9 +3,12 @@
 
 use std::path::PathBuf;
 
+use time::{OffsetDateTime, format_description::well_known::Rfc3339};
+
 use super::{CliError, connect, disconnect, operator_settings};
 use crate::{
     config::Settings,
+    contract,
     dlq::{self, DeadLetter, DlqError, Filter, ReplayOptions},
 };
 
@@ -145,6 +148,13 @@ async fn replay(settings: &Settings, options: &ReplayOptions) -> Result<(), CliE
         "{verb} {} of {} dead letter(s) to {exchange}; {left} left in {queue}",
         summary.moved, summary.total
     );
+    if summary.examined < summary.total && options.limit.is_none_or(|n| summary.moved < n) {
+        println!(
+            "only the first {} were examined (at most {} per run): run it again for the rest",
+            summary.examined,
+            dlq::MAX_WINDOW
+        );
+    }
     Ok(())
 }
 
@@ -187,10 +197,18 @@ fn row(letter: &DeadLetter) -> [String; 7] {
         clip(&letter.error_kind, ID_WIDTH),
         optional(letter.http_status.map(|s| s.to_string())),
         optional(letter.attempts.map(|n| n.to_string())),
-        optional(letter.failed_at.clone()),
+        optional(letter.failed_at.as_deref().map(to_seconds)),
         letter.replay_count.to_string(),
         clip(letter.message.as_deref().unwrap_or("-"), MESSAGE_WIDTH),
     ]
+}
+
+/// An RFC 3339 time without its fraction of a second, which only widens the table.
+fn to_seconds(time: &str) -> String {
+    match OffsetDateTime::parse(time, &Rfc3339) {
+        Ok(t) => contract::rfc3339(t.replace_nanosecond(0).unwrap_or(t)),
+        Err(_) => time.to_owned(),
+    }
 }
 
 /// At most `width` characters on one line: control characters (a newline in an error message,
@@ -213,6 +231,15 @@ mod tests {
         assert_eq!(clip("line\nbreak\u{1b}[2J", 40), "line break [2J");
         assert_eq!(clip("abcdefghij", 5), "abcd…");
         assert_eq!(clip("ääääää", 3).chars().count(), 3);
+    }
+
+    #[test]
+    fn times_are_shown_to_the_second() {
+        assert_eq!(
+            to_seconds("2026-11-28T12:03:28.998774026Z"),
+            "2026-11-28T12:03:28Z"
+        );
+        assert_eq!(to_seconds("yesterday"), "yesterday");
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{ProgressBar, ProgressState, ProgressStyle};
 
 use super::{CliError, connect, declare_topology, disconnect, operator_settings};
 use crate::{
@@ -183,8 +183,14 @@ impl Progress {
         }
         let bar = ProgressBar::new(total as u64);
         let style =
-            ProgressStyle::with_template("{bar:40} {pos}/{len} confirmed  {per_sec}  eta {eta}")
-                .expect("a valid progress template");
+            ProgressStyle::with_template("{bar:40} {pos}/{len} confirmed  {rate}  eta {eta}")
+                .expect("a valid progress template")
+                .with_key(
+                    "rate",
+                    |state: &ProgressState, w: &mut dyn std::fmt::Write| {
+                        let _ = write!(w, "{:.0}/s", state.per_sec());
+                    },
+                );
         bar.set_style(style);
         Self::Bar(bar)
     }

@@ -22,6 +22,8 @@ use crate::{
 /// Bad rows printed before the rest are only counted.
 const SHOWN_BAD_ROWS: usize = 50;
 
+/// Exactly one of `--device-id` and `--file`; each one's companions conflict with the other
+/// (clap's `requires` would not fire, since a conflicting required arg counts as satisfied).
 #[derive(clap::Args, Debug)]
 #[command(group(clap::ArgGroup::new("source").required(true).args(["device_id", "file"])))]
 pub struct EnqueueArgs {
@@ -29,20 +31,20 @@ pub struct EnqueueArgs {
     #[arg(long)]
     device_id: Option<String>,
     /// Correlation and idempotency key; a random one when absent.
-    #[arg(long, requires = "device_id")]
+    #[arg(long, conflicts_with = "file")]
     request_id: Option<String>,
-    #[arg(long, requires = "device_id")]
+    #[arg(long, conflicts_with = "file")]
     reason: Option<String>,
-    #[arg(long, requires = "device_id")]
+    #[arg(long, conflicts_with = "file")]
     requested_by: Option<String>,
     /// A CSV (header row; columns named like the request's JSON fields) or JSON Lines file.
     #[arg(long)]
     file: Option<PathBuf>,
     /// The file's format; by default from its extension (.csv, .jsonl, .ndjson).
-    #[arg(long, value_enum, requires = "file")]
+    #[arg(long, value_enum, conflicts_with = "device_id")]
     format: Option<Format>,
     /// Publish the valid rows and report the invalid ones, instead of publishing nothing.
-    #[arg(long, requires = "file")]
+    #[arg(long, conflicts_with = "device_id")]
     skip_invalid: bool,
     #[arg(long)]
     config: Option<PathBuf>,

@@ -154,3 +154,47 @@ async fn declare_topology(connection: &Connection, settings: &Settings) -> Resul
 async fn disconnect(connection: Connection) {
     let _ = connection.close(200, "done".into()).await;
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, Parser, error::ErrorKind};
+
+    use super::Cli;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(["unassign-worker"].iter().chain(args))
+    }
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn enqueue_takes_one_source_and_only_its_own_options() {
+        let guid = "7b7c4c1e-6f5a-4c39-9a43-2b1e5b0c1d2e";
+        parse(&["enqueue", "--device-id", guid, "--reason", "left"]).unwrap();
+        parse(&[
+            "enqueue",
+            "--file",
+            "a.csv",
+            "--format",
+            "csv",
+            "--skip-invalid",
+        ])
+        .unwrap();
+        for bad in [
+            &["enqueue"][..],
+            &["enqueue", "--device-id", guid, "--file", "a.csv"],
+            &["enqueue", "--file", "a.csv", "--reason", "x"],
+            &["enqueue", "--file", "a.csv", "--request-id", "x"],
+            &["enqueue", "--device-id", guid, "--skip-invalid"],
+            &["enqueue", "--device-id", guid, "--format", "csv"],
+            &["dlq", "list", "--limit", "0"],
+        ] {
+            let e = parse(bad).err().unwrap_or_else(|| panic!("{bad:?} parsed"));
+            assert_ne!(e.kind(), ErrorKind::DisplayHelp, "{bad:?}");
+            assert_eq!(e.exit_code(), 2, "{bad:?}");
+        }
+    }
+}

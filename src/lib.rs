@@ -5,9 +5,11 @@
 
 pub mod amqp;
 pub mod auth;
+pub mod batch;
 pub mod cli;
 pub mod config;
 pub mod contract;
+pub mod dlq;
 pub mod graph;
 pub mod http;
 pub mod metrics;

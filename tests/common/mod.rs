@@ -3,6 +3,7 @@
 //! outcome events and dead letters. Every wait polls with a deadline; nothing sleeps blindly.
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod bin;
 pub mod relay;
 
 use std::{

@@ -1,0 +1,80 @@
+//! `check`: configuration, broker and token, one line each, so an operator sees at once which
+//! part of a deployment is wrong.
+
+use std::{path::PathBuf, time::Duration};
+
+use lapin::{options::QueueDeclareOptions, types::FieldTable};
+
+use super::CliError;
+use crate::{amqp, auth::TokenSource, config::Settings, graph, metrics::Metrics};
+
+/// Prints one line per check; fails (exit 1, or 2 for configuration) unless all pass.
+pub async fn check(config: Option<PathBuf>) -> Result<(), CliError> {
+    let settings = match Settings::load(config) {
+        Ok(s) => s,
+        Err(e) => {
+            println!("FAIL config: {}", e.0);
+            return Err(e.into());
+        }
+    };
+    let credentials = match settings.credentials() {
+        Ok(c) => c,
+        Err(e) => {
+            println!("FAIL config: {}", e.0);
+            return Err(e.into());
+        }
+    };
+    println!(
+        "ok   config: tenant {}, client {}, graph {}",
+        credentials.tenant_id, credentials.client_id, settings.graph.base_url
+    );
+    let broker = check_broker(&settings).await;
+    match &broker {
+        Ok(detail) => println!("ok   broker: {detail}"),
+        Err(e) => println!("FAIL broker: {} — {e:#}", settings.amqp.redacted_url()),
+    }
+    let http = graph::http_client(Duration::from_secs(settings.graph.timeout_secs));
+    let scope = credentials.scope.clone();
+    let tokens = TokenSource::new(http, credentials, std::sync::Arc::new(Metrics::new()));
+    let token = tokens.token().await;
+    match &token {
+        Ok(_) => println!(
+            "ok   token: obtained for {scope} from {}",
+            settings.auth.authority_host
+        ),
+        Err(e) => println!("FAIL token: {e}"),
+    }
+    if broker.is_err() || token.is_err() {
+        return Err(CliError::Runtime(anyhow::anyhow!("some checks failed")));
+    }
+    Ok(())
+}
+
+async fn check_broker(settings: &Settings) -> anyhow::Result<String> {
+    let amqp = &settings.amqp;
+    let connection = amqp::connect(amqp, "unassign-worker/check").await?;
+    let channel = connection.create_channel().await?;
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    let detail = match channel
+        .queue_declare(amqp.queue.as_str().into(), passive, FieldTable::default())
+        .await
+    {
+        Ok(q) => format!(
+            "{} reachable; queue {} has {} ready, {} consumer(s)",
+            amqp.redacted_url(),
+            amqp.queue,
+            q.message_count(),
+            q.consumer_count()
+        ),
+        Err(_) => format!(
+            "{} reachable; queue {} not declared yet (run declares it)",
+            amqp.redacted_url(),
+            amqp.queue
+        ),
+    };
+    let _ = connection.close(200, "done".into()).await;
+    Ok(detail)
+}

@@ -37,6 +37,11 @@ pub fn env_for(sim: &Sim, settings: &Settings) -> Vec<(String, String)> {
             "UNASSIGN__AMQP__DELIVERY_LIMIT",
             a.delivery_limit.to_string(),
         ),
+        // The same delay tiers as the test's settings, so its cleanup finds every queue.
+        (
+            "UNASSIGN__AMQP__DELAY_TIERS_SECS",
+            format!("{:?}", a.delay_tiers_secs),
+        ),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))

@@ -46,13 +46,14 @@ pids+=("$worker")
 wait_http "$METRICS/readyz" "the worker"
 
 unknown=$(cat /proc/sys/kernel/random/uuid)
-say "Enqueueing $JOBS jobs (+1 for a device Intune does not know)"
+say "Enqueueing $JOBS jobs (+1 for a device Intune does not know) from a CSV file"
+{
+  echo "request_id,device_id,requested_by,reason"
+  for i in "${!devices[@]}"; do echo "demo-$i,${devices[$i]},demo,offboarding"; done
+  echo "demo-unknown,$unknown,demo,offboarding"
+} > "$work/jobs.csv"
 started=$(date +%s.%N)
-for i in "${!devices[@]}"; do
-  "$BIN" enqueue --config config/local.toml --device-id "${devices[$i]}" --request-id "demo-$i" \
-    --requested-by demo --reason offboarding >/dev/null
-done
-"$BIN" enqueue --config config/local.toml --device-id "$unknown" --request-id demo-unknown >/dev/null
+"$BIN" enqueue --config config/local.toml --file "$work/jobs.csv"
 total=$((JOBS + 1))
 
 say "Waiting for $total outcomes"

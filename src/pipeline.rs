@@ -287,7 +287,7 @@ async fn call_until_decided(
         token_refreshed = false;
         match decision {
             Decision::Succeed => {
-                ctx.gate.succeeded(ticket);
+                ctx.gate.succeeded();
                 tracing::info!(attempts = job.state.attempts, "unassigned");
                 return Step::Done(Box::new(job.outcome(None, Some(&reply))));
             }

@@ -26,6 +26,13 @@ pub const INTUNE_WRITES_PER_SECOND: f64 = 5.0;
 const NO_CEILING: f64 = 10_000.0;
 /// The budget never falls below this, so a tenant is always probed again.
 const FLOOR: f64 = 0.2;
+/// How long a decrease takes to show in the tenant's usage: Graph counts in windows of a
+/// second or more, so 429s for calls sent sooner are the same congestion event.
+const SETTLE: Duration = Duration::from_secs(1);
+/// Budget use is measured over at least this much recent time…
+const UTILISATION_WINDOW: Duration = Duration::from_millis(250);
+/// …and the budget grows only while at least this share of it is used.
+const UTILISED: f64 = 0.75;
 /// Growth per second before the first 429: from Intune's 5/s to a 50/s tenant in under 2 s.
 const SLOW_START_PER_SEC: f64 = 4.0;
 /// Multiplicative decrease on a 429.
@@ -60,7 +67,8 @@ pub struct Aimd {
     /// Calls per second added per second while probing.
     probe_step: f64,
     slow_start: bool,
-    /// Successes of the last second during slow start: what the tenant demonstrably accepts.
+    /// Successes of the last second: what the tenant demonstrably accepts, and how much of the
+    /// budget is in use.
     recent: std::collections::VecDeque<Instant>,
     throttled_at: Option<f64>,
     last_decrease: Option<Instant>,
@@ -86,89 +94,94 @@ impl Aimd {
         self.rate
     }
 
-    /// A call went through. The budget grows only if the call had to wait for its slot —
-    /// an idle worker learns nothing about the tenant's ceiling.
-    pub fn succeeded(&mut self, waited: bool, now: Instant) {
+    /// A call went through. The budget grows only while it is in use — calls went out at
+    /// three quarters of it or more over the last quarter second — so an idle or otherwise
+    /// limited worker learns nothing about the tenant's ceiling (as TCP validates its window).
+    pub fn succeeded(&mut self, now: Instant) {
         let dt = now
             .saturating_duration_since(self.last_growth)
             .min(Duration::from_secs(1));
         self.last_growth = now;
-        if self.slow_start {
-            self.recent.push_back(now);
-            while self
-                .recent
-                .front()
-                .is_some_and(|t| now - *t > Duration::from_secs(1))
-            {
-                self.recent.pop_front();
-            }
+        self.recent.push_back(now);
+        while self
+            .recent
+            .front()
+            .is_some_and(|t| now - *t > Duration::from_secs(1))
+        {
+            self.recent.pop_front();
         }
-        if !waited {
+        // Long enough to expect a few calls, so one call does not look like a busy budget.
+        let window = Duration::from_secs_f64(4.0 / self.rate)
+            .clamp(UTILISATION_WINDOW, Duration::from_secs(1));
+        let in_window = self
+            .recent
+            .iter()
+            .rev()
+            .take_while(|t| now - **t <= window)
+            .count();
+        let used = in_window as f64 / window.as_secs_f64();
+        if used < UTILISED * self.rate {
             return;
         }
         let dt = dt.as_secs_f64();
         self.rate = match self.throttled_at {
             _ if self.slow_start => self.rate * SLOW_START_PER_SEC.powf(dt),
-            Some(max) if self.rate < PLATEAU * max => self.rate + RECOVER_PER_SEC * max * dt,
+            // Capped at the plateau: after a long Retry-After hold, `dt` is a whole second of
+            // no sending, which must not carry the budget past it in one step.
+            Some(max) if self.rate < PLATEAU * max => {
+                (self.rate + RECOVER_PER_SEC * max * dt).min(PLATEAU * max)
+            }
             _ => self.rate + self.probe_step * dt,
         }
         .min(self.ceiling);
     }
 
-    /// A call sent at `sent_at` was answered 429. Calls sent before the last decrease belong to
-    /// the congestion event already counted, so they do not decrease the budget again.
+    /// A call sent at `sent_at` was answered 429. Calls sent before the last decrease — or so soon
+    /// after it that a rate-limit window cannot show it yet — belong to the congestion event
+    /// already counted, so they do not decrease the budget again.
     pub fn throttled(&mut self, sent_at: Instant, now: Instant) {
-        if self.last_decrease.is_some_and(|t| sent_at <= t) {
+        if self.last_decrease.is_some_and(|t| sent_at <= t + SETTLE) {
             return;
         }
         // Growing exponentially, the budget is well past the tenant's limit by the time the
         // first 429 comes back; the calls accepted in the last second are the better estimate.
         let throttled_at = match self.slow_start {
-            // (No less than the budget of a second ago, which the tenant took.)
-            true => (self.recent.len() as f64).clamp(self.rate / SLOW_START_PER_SEC, self.rate),
+            true => (self.recent.len() as f64).clamp(FLOOR, self.rate),
             false => self.rate,
         };
         self.throttled_at = Some(throttled_at);
         self.rate = (throttled_at * DECREASE).max(FLOOR);
         self.slow_start = false;
-        self.recent = Default::default();
         self.last_decrease = Some(now);
     }
 }
 
-/// Holds and slots, separate from waiting so it can be tested with a hand-made clock.
+/// Holds and spacing, separate from waiting so it can be tested with a hand-made clock.
+/// Slots are not reserved ahead: a budget that changes applies to the very next call.
 #[derive(Debug)]
 struct Schedule {
     held_until: Option<Instant>,
-    next_slot: Instant,
-}
-
-/// What [`Schedule::reserve`] tells a caller.
-#[derive(Debug, PartialEq, Eq)]
-enum Admission {
-    Go,
-    /// A slot is reserved at this instant; check the hold again when it comes.
-    SlotAt(Instant),
-    /// The tenant is held back until then; no slot reserved.
-    HeldUntil(Instant),
+    last_sent: Option<Instant>,
 }
 
 impl Schedule {
-    /// Reserves the next slot for a call spaced `interval` after the previous one.
-    fn reserve(&mut self, now: Instant, interval: Option<Duration>) -> Admission {
-        if let Some(until) = self.held_until.filter(|until| *until > now) {
-            return Admission::HeldUntil(until);
+    /// `Ok` if a call may go now (and records it), else the instant to ask again.
+    fn try_admit(&mut self, now: Instant, interval: Option<Duration>) -> Result<(), Instant> {
+        if let Some(until) = self.held_until(now) {
+            return Err(until);
         }
-        let Some(interval) = interval else {
-            return Admission::Go;
+        let due = match (interval, self.last_sent) {
+            (Some(interval), Some(last)) => last + interval,
+            _ => now,
         };
-        let slot = self.next_slot.max(now);
-        self.next_slot = slot + interval;
-        if slot <= now {
-            Admission::Go
-        } else {
-            Admission::SlotAt(slot)
+        if due > now {
+            return Err(due);
         }
+        // A call a little late keeps the cadence (so the average stays on budget); after an
+        // idle spell the cadence restarts now, with no burst of saved-up calls.
+        let late = interval.is_some_and(|i| now - due < i);
+        self.last_sent = Some(if late { due } else { now });
+        Ok(())
     }
 
     /// Extends the hold; a shorter Retry-After never shortens one already in force.
@@ -181,11 +194,10 @@ impl Schedule {
     }
 }
 
-/// A call's pass through the gate: when it went, and whether it had to wait for a slot.
+/// A call's pass through the gate: when it went.
 #[derive(Debug, Clone, Copy)]
 pub struct Ticket {
     sent_at: Instant,
-    waited: bool,
 }
 
 struct State {
@@ -236,7 +248,7 @@ impl Gate {
         let state = State {
             schedule: Schedule {
                 held_until: None,
-                next_slot: now,
+                last_sent: None,
             },
             aimd,
             fixed_interval: ceiling.map(|c| Duration::from_secs_f64(1.0 / c)),
@@ -251,32 +263,20 @@ impl Gate {
 
     /// Waits until a call may be sent now. Cancel-safe: dropping it at most wastes a slot.
     pub async fn admit(&self) -> Ticket {
-        let mut waited = false;
         loop {
-            let admission = {
+            let admitted = {
                 let mut state = self.lock();
                 let interval = state.interval();
-                state.schedule.reserve(Instant::now(), interval)
+                state.schedule.try_admit(Instant::now(), interval)
             };
-            match admission {
-                Admission::Go => {
+            match admitted {
+                Ok(()) => {
                     return Ticket {
                         sent_at: Instant::now(),
-                        waited,
                     };
                 }
-                Admission::HeldUntil(until) => tokio::time::sleep_until(until).await,
-                Admission::SlotAt(slot) => {
-                    waited = true;
-                    tokio::time::sleep_until(slot).await;
-                    // A Retry-After that arrived while we waited for our slot wins over it.
-                    if self.lock().schedule.held_until(Instant::now()).is_none() {
-                        return Ticket {
-                            sent_at: Instant::now(),
-                            waited,
-                        };
-                    }
-                }
+                // Waiters wake together and one takes the slot; the others wait for the next.
+                Err(at) => tokio::time::sleep_until(at).await,
             }
         }
     }
@@ -309,12 +309,16 @@ impl Gate {
 
     /// The call of `ticket` was answered 429: the budget shrinks.
     pub fn throttled(&self, ticket: Ticket) {
-        self.update(|aimd, now| aimd.throttled(ticket.sent_at, now));
+        self.update(|aimd, now| {
+            let before = aimd.rate();
+            aimd.throttled(ticket.sent_at, now);
+            tracing::debug!(before, after = aimd.rate(), "429: tenant budget");
+        });
     }
 
     /// The call of `ticket` went through: the budget may grow.
-    pub fn succeeded(&self, ticket: Ticket) {
-        self.update(|aimd, now| aimd.succeeded(ticket.waited, now));
+    pub fn succeeded(&self) {
+        self.update(|aimd, now| aimd.succeeded(now));
     }
 
     fn update(&self, f: impl FnOnce(&mut Aimd, Instant)) {
@@ -338,52 +342,54 @@ mod tests {
 
     const SECOND: Duration = Duration::from_secs(1);
 
-    fn schedule(now: Instant) -> Schedule {
+    fn schedule() -> Schedule {
         Schedule {
             held_until: None,
-            next_slot: now,
+            last_sent: None,
         }
     }
 
     #[test]
     fn unlimited_goes_at_once() {
         let now = Instant::now();
-        let mut s = schedule(now);
+        let mut s = schedule();
         for _ in 0..100 {
-            assert_eq!(s.reserve(now, None), Admission::Go);
+            assert_eq!(s.try_admit(now, None), Ok(()));
         }
     }
 
     #[test]
     fn rate_spaces_calls_evenly() {
         let now = Instant::now();
-        let mut s = schedule(now);
+        let mut s = schedule();
         let quarter = Some(SECOND / 4);
-        assert_eq!(s.reserve(now, quarter), Admission::Go);
-        assert_eq!(s.reserve(now, quarter), Admission::SlotAt(now + SECOND / 4));
-        assert_eq!(s.reserve(now, quarter), Admission::SlotAt(now + SECOND / 2));
-        // After an idle spell there is no burst credit: the next call goes, the one after waits.
-        let later = now + 2 * SECOND;
-        assert_eq!(s.reserve(later, quarter), Admission::Go);
-        assert_eq!(
-            s.reserve(later, quarter),
-            Admission::SlotAt(later + SECOND / 4)
-        );
+        assert_eq!(s.try_admit(now, quarter), Ok(()));
+        assert_eq!(s.try_admit(now, quarter), Err(now + SECOND / 4));
+        // Slightly late keeps the cadence…
+        let late = now + SECOND / 4 + Duration::from_millis(10);
+        assert_eq!(s.try_admit(late, quarter), Ok(()));
+        assert_eq!(s.try_admit(late, quarter), Err(now + SECOND / 2));
+        // …a budget change applies to the next call at once…
+        assert_eq!(s.try_admit(late, Some(SECOND / 100)), Ok(()));
+        // …and after an idle spell there is no burst credit.
+        let later = now + 5 * SECOND;
+        assert_eq!(s.try_admit(later, quarter), Ok(()));
+        assert_eq!(s.try_admit(later, quarter), Err(later + SECOND / 4));
     }
 
     #[test]
     fn hold_blocks_everyone_and_only_grows() {
         let now = Instant::now();
-        let mut s = schedule(now);
+        let mut s = schedule();
         s.hold(now + 2 * SECOND);
         s.hold(now + SECOND);
-        assert_eq!(s.reserve(now, None), Admission::HeldUntil(now + 2 * SECOND));
+        assert_eq!(s.try_admit(now, None), Err(now + 2 * SECOND));
         assert!(
             s.held_until(now + 2 * SECOND - Duration::from_millis(1))
                 .is_some()
         );
         assert_eq!(s.held_until(now + 2 * SECOND), None);
-        assert_eq!(s.reserve(now + 2 * SECOND, None), Admission::Go);
+        assert_eq!(s.try_admit(now + 2 * SECOND, None), Ok(()));
     }
 
     /// A budget past slow start, as after its first 429.
@@ -399,7 +405,7 @@ mod tests {
         let end = *now + Duration::from_secs_f64(secs);
         while *now < end {
             *now += Duration::from_secs_f64(1.0 / aimd.rate());
-            aimd.succeeded(true, *now);
+            aimd.succeeded(*now);
         }
     }
 
@@ -407,8 +413,16 @@ mod tests {
     fn slow_start_quadruples_each_second_up_to_the_ceiling() {
         let mut now = Instant::now();
         let mut aimd = Aimd::new(5.0, 60.0, 5.0, now);
+        // Growth starts once a few calls show the budget in use, then quadruples each second.
         run(&mut aimd, &mut now, 1.0);
-        assert!((18.0..=22.0).contains(&aimd.rate()), "{}", aimd.rate());
+        let after_one = aimd.rate();
+        assert!((10.0..=22.0).contains(&after_one), "{after_one}");
+        run(&mut aimd, &mut now, 0.5);
+        assert!(
+            (1.7..=2.3).contains(&(aimd.rate() / after_one)),
+            "{}",
+            aimd.rate()
+        );
         run(&mut aimd, &mut now, 5.0);
         assert_eq!(aimd.rate(), 60.0, "never above the configured ceiling");
     }
@@ -429,17 +443,27 @@ mod tests {
     }
 
     #[test]
+    fn a_long_hold_does_not_jump_the_budget_past_the_plateau() {
+        let mut now = Instant::now();
+        let mut aimd = avoiding(50.0, now);
+        aimd.throttled(now, now);
+        now += 2 * SECOND;
+        run(&mut aimd, &mut now, 0.1);
+        assert!(aimd.rate() <= PLATEAU * 50.0, "{}", aimd.rate());
+    }
+
+    #[test]
     fn an_idle_worker_learns_nothing() {
         let mut now = Instant::now();
         let mut aimd = Aimd::new(5.0, 100.0, 5.0, now);
-        now += 10 * SECOND;
-        aimd.succeeded(false, now);
-        now += Duration::from_millis(10);
-        aimd.succeeded(true, now);
-        assert!(
-            aimd.rate() < 5.1,
-            "idle time is not growth time: {}",
-            aimd.rate()
+        for _ in 0..10 {
+            now += SECOND;
+            aimd.succeeded(now);
+        }
+        assert_eq!(
+            aimd.rate(),
+            5.0,
+            "one call a second does not test a budget of five"
         );
     }
 
@@ -451,17 +475,18 @@ mod tests {
         let later = now + Duration::from_millis(5);
         aimd.throttled(sent, later);
         assert_eq!(aimd.rate(), 45.0);
-        // Calls already in flight when the first 429 came back are the same event.
+        // Calls already in flight when the first 429 came back are the same event, and so are
+        // calls sent before the decrease can show in the tenant's window.
         aimd.throttled(sent, later + Duration::from_millis(1));
+        let soon = later + Duration::from_millis(2);
+        aimd.throttled(soon, soon);
         assert_eq!(aimd.rate(), 45.0);
-        // A call sent after the decrease and still throttled is a new one.
-        aimd.throttled(
-            later + Duration::from_millis(2),
-            later + Duration::from_millis(3),
-        );
+        // A call sent well after the decrease and still throttled is a new event.
+        let mut t = later + SETTLE + Duration::from_millis(1);
+        aimd.throttled(t, t);
         assert_eq!(aimd.rate(), 40.5);
         for _ in 0..100 {
-            let t = Instant::now() + Duration::from_secs(1000);
+            t += 2 * SETTLE;
             aimd.throttled(t, t);
         }
         assert_eq!(aimd.rate(), FLOOR, "never below the floor");
@@ -503,7 +528,7 @@ mod tests {
                 if over {
                     r.throttled(now - step, now);
                 } else {
-                    r.succeeded(true, now);
+                    r.succeeded(now);
                 }
             }
             if tick >= 6_000 {

@@ -146,7 +146,10 @@ impl Aimd {
         // Growing exponentially, the budget is well past the tenant's limit by the time the
         // first 429 comes back; the calls accepted in the last second are the better estimate.
         let throttled_at = match self.slow_start {
-            true => (self.recent.len() as f64).clamp(FLOOR, self.rate),
+            // No lower than the budget a second ago, which was in use and accepted: a 429 on
+            // the very first calls (another client saturating the tenant) must not send the
+            // budget to the floor.
+            true => (self.recent.len() as f64).clamp(self.rate / SLOW_START_PER_SEC, self.rate),
             false => self.rate,
         };
         self.throttled_at = Some(throttled_at);
@@ -450,6 +453,14 @@ mod tests {
         now += 2 * SECOND;
         run(&mut aimd, &mut now, 0.1);
         assert!(aimd.rate() <= PLATEAU * 50.0, "{}", aimd.rate());
+    }
+
+    #[test]
+    fn a_429_on_the_first_call_does_not_floor_the_budget() {
+        let now = Instant::now();
+        let mut aimd = Aimd::new(5.0, 5.0, 5.0, now);
+        aimd.throttled(now, now);
+        assert_eq!(aimd.rate(), 5.0 / SLOW_START_PER_SEC * DECREASE);
     }
 
     #[test]

@@ -18,7 +18,10 @@ pub fn env_for(sim: &Sim, settings: &Settings) -> Vec<(String, String)> {
         ("AZURE_CLIENT_SECRET", SECRET.to_owned()),
         ("AZURE_AUTHORITY_HOST", sim.authority()),
         ("UNASSIGN__GRAPH__BASE_URL", sim.base_url()),
-        ("UNASSIGN__GRAPH__MAX_REQUESTS_PER_SECOND", "0".to_owned()),
+        (
+            "UNASSIGN__GRAPH__MAX_REQUESTS_PER_SECOND",
+            "1000".to_owned(),
+        ),
         ("UNASSIGN__HTTP__LISTEN", "127.0.0.1:0".to_owned()),
         ("UNASSIGN__RETRY__BASE_DELAY_MS", "20".to_owned()),
         ("UNASSIGN__AMQP__EXCHANGE", a.exchange.clone()),

@@ -87,7 +87,9 @@ pub fn settings(sim: &Sim, prefix: &str) -> Settings {
     s.auth.client_id = SimOptions::default().client_id;
     s.auth.client_secret = Some(SECRET.into());
     s.graph.base_url = sim.base_url().parse().unwrap();
-    s.graph.max_requests_per_second = 0.0;
+    // A high ceiling is where the adaptive budget starts, so tests do not wait for it to grow;
+    // Retry-After holds still apply (tests of the budget itself set 0).
+    s.graph.max_requests_per_second = 1000.0;
     s.graph.timeout_secs = 5;
     s.retry.base_delay_ms = 20;
     s.retry.max_delay_secs = 2;

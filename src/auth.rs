@@ -144,10 +144,13 @@ impl TokenSource {
 
     async fn request(&self) -> Result<Cached, AuthError> {
         let c = &self.credentials;
+        let secret = c.client_secret.current().map_err(|e| {
+            AuthError::Unavailable(format!("cannot read the client secret file: {e}"))
+        })?;
         let form = [
             ("grant_type", "client_credentials"),
             ("client_id", c.client_id.as_str()),
-            ("client_secret", c.client_secret.expose_secret()),
+            ("client_secret", secret.expose_secret()),
             ("scope", c.scope.as_str()),
         ];
         let started = Instant::now();

@@ -228,15 +228,8 @@ impl Settings {
             ));
         }
         let secret = match (&auth.client_secret, &auth.client_secret_file) {
-            (Some(secret), _) => secret.clone(),
-            (None, Some(path)) => std::fs::read_to_string(path)
-                .map(|s| SecretString::from(s.trim_end().to_owned()))
-                .map_err(|e| {
-                    ConfigError::key(
-                        "auth.client_secret_file (AZURE_CLIENT_SECRET_FILE)",
-                        format!("cannot be read: {e}"),
-                    )
-                })?,
+            (Some(secret), _) => ClientSecret::Value(secret.clone()),
+            (None, Some(path)) => ClientSecret::File(path.clone()),
             (None, None) => {
                 return Err(ConfigError::key(
                     "auth.client_secret (AZURE_CLIENT_SECRET)",
@@ -244,11 +237,18 @@ impl Settings {
                 ));
             }
         };
-        if secret.expose_secret().is_empty() {
-            return Err(ConfigError::key(
-                "auth.client_secret (AZURE_CLIENT_SECRET)",
-                "is empty",
-            ));
+        // Checked now so a typo exits 2 at start; a file is read again for every token.
+        match secret.current() {
+            Ok(value) if value.expose_secret().is_empty() => {
+                return Err(ConfigError::key(secret.key(), "is empty"));
+            }
+            Ok(_) => {}
+            Err(e) => {
+                return Err(ConfigError::key(
+                    secret.key(),
+                    format!("cannot be read: {e}"),
+                ));
+            }
         }
         Ok(Credentials {
             authority_host: auth.authority_host.clone(),
@@ -269,8 +269,34 @@ pub struct Credentials {
     pub authority_host: Url,
     pub tenant_id: String,
     pub client_id: String,
-    pub client_secret: SecretString,
+    pub client_secret: ClientSecret,
     pub scope: String,
+}
+
+/// The client secret, or the file that holds it. A file (a mounted Kubernetes Secret) is read
+/// for every token request, so a rotated secret is picked up without a restart.
+#[derive(Debug, Clone)]
+pub enum ClientSecret {
+    Value(SecretString),
+    File(PathBuf),
+}
+
+impl ClientSecret {
+    pub fn current(&self) -> std::io::Result<SecretString> {
+        match self {
+            Self::Value(secret) => Ok(secret.clone()),
+            Self::File(path) => {
+                std::fs::read_to_string(path).map(|s| SecretString::from(s.trim_end().to_owned()))
+            }
+        }
+    }
+
+    fn key(&self) -> &'static str {
+        match self {
+            Self::Value(_) => "auth.client_secret (AZURE_CLIENT_SECRET)",
+            Self::File(_) => "auth.client_secret_file (AZURE_CLIENT_SECRET_FILE)",
+        }
+    }
 }
 
 impl AmqpSettings {
@@ -510,7 +536,10 @@ mod tests {
                 "https://graph.microsoft.us/beta",
             );
             let creds = Settings::load(None).unwrap().credentials().unwrap();
-            assert_eq!(creds.client_secret.expose_secret(), "from-file");
+            assert_eq!(
+                creds.client_secret.current().unwrap().expose_secret(),
+                "from-file"
+            );
             assert_eq!(creds.scope, "https://graph.microsoft.us/.default");
             Ok(())
         });

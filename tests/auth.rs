@@ -114,3 +114,23 @@ async fn an_unreachable_token_endpoint_pauses() {
     );
     env.finish().await;
 }
+
+#[tokio::test]
+async fn a_rotated_secret_file_is_picked_up_without_a_restart() {
+    let file = std::env::temp_dir().join(format!("secret-{}", uuid::Uuid::new_v4()));
+    std::fs::write(&file, "expired-secret\n").unwrap();
+    let env = Env::start_with("rotated", common::sim_options(), |s| {
+        s.auth.client_secret = None;
+        s.auth.client_secret_file = Some(file.clone());
+    })
+    .await;
+    env.broker.publish_request("rot-1", &device()).await;
+    assert_paused_without_dead_letters(&env, 1).await;
+    // The Secret is rotated (Kubernetes rewrites the mounted file): the next probe uses it.
+    std::fs::write(&file, format!("{SECRET}\n")).unwrap();
+    let event = env.events.wait_for(1, WAIT).await[0].event();
+    assert_eq!(event.data.outcome, "succeeded");
+    assert_eq!(env.dead.len(), 0);
+    env.finish().await;
+    let _ = std::fs::remove_file(file);
+}

@@ -829,6 +829,158 @@ mod tests {
         }
     }
 
+    /// Property tests: whatever the body, the parser answers (never panics), and the only
+    /// device id it lets through is a bare GUID — nothing that could steer a Graph URL.
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// A parse that must not panic; a `Device` target must be hex digits and dashes only.
+        fn check(body: &[u8], message_id: Option<&str>) -> Result<(), TestCaseError> {
+            if let Ok(request) = parse_request(body, message_id) {
+                prop_assert!(valid_request_id(&request.request_id));
+                if let Target::Device(id) = &request.target {
+                    prop_assert!(is_guid(id.as_str()), "{id:?}");
+                    prop_assert!(
+                        id.as_str()
+                            .bytes()
+                            .all(|b| b == b'-' || b.is_ascii_hexdigit()),
+                        "{id:?}"
+                    );
+                }
+            }
+            Ok(())
+        }
+
+        fn hostile_string() -> impl Strategy<Value = String> {
+            prop_oneof![
+                Just(GUID.to_owned()),
+                Just(GUID.to_uppercase()),
+                Just("../../me".to_owned()),
+                Just(format!("{GUID}/../x")),
+                Just(format!("{GUID}?$select=y")),
+                Just(format!("{GUID}#frag")),
+                Just(format!("{{{GUID}}}")),
+                Just(format!(" {GUID}")),
+                Just(format!("{GUID}\n")),
+                Just(format!("{GUID}\u{0}")),
+                Just("%2e%2e%2f%2e%2e".to_owned()),
+                Just("7b7c4c1e%2f6f5a-4c39-9a43-2b1e5b0c1d2e".to_owned()),
+                Just("7b7c4c1é-6f5a-4c39-9a43-2b1e5b0c1d2".to_owned()),
+                Just("７b7c4c1e-6f5a-4c39-9a43-2b1e5b0c1d2e".to_owned()),
+                "[0-9a-fA-F/.?#%-]{30,40}",
+                "[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f/.?#%]{12}",
+                "\\PC{0,64}",
+                ".{0,64}",
+                "[\\x00-\\x1f]{1,8}",
+                "x{1000,5000}",
+            ]
+        }
+
+        fn hostile_value() -> impl Strategy<Value = serde_json::Value> {
+            prop_oneof![
+                4 => hostile_string().prop_map(serde_json::Value::from),
+                1 => Just(serde_json::Value::Null),
+                1 => any::<bool>().prop_map(serde_json::Value::from),
+                1 => any::<i64>().prop_map(serde_json::Value::from),
+                1 => any::<f64>().prop_map(serde_json::Value::from),
+                1 => prop::collection::vec(hostile_string(), 0..3)
+                    .prop_map(serde_json::Value::from),
+                1 => hostile_string().prop_map(|s| json!({ "id": s })),
+            ]
+        }
+
+        fn arbitrary_json() -> impl Strategy<Value = serde_json::Value> {
+            let leaf = prop_oneof![
+                Just(serde_json::Value::Null),
+                any::<bool>().prop_map(serde_json::Value::from),
+                any::<i64>().prop_map(serde_json::Value::from),
+                any::<f64>().prop_map(serde_json::Value::from),
+                ".{0,20}".prop_map(serde_json::Value::from),
+            ];
+            leaf.prop_recursive(4, 32, 6, |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..6).prop_map(serde_json::Value::from),
+                    prop::collection::btree_map(
+                        prop_oneof![
+                            Just("request_id".to_owned()),
+                            Just("device_id".to_owned()),
+                            Just("serial_number".to_owned()),
+                            Just("user_principal_name".to_owned()),
+                            Just("tenant_id".to_owned()),
+                            ".{0,12}",
+                        ],
+                        inner,
+                        0..6
+                    )
+                    .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+                ]
+            })
+        }
+
+        const FIELDS: [&str; 8] = [
+            "request_id",
+            "device_id",
+            "serial_number",
+            "user_principal_name",
+            "tenant_id",
+            "requested_by",
+            "reason",
+            "not_after",
+        ];
+
+        /// A JSON object written by hand so keys can repeat: `(field index, value)` pairs.
+        fn object_text(fields: &[(usize, serde_json::Value)]) -> String {
+            let members: Vec<String> = fields
+                .iter()
+                .map(|(i, v)| format!("{}:{v}", serde_json::Value::from(FIELDS[*i])))
+                .collect();
+            format!("{{{}}}", members.join(","))
+        }
+
+        proptest! {
+            #[test]
+            fn arbitrary_bytes_never_panic(
+                body in prop::collection::vec(any::<u8>(), 0..512),
+                message_id in proptest::option::of(".{0,40}"),
+            ) {
+                check(&body, message_id.as_deref())?;
+            }
+
+            #[test]
+            fn arbitrary_json_never_panics(value in arbitrary_json()) {
+                check(value.to_string().as_bytes(), Some("m-1"))?;
+            }
+
+            #[test]
+            fn adversarial_objects_only_let_guids_through(
+                device_id in hostile_value(),
+                others in prop::collection::vec((0..FIELDS.len(), hostile_value()), 0..6),
+                request_id in prop_oneof![Just(json!("r-1")), hostile_value()],
+            ) {
+                let mut fields = vec![(0, request_id), (1, device_id.clone())];
+                fields.extend(others);
+                let body = object_text(&fields);
+                check(body.as_bytes(), None)?;
+                // With nothing else in the way, a string device id is accepted iff it is a GUID.
+                let alone = object_text(&[(0, json!("r-1")), (1, device_id.clone())]);
+                let accepted = parse_request(alone.as_bytes(), None).is_ok();
+                prop_assert_eq!(accepted, device_id.as_str().is_some_and(is_guid));
+            }
+
+            #[test]
+            fn duplicate_keys_are_refused(field in 0..FIELDS.len(), value in hostile_value()) {
+                let body = object_text(&[
+                    (0, json!("r-1")),
+                    (1, json!(GUID)),
+                    (field, value.clone()),
+                    (field, value),
+                ]);
+                prop_assert!(parse_request(body.as_bytes(), None).is_err(), "{}", body);
+            }
+        }
+    }
+
     #[test]
     fn retry_state_round_trips() {
         let now = OffsetDateTime::from_unix_timestamp(1_795_860_000).unwrap();

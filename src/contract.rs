@@ -964,8 +964,19 @@ mod tests {
                 check(body.as_bytes(), None)?;
                 // With nothing else in the way, a string device id is accepted iff it is a GUID.
                 let alone = object_text(&[(0, json!("r-1")), (1, device_id.clone())]);
+                check(alone.as_bytes(), None)?;
                 let accepted = parse_request(alone.as_bytes(), None).is_ok();
                 prop_assert_eq!(accepted, device_id.as_str().is_some_and(is_guid));
+            }
+
+            #[test]
+            fn guid_shaped_ids_pass_only_as_hex(
+                id in "[0-9a-fA-F/.?#%gG é]{8}-[0-9a-f/.?#%]{4}-[0-9a-f.]{4}-[0-9a-f?]{4}-[0-9a-f/.?#%]{12}",
+            ) {
+                let body = object_text(&[(0, json!("r-1")), (1, json!(id))]);
+                check(body.as_bytes(), None)?;
+                let hex = id.bytes().all(|b| b == b'-' || b.is_ascii_hexdigit());
+                prop_assert_eq!(parse_request(body.as_bytes(), None).is_ok(), hex && id.len() == 36);
             }
 
             #[test]

@@ -113,41 +113,50 @@ async fn an_unconfirmed_outcome_leaves_the_request_unacked() {
 
 #[tokio::test]
 async fn a_cut_broker_connection_is_rebuilt_and_every_job_finishes() {
+    survives_a_broken_link("cut", Relay::cut).await;
+}
+
+#[tokio::test]
+async fn a_stalled_broker_connection_is_noticed_by_heartbeats() {
+    survives_a_broken_link("stall", Relay::stall).await;
+}
+
+/// 40 jobs through a worker whose broker connection runs through a relay; after 5 outcomes
+/// `break_link` breaks it. The worker must notice (a closed socket at once, a silent one by
+/// missed heartbeats), reconnect on its own and finish every job, dead-lettering none.
+async fn survives_a_broken_link(test: &str, break_link: fn(&Relay) -> usize) {
     let sim_options = unassign_worker::sim::SimOptions {
         latency_ms: 50,
         ..common::sim_options()
     };
     let sim = Sim::start(sim_options).await.unwrap();
-    let settings = common::settings(&sim, &common::prefix("cut"));
+    let mut settings = common::settings(&sim, &common::prefix(test));
+    // Heartbeats every second, so a silent link is declared dead within a few.
+    settings.amqp.heartbeat_secs = 1;
     let broker = Broker::connect(&settings).await;
     let events = broker.collect(&settings.amqp.outcomes_queue).await;
     let dead = broker.collect(&settings.amqp.dead_letter_queue).await;
     let upstream: url::Url = common::amqp_url().parse().unwrap();
-    let upstream = format!(
-        "{}:{}",
-        upstream.host_str().unwrap(),
-        upstream.port().unwrap_or(5672)
-    );
-    let relay = Relay::start(
-        tokio::net::lookup_host(upstream)
-            .await
-            .unwrap()
-            .next()
-            .unwrap(),
-    )
-    .await;
+    let host = upstream.host_str().unwrap();
+    let upstream = format!("{host}:{}", upstream.port().unwrap_or(5672));
+    let upstream = tokio::net::lookup_host(upstream)
+        .await
+        .unwrap()
+        .next()
+        .unwrap();
+    let relay = Relay::start(upstream).await;
     let mut worker_settings = settings.clone();
     worker_settings.amqp.url = format!("amqp://guest:guest@{}/%2f", relay.addr).into();
     let worker = Worker::start(worker_settings).await;
     worker.wait_ready().await;
 
-    let ids: Vec<String> = (0..40).map(|i| format!("cut-{i}")).collect();
+    let ids: Vec<String> = (0..40).map(|i| format!("{test}-{i}")).collect();
     for id in &ids {
         broker.publish_request(id, &device()).await;
     }
     events.wait_for(5, WAIT).await;
     assert!(
-        relay.cut() >= 1,
+        break_link(&relay) >= 1,
         "the worker's connection went through the relay"
     );
 

@@ -1,19 +1,33 @@
-//! A TCP relay between the worker and the broker that the test controls, so a test can cut
-//! its own worker's connection without disturbing other tests on the same broker.
+//! A TCP relay between the worker and the broker that the test controls, so a test can break
+//! its own worker's connection — cut it, or stall it without closing — without disturbing other
+//! tests on the same broker.
 
 use std::{
     net::SocketAddr,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
 };
 
 use tokio::{
-    net::{TcpListener, TcpStream},
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{
+        TcpListener, TcpStream,
+        tcp::{OwnedReadHalf, OwnedWriteHalf},
+    },
     task::JoinHandle,
 };
 
+/// One relayed connection.
+struct Link {
+    task: JoinHandle<()>,
+    stalled: Arc<AtomicBool>,
+}
+
 pub struct Relay {
     pub addr: SocketAddr,
-    links: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    links: Arc<Mutex<Vec<Link>>>,
     accept: JoinHandle<()>,
 }
 
@@ -22,16 +36,25 @@ impl Relay {
     pub async fn start(upstream: SocketAddr) -> Relay {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let links: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+        let links: Arc<Mutex<Vec<Link>>> = Arc::default();
         let registry = links.clone();
         let accept = tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
-                let link = tokio::spawn(async move {
-                    if let Ok(mut outbound) = TcpStream::connect(upstream).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+            while let Ok((inbound, _)) = listener.accept().await {
+                let stalled = Arc::new(AtomicBool::new(false));
+                let flag = stalled.clone();
+                let task = tokio::spawn(async move {
+                    let Ok(outbound) = TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    let (in_read, in_write) = inbound.into_split();
+                    let (out_read, out_write) = outbound.into_split();
+                    // Either direction ending closes both, as a real connection would.
+                    tokio::select! {
+                        _ = pump(in_read, out_write, flag.clone()) => {}
+                        _ = pump(out_read, in_write, flag) => {}
                     }
                 });
-                registry.lock().unwrap().push(link);
+                registry.lock().unwrap().push(Link { task, stalled });
             }
         });
         Relay {
@@ -44,11 +67,38 @@ impl Relay {
     /// Drops every open connection at once (both sockets close), as a network cut would.
     pub fn cut(&self) -> usize {
         let links: Vec<_> = self.links.lock().unwrap().drain(..).collect();
-        let n = links.iter().filter(|l| !l.is_finished()).count();
+        let n = links.iter().filter(|l| !l.task.is_finished()).count();
         for link in links {
-            link.abort();
+            link.task.abort();
         }
         n
+    }
+
+    /// Silently stops forwarding on every open connection while keeping its sockets open, as a
+    /// dead NAT entry or a hung peer would: only heartbeats can tell. New connections still go
+    /// through.
+    pub fn stall(&self) -> usize {
+        let links = self.links.lock().unwrap();
+        let open = links.iter().filter(|l| !l.task.is_finished());
+        open.map(|l| l.stalled.store(true, Ordering::SeqCst))
+            .count()
+    }
+}
+
+/// Copies `from` to `to` until either ends; once `stalled`, swallows everything instead.
+async fn pump(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, stalled: Arc<AtomicBool>) {
+    let mut buf = vec![0; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if stalled.load(Ordering::SeqCst) {
+            continue;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
     }
 }
 

@@ -22,8 +22,15 @@ if ! command -v rabbitmq-server >/dev/null 2>&1; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq && apt-get install -y -qq rabbitmq-server >/dev/null
 fi
-echo "Starting RabbitMQ…" >&2
-rabbitmq-server -detached
+# A node whose app was stopped (rabbitmqctl stop_app, e.g. by an interrupted chaos bench) only
+# needs the app started again.
+if rabbitmqctl -q ping >/dev/null 2>&1; then
+  echo "Starting the RabbitMQ app on the running node…" >&2
+  rabbitmqctl -q start_app
+else
+  echo "Starting RabbitMQ…" >&2
+  rabbitmq-server -detached
+fi
 for _ in $(seq 1 120); do
   if up; then
     # The port opens a moment before the broker accepts work; wait for it to say so.

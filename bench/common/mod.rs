@@ -121,6 +121,20 @@ impl Topology {
         Ok((succeeded, failed))
     }
 
+    /// The same objects over a fresh connection (after a broker restart killed the old one).
+    pub async fn reconnect(self) -> anyhow::Result<Topology> {
+        let connection = Connection::connect(&amqp_url(), Default::default()).await?;
+        let channel = connection.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        Ok(Topology {
+            settings: self.settings,
+            connection,
+            channel,
+        })
+    }
+
     pub async fn delete(self) {
         let a = &self.settings.amqp;
         let tiers = a.delay_tiers_secs.iter().map(|&s| delay::tier_queue(a, s));
@@ -183,6 +197,18 @@ impl WorkerProcess {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// SIGKILL: a crash, nothing settled.
+    pub fn kill(mut self) -> anyhow::Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
+    }
+
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     /// SIGTERM, then wait for the exit.

@@ -18,7 +18,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use common::{Topology, WorkerProcess};
 use futures_util::StreamExt;
 use lapin::{
@@ -154,16 +154,22 @@ fn worker_vars() -> Vec<(&'static str, String)> {
     ]
 }
 
-/// SIGKILL the worker five times while it drains, restarting it each time.
-async fn kill(jobs: usize) -> anyhow::Result<Row> {
+/// graph-sim (20 ms latency), a fresh topology holding `jobs` requests, and an outcome tracker.
+async fn start(name: &str, jobs: usize) -> anyhow::Result<(Sim, Topology, Tracker)> {
     let sim = Sim::start(SimOptions {
         latency_ms: 20,
         ..SimOptions::default()
     })
     .await?;
-    let topology = Topology::declare("chaos-kill").await?;
+    let topology = Topology::declare(name).await?;
     topology.publish(jobs).await?;
     let tracker = Tracker::start(topology.settings.amqp.outcomes_queue.clone());
+    Ok((sim, topology, tracker))
+}
+
+/// SIGKILL the worker five times while it drains, restarting it each time.
+async fn kill(jobs: usize) -> anyhow::Result<Row> {
+    let (sim, topology, tracker) = start("chaos-kill", jobs).await?;
     let vars = worker_vars();
     let mut worker = WorkerProcess::spawn(&sim, &topology, 19480, &vars)?;
     let mut recovery = Duration::ZERO;
@@ -209,14 +215,7 @@ impl Drop for RestoreBroker {
 /// Stops the broker app for a few seconds while one worker drains; the same process must
 /// reconnect by itself and finish.
 async fn broker(jobs: usize) -> anyhow::Result<Row> {
-    let sim = Sim::start(SimOptions {
-        latency_ms: 20,
-        ..SimOptions::default()
-    })
-    .await?;
-    let topology = Topology::declare("chaos-broker").await?;
-    topology.publish(jobs).await?;
-    let tracker = Tracker::start(topology.settings.amqp.outcomes_queue.clone());
+    let (sim, topology, tracker) = start("chaos-broker", jobs).await?;
     let mut worker = WorkerProcess::spawn(&sim, &topology, 19490, &worker_vars())?;
     tracker.until(jobs / 5).await?;
     let back = {
@@ -246,18 +245,7 @@ async fn broker(jobs: usize) -> anyhow::Result<Row> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let (mut jobs, mut only) = (5000usize, None::<String>);
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let Some(value) = it.next() else {
-            bail!("{flag} needs a value")
-        };
-        match flag.as_str() {
-            "--jobs" => jobs = value.parse()?,
-            "--only" => only = Some(value),
-            other => bail!("unknown flag {other}"),
-        }
-    }
+    let (jobs, only) = common::jobs_and_only(5000)?;
     println!(
         "| scenario | jobs | faults | outcomes | duplicates | lost | dead letters caused | recovery |"
     );

@@ -9,7 +9,6 @@ mod common;
 
 use std::time::Instant;
 
-use anyhow::bail;
 use common::{Topology, WorkerProcess};
 use unassign_worker::sim::{RetryAfterMode, Sim, SimOptions};
 
@@ -132,18 +131,7 @@ async fn run(scenario: &Scenario, jobs: usize) -> anyhow::Result<Row> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let (mut jobs, mut only) = (3000usize, None::<String>);
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let Some(value) = it.next() else {
-            bail!("{flag} needs a value")
-        };
-        match flag.as_str() {
-            "--jobs" => jobs = value.parse()?,
-            "--only" => only = Some(value),
-            other => bail!("unknown flag {other}"),
-        }
-    }
+    let (jobs, only) = common::jobs_and_only(3000)?;
     println!(
         "| scenario | jobs | succeeded jobs/s | of ideal | 429s / calls | dead letters | wall |"
     );

@@ -23,18 +23,6 @@ use crate::{
 /// quorum-queue commit) per message; a window keeps the pipe full.
 pub const PUBLISH_PIPELINE: usize = 1024;
 
-/// The request fields a CSV header may name (CONTRACT section 4).
-pub const COLUMNS: [&str; 8] = [
-    "request_id",
-    "device_id",
-    "serial_number",
-    "user_principal_name",
-    "tenant_id",
-    "requested_by",
-    "reason",
-    "not_after",
-];
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
     /// Header row, columns named like the request's JSON fields; empty cells mean absent.
@@ -187,7 +175,10 @@ fn csv_columns(
 ) -> Result<Vec<Option<&'static str>>, FileError> {
     let mut columns = Vec::new();
     for name in header {
-        let field = COLUMNS.iter().copied().find(|c| *c == name);
+        let field = contract::REQUEST_FIELDS
+            .iter()
+            .copied()
+            .find(|c| *c == name);
         if field.is_some() && columns.contains(&field) {
             return Err(FileError(format!(
                 "the CSV header names column {name} twice"

@@ -7,6 +7,18 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use serde::{Deserialize, Serialize};
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 
+/// The request's fields (section 4), as JSON keys and CSV columns.
+pub const REQUEST_FIELDS: [&str; 8] = [
+    "request_id",
+    "device_id",
+    "serial_number",
+    "user_principal_name",
+    "tenant_id",
+    "requested_by",
+    "reason",
+    "not_after",
+];
+
 /// Bodies above this are refused unparsed.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 const MAX_REQUEST_ID: usize = 128;
@@ -918,16 +930,7 @@ mod tests {
             })
         }
 
-        const FIELDS: [&str; 8] = [
-            "request_id",
-            "device_id",
-            "serial_number",
-            "user_principal_name",
-            "tenant_id",
-            "requested_by",
-            "reason",
-            "not_after",
-        ];
+        use super::REQUEST_FIELDS as FIELDS;
 
         /// A JSON object written by hand so keys can repeat: `(field index, value)` pairs.
         fn object_text(fields: &[(usize, serde_json::Value)]) -> String {

@@ -113,12 +113,8 @@ impl Aimd {
         // Long enough to expect a few calls, so one call does not look like a busy budget.
         let window = Duration::from_secs_f64(4.0 / self.rate)
             .clamp(UTILISATION_WINDOW, Duration::from_secs(1));
-        let in_window = self
-            .recent
-            .iter()
-            .rev()
-            .take_while(|t| now - **t <= window)
-            .count();
+        // `recent` is in time order: a binary search, not a walk, on this per-call path.
+        let in_window = self.recent.len() - self.recent.partition_point(|t| now - *t > window);
         let used = in_window as f64 / window.as_secs_f64();
         if used < UTILISED * self.rate {
             return;

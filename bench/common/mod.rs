@@ -31,6 +31,23 @@ pub fn amqp_url() -> String {
     std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
 
+/// `--jobs N` and `--only NAME`, the flags of the scenario benchmarks.
+pub fn jobs_and_only(default_jobs: usize) -> anyhow::Result<(usize, Option<String>)> {
+    let (mut jobs, mut only) = (default_jobs, None);
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let Some(value) = it.next() else {
+            anyhow::bail!("{flag} needs a value")
+        };
+        match flag.as_str() {
+            "--jobs" => jobs = value.parse()?,
+            "--only" => only = Some(value),
+            other => anyhow::bail!("unknown flag {other}"),
+        }
+    }
+    Ok((jobs, only))
+}
+
 /// A run's broker objects, declared fresh and deleted at the end.
 pub struct Topology {
     pub settings: Settings,

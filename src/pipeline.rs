@@ -14,7 +14,7 @@ use lapin::{
     types::{AMQPValue, FieldTable, ShortString},
 };
 use time::OffsetDateTime;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, field::Empty};
 
@@ -42,8 +42,7 @@ pub struct Context {
     pub graph: GraphClient,
     pub tokens: TokenSource,
     pub gate: Arc<Gate>,
-    /// Bounds Graph calls in flight (`worker.concurrency`).
-    pub graph_slots: Semaphore,
+    pub graph_slots: CallSlots,
     pub metrics: Arc<Metrics>,
     pub policy: Policy,
     /// The configured tenant; a request naming another is invalid.
@@ -52,6 +51,34 @@ pub struct Context {
     pub park_after: Duration,
     /// `unassign-worker/<instance>`, the events' `source`.
     pub source: String,
+}
+
+/// Bounds Graph calls in flight (`worker.concurrency`).
+pub struct CallSlots {
+    semaphore: Semaphore,
+    size: u32,
+}
+
+impl CallSlots {
+    pub fn new(size: usize) -> Self {
+        Self {
+            semaphore: Semaphore::new(size),
+            size: u32::try_from(size).unwrap_or(u32::MAX),
+        }
+    }
+
+    async fn acquire(&self) -> SemaphorePermit<'_> {
+        self.semaphore
+            .acquire()
+            .await
+            .expect("the semaphore is never closed")
+    }
+
+    /// Waits until no call is in flight. Jobs that stop must not leave while an answer is still
+    /// on its way: a 429 in it would extend the tenant's hold that they carry away.
+    async fn settled(&self) {
+        let _all = self.semaphore.acquire_many(self.size).await;
+    }
 }
 
 impl Context {
@@ -187,8 +214,11 @@ impl Job<'_> {
         }
     }
 
-    /// Not finished: back to the queue with its state and the wait it still owes.
-    fn hand_back(&self, wait: Option<Duration>) -> Step {
+    /// Not finished: back to the queue with its state and the wait it still owes — at least
+    /// what is left of the tenant's Retry-After hold, which lives in this process only, so that
+    /// no worker that picks the job up calls before it ends.
+    fn hand_back(&self, ctx: &Context, wait: Option<Duration>) -> Step {
+        let wait = wait.max(ctx.gate.held_for());
         let retry_at = wait.map(|w| OffsetDateTime::now_utc() + w);
         Step::HandBack(RetryState {
             retry_at,
@@ -306,7 +336,7 @@ async fn call_until_decided(
             Decision::Pause(reason) => {
                 tracing::error!(reason = reason.as_str(), "pausing consumption");
                 session.pause(reason);
-                return job.hand_back(None);
+                return job.hand_back(ctx, None);
             }
             Decision::Retry {
                 delay,
@@ -346,19 +376,18 @@ enum Called {
 /// One Graph call, after the concurrency slot, the tenant's gate and a token.
 async fn call(ctx: &Context, session: &Session, job: &mut Job<'_>, device: &DeviceId) -> Called {
     if let Some(held) = ctx.gate.held_for().filter(|held| ctx.parks(*held)) {
-        return Called::HandBack(job.hand_back(Some(held)));
+        return Called::HandBack(job.hand_back(ctx, Some(held)));
     }
     let admitted = async {
-        let permit = ctx
-            .graph_slots
-            .acquire()
-            .await
-            .expect("the semaphore is never closed");
+        let permit = ctx.graph_slots.acquire().await;
         (permit, ctx.gate.admit().await)
     };
     let (_permit, ticket) = tokio::select! {
         biased;
-        _ = session.stop.cancelled() => return Called::HandBack(job.hand_back(None)),
+        _ = session.stop.cancelled() => {
+            ctx.graph_slots.settled().await;
+            return Called::HandBack(job.hand_back(ctx, None));
+        }
         admitted = admitted => admitted,
     };
     let token = match ctx.tokens.token().await {
@@ -366,7 +395,7 @@ async fn call(ctx: &Context, session: &Session, job: &mut Job<'_>, device: &Devi
         Err(e) => {
             tracing::error!(error = %e, "no access token; pausing consumption");
             session.pause(PauseReason::NoToken);
-            return Called::HandBack(job.hand_back(None));
+            return Called::HandBack(job.hand_back(ctx, None));
         }
     };
     // Once sent, a call is seen through: aborting it would leave Graph's side unknown.
@@ -397,11 +426,12 @@ async fn wait_or_hand_back(
     delay: Duration,
 ) -> Option<Step> {
     if ctx.parks(delay) {
-        return Some(job.hand_back(Some(delay)));
+        return Some(job.hand_back(ctx, Some(delay)));
     }
     let retry_at = OffsetDateTime::now_utc() + delay;
     if !sleep_unless_stopped(delay, &session.stop).await {
-        return Some(job.hand_back(until(retry_at)));
+        ctx.graph_slots.settled().await;
+        return Some(job.hand_back(ctx, until(retry_at)));
     }
     job.state.retry_at = None;
     None

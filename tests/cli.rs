@@ -13,7 +13,7 @@ use common::{
     bin::{command, env_for, output},
     device, eventually,
 };
-use unassign_worker::sim::Sim;
+use unassign_worker::sim::{Scripted, Sim};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -192,6 +192,85 @@ async fn sigterm_drains_within_the_grace_period_and_loses_nothing() {
     assert!(
         !queued.is_empty(),
         "the test should interrupt work in progress"
+    );
+    broker.cleanup().await;
+    sim.shutdown().await;
+}
+
+/// Six calls in flight at once all get a 429, one with `Retry-After: 4` and five with 2: every
+/// job then waits in the process (waits under `retry.park_after_secs` are not parked), all until
+/// the tenant's hold ends 4 s on. SIGTERM must hand them back at once with what they owe — not
+/// wait it out, not drop them — and the next worker must not call before the hold ends, although
+/// only the old process had learnt of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_while_throttled_hands_every_waiting_job_back() {
+    let answers = ["4", "2", "2", "2", "2", "2"].map(|seconds| (seconds, 0));
+    sigterm_while_throttled("term-throttled", &answers).await;
+}
+
+/// Two calls go out together: one is answered 429 `Retry-After: 2` at once, the other 429
+/// `Retry-After: 4` 1.5 s later. A SIGTERM in between must not let the waiting job leave before
+/// that second answer is in, or it would carry too short a wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_calls_in_flight_answer_before_handing_waits_back() {
+    sigterm_while_throttled("term-inflight", &[("2", 0), ("4", 1500)]).await;
+}
+
+/// One job per `(Retry-After, answer delay in ms)`, each answered so; SIGTERM once every call
+/// has reached graph-sim; then a second worker finishes them all.
+async fn sigterm_while_throttled(test: &str, answers: &[(&str, u64)]) {
+    let sim = Sim::start(common::sim_options()).await.unwrap();
+    sim.push_script(answers.iter().map(|(seconds, delay_ms)| Scripted {
+        status: 429,
+        retry_after: Some((*seconds).into()),
+        delay_ms: *delay_ms,
+    }));
+    let settings = common::settings(&sim, &common::prefix(test));
+    let broker = Broker::connect(&settings).await;
+    let events = broker.collect(&settings.amqp.outcomes_queue).await;
+    let mut vars = env_for(&sim, &settings);
+    vars.push(("UNASSIGN__WORKER__SHUTDOWN_GRACE_SECS".into(), "20".into()));
+    let jobs = answers.len();
+    for i in 0..jobs {
+        broker
+            .publish_request(&format!("held-{i}"), &device())
+            .await;
+    }
+    let child = spawn_worker(&vars);
+    eventually("every call to arrive", WAIT, || async {
+        (sim.stats().action_calls == jobs as u64).then_some(())
+    })
+    .await;
+    sigterm(&child);
+    let (code, took, first_logs) = wait_exit(child, Duration::from_secs(25)).await;
+    assert_eq!(code, 0, "{first_logs}");
+    assert!(
+        took < Duration::from_secs(3),
+        "held jobs are handed back, not waited out: exit took {took:?}"
+    );
+    assert_eq!(events.len(), 0, "nothing was finished");
+    let depth = broker.depth(&settings.amqp.queue).await;
+    assert_eq!(depth as usize, jobs, "every job is back");
+
+    // Calls already on their way when the first 429 arrived count as early at the simulator;
+    // the new worker must add none. It counts the calls the first one made.
+    let early = sim.stats().early_calls;
+    let child = spawn_worker(&vars);
+    let done = events.wait_for(jobs, WAIT).await;
+    assert!(done.iter().all(|e| e.event().data.error.is_none()));
+    let attempts: u32 = done.iter().map(|e| e.event().data.attempts).sum();
+    assert_eq!(
+        u64::from(attempts),
+        sim.stats().action_calls,
+        "attempts count the first worker's calls too"
+    );
+    sigterm(&child);
+    let (code, _, logs) = wait_exit(child, WAIT).await;
+    assert_eq!(code, 0);
+    assert_eq!(
+        sim.stats().early_calls,
+        early,
+        "no call before the Retry-After:\n{first_logs}\n{logs}"
     );
     broker.cleanup().await;
     sim.shutdown().await;

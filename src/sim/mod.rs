@@ -256,6 +256,11 @@ impl Sim {
         self.shared.issued_tokens()
     }
 
+    /// The latest client assertions received (up to 100), for the same tests.
+    pub fn received_assertions(&self) -> Vec<String> {
+        self.shared.received_assertions()
+    }
+
     /// Stops accepting, lets in-flight requests finish (up to 5 s), then stops.
     pub async fn shutdown(mut self) {
         self.shutdown.cancel();

@@ -46,6 +46,8 @@ struct Inner {
     tokens: HashMap<String, Token>,
     /// The latest tokens handed out, revoked or not, so tests can look for them in logs.
     issued: VecDeque<String>,
+    /// The latest client assertions received, accepted or not, for the same reason.
+    assertions: VecDeque<String>,
     script: VecDeque<Scripted>,
     windows: HashMap<String, Window>,
     /// Per tenant, the latest instant a Retry-After sent to it denoted.
@@ -144,6 +146,7 @@ impl Shared {
             in_flight: 0,
             tokens: HashMap::new(),
             issued: VecDeque::new(),
+            assertions: VecDeque::new(),
             script: VecDeque::new(),
             windows: HashMap::new(),
             not_before: HashMap::new(),
@@ -192,6 +195,10 @@ impl Shared {
         self.lock().issued.iter().cloned().collect()
     }
 
+    pub fn received_assertions(&self) -> Vec<String> {
+        self.lock().assertions.iter().cloned().collect()
+    }
+
     pub fn record_unexpected(&self, request: String) {
         self.lock().stats.record_unexpected(request);
     }
@@ -206,6 +213,9 @@ impl Shared {
     ) -> (Result<String, AadError>, Duration) {
         let mut inner = self.lock();
         inner.stats.token_requests += 1;
+        if let Some(assertion) = form.get("client_assertion") {
+            keep_latest(&mut inner.assertions, assertion.clone());
+        }
         let result = token::validate(&self.cfg, &inner.behaviour, tenant, token_url, form);
         let result = result.map(|kind| {
             *inner
@@ -287,10 +297,7 @@ impl Inner {
         let expires = now + ttl;
         let tenant = tenant.to_ascii_lowercase();
         self.tokens.insert(token.clone(), Token { tenant, expires });
-        if self.issued.len() == MAX_ISSUED_KEPT {
-            self.issued.pop_front();
-        }
-        self.issued.push_back(token.clone());
+        keep_latest(&mut self.issued, token.clone());
         token
     }
 
@@ -425,6 +432,13 @@ impl Inner {
             delay: Duration::ZERO,
         })
     }
+}
+
+fn keep_latest(kept: &mut VecDeque<String>, value: String) {
+    if kept.len() == MAX_ISSUED_KEPT {
+        kept.pop_front();
+    }
+    kept.push_back(value);
 }
 
 /// Graph ids are GUIDs in 8-4-4-4-12 hex form.

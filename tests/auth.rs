@@ -156,21 +156,27 @@ fn tokens_by(env: &Env, credential: &str) -> u64 {
         .unwrap_or(0)
 }
 
-#[tokio::test]
-async fn a_certificate_the_app_does_not_know_pauses_until_it_is_registered() {
-    let known = TestCertificate::generate();
-    let unknown = TestCertificate::generate();
-    let registered = TempFile::new(&known.cert_pem);
-    let pem = TempFile::new(&unknown.pem());
+/// A worker authenticating with the PEM in `pem`, against an app registration holding the
+/// certificates in `registered` (graph-sim's `--client-certificate`).
+async fn start_with_certificate(test: &str, registered: &str, pem: &TempFile) -> Env {
+    let registered = TempFile::new(registered);
     let sim = SimOptions {
         client_certificates: vec![registered.0.clone()],
         ..common::sim_options()
     };
-    let env = Env::start_with("cert", sim, |s| {
+    Env::start_with(test, sim, |s| {
         s.auth.client_secret = None;
         s.auth.client_certificate_path = Some(pem.0.clone());
     })
-    .await;
+    .await
+}
+
+#[tokio::test]
+async fn a_certificate_the_app_does_not_know_pauses_until_it_is_registered() {
+    let known = TestCertificate::generate();
+    let unknown = TestCertificate::generate();
+    let pem = TempFile::new(&unknown.pem());
+    let env = start_with_certificate("cert", &known.cert_pem, &pem).await;
     publish(&env, "cert", 5).await;
     // AADSTS700027: the assertion names a certificate the app registration does not hold.
     assert_paused_without_dead_letters(&env, 5, 0).await;
@@ -191,17 +197,9 @@ async fn a_certificate_the_app_does_not_know_pauses_until_it_is_registered() {
 async fn a_rotated_certificate_is_read_again_and_a_mismatched_key_pauses() {
     let first = TestCertificate::generate();
     let second = TestCertificate::generate();
-    let registered = TempFile::new(&format!("{}{}", first.cert_pem, second.cert_pem));
     let pem = TempFile::new(&first.pem());
-    let sim = SimOptions {
-        client_certificates: vec![registered.0.clone()],
-        ..common::sim_options()
-    };
-    let env = Env::start_with("certrot", sim, |s| {
-        s.auth.client_secret = None;
-        s.auth.client_certificate_path = Some(pem.0.clone());
-    })
-    .await;
+    let registered = format!("{}{}", first.cert_pem, second.cert_pem);
+    let env = start_with_certificate("certrot", &registered, &pem).await;
     publish(&env, "before", 1).await;
     env.events.wait_for(1, WAIT).await;
 

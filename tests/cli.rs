@@ -271,8 +271,8 @@ fn with_credential(
     vars
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn check_reports_certificate_and_workload_identity_without_their_secrets() {
+/// A fresh key and certificate, and a simulator whose app registration holds the certificate.
+async fn sim_with_certificate() -> (TestCertificate, Sim) {
     let pki = TestCertificate::generate();
     let registered = TempFile::new(&pki.cert_pem);
     let sim = Sim::start(unassign_worker::sim::SimOptions {
@@ -281,6 +281,12 @@ async fn check_reports_certificate_and_workload_identity_without_their_secrets()
     })
     .await
     .unwrap();
+    (pki, sim)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_reports_certificate_and_workload_identity_without_their_secrets() {
+    let (pki, sim) = sim_with_certificate().await;
     let settings = common::settings(&sim, &common::prefix("checkcred"));
     let pem = TempFile::new(&pki.pem());
     let vars = with_credential(&sim, &settings, ("AZURE_CLIENT_CERTIFICATE_PATH", &pem.0));
@@ -325,14 +331,7 @@ fn key_material(pki: &TestCertificate) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn assertions_and_keys_never_reach_the_logs_even_at_trace_level() {
-    let pki = TestCertificate::generate();
-    let registered = TempFile::new(&pki.cert_pem);
-    let sim = Sim::start(unassign_worker::sim::SimOptions {
-        client_certificates: vec![registered.0.clone()],
-        ..common::sim_options()
-    })
-    .await
-    .unwrap();
+    let (pki, sim) = sim_with_certificate().await;
     let subject = unassign_worker::sim::SimOptions::default().federated_subject;
     let pem = TempFile::new(&pki.pem());
     let token = TempFile::new(&sim.federated_token(&subject, 3600));

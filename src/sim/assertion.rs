@@ -310,7 +310,7 @@ mod tests {
             }
         }
 
-        fn verify(&self, assertion: &str) -> Result<Kind, u32> {
+        fn check(&self, assertion: &str) -> Result<Kind, AadError> {
             verify(
                 &self.issuer,
                 &self.behaviour,
@@ -319,7 +319,10 @@ mod tests {
                 Some(JWT_BEARER),
                 assertion,
             )
-            .map_err(|e| e.code)
+        }
+
+        fn verify(&self, assertion: &str) -> Result<Kind, u32> {
+            self.check(assertion).map_err(|e| e.code)
         }
 
         /// An assertion with these claims, signed by `key_pem`, naming the registered certificate.
@@ -370,15 +373,7 @@ mod tests {
         let unregistered = ClientCertificate::from_pem(impostor.pem().as_bytes(), None).unwrap();
         let assertion = unregistered.assertion(CLIENT, URL).unwrap();
         use secrecy::ExposeSecret as _;
-        let e = verify(
-            &f.issuer,
-            &f.behaviour,
-            CLIENT,
-            URL,
-            Some(JWT_BEARER),
-            assertion.expose_secret(),
-        )
-        .unwrap_err();
+        let e = f.check(assertion.expose_secret()).unwrap_err();
         assert_eq!((e.code, e.status.as_u16()), (700027, 401));
         assert!(
             e.description.contains("The key was not found"),
@@ -401,15 +396,9 @@ mod tests {
             Ok("federated"),
             "clock skew"
         );
-        let e = verify(
-            &f.issuer,
-            &f.behaviour,
-            CLIENT,
-            URL,
-            Some(JWT_BEARER),
-            &f.issuer.token("system:serviceaccount:x:y", 3600),
-        )
-        .unwrap_err();
+        let e = f
+            .check(&f.issuer.token("system:serviceaccount:x:y", 3600))
+            .unwrap_err();
         assert_eq!((e.code, e.status.as_u16()), (70021, 400));
         assert!(
             e.description.contains("system:serviceaccount:x:y"),

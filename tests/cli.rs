@@ -9,9 +9,10 @@ use std::{
 };
 
 use common::{
-    Broker, SECRET,
+    Broker, SECRET, TempFile,
     bin::{command, env_for, output},
     device, eventually,
+    pki::TestCertificate,
 };
 use unassign_worker::sim::{Scripted, Sim};
 
@@ -334,4 +335,121 @@ async fn drain_request_ids(broker: &Broker, queue: &str) -> Vec<String> {
             .unwrap();
     }
     ids
+}
+
+/// The environment for `settings` with `credential` (one `AZURE_*` variable and its file)
+/// instead of the client secret.
+fn with_credential(
+    sim: &Sim,
+    settings: &unassign_worker::config::Settings,
+    credential: (&str, &std::path::Path),
+) -> Vec<(String, String)> {
+    let mut vars = env_for(sim, settings);
+    vars.retain(|(k, _)| k != "AZURE_CLIENT_SECRET");
+    vars.push((credential.0.into(), credential.1.display().to_string()));
+    vars
+}
+
+/// A fresh key and certificate, and a simulator whose app registration holds the certificate.
+async fn sim_with_certificate() -> (TestCertificate, Sim) {
+    let pki = TestCertificate::generate();
+    let registered = TempFile::new(&pki.cert_pem);
+    let sim = Sim::start(unassign_worker::sim::SimOptions {
+        client_certificates: vec![registered.0.clone()],
+        ..common::sim_options()
+    })
+    .await
+    .unwrap();
+    (pki, sim)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_reports_certificate_and_workload_identity_without_their_secrets() {
+    let (pki, sim) = sim_with_certificate().await;
+    let settings = common::settings(&sim, &common::prefix("checkcred"));
+    let pem = TempFile::new(&pki.pem());
+    let vars = with_credential(&sim, &settings, ("AZURE_CLIENT_CERTIFICATE_PATH", &pem.0));
+    let (code, out, err) = output(command(&vars).arg("check"));
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("ok   config") && out.contains("certificate"),
+        "{out}"
+    );
+    assert!(out.contains("ok   token"), "{out}");
+
+    let subject = unassign_worker::sim::SimOptions::default().federated_subject;
+    let expired = sim.federated_token(&subject, -3600);
+    let token = TempFile::new(&expired);
+    let vars = with_credential(&sim, &settings, ("AZURE_FEDERATED_TOKEN_FILE", &token.0));
+    let (code, out, err) = output(command(&vars).arg("check"));
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        out.contains("workload identity") && out.contains("AADSTS700024"),
+        "{out}"
+    );
+    token.write(&sim.federated_token(&subject, 3600));
+    let (code, out, err) = output(command(&vars).arg("check"));
+    assert_eq!(code, 0, "{out}{err}");
+
+    let mut secrets = sim.received_assertions();
+    secrets.extend(sim.issued_tokens());
+    secrets.push(key_material(&pki));
+    for secret in &secrets {
+        assert!(
+            !out.contains(secret.as_str()) && !err.contains(secret.as_str()),
+            "a secret leaked: {out}{err}"
+        );
+    }
+    sim.shutdown().await;
+}
+
+/// A line from the middle of the private key's PEM body: no log may hold any of it.
+fn key_material(pki: &TestCertificate) -> String {
+    pki.key_pem.lines().nth(5).expect("a PEM body").to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn assertions_and_keys_never_reach_the_logs_even_at_trace_level() {
+    let (pki, sim) = sim_with_certificate().await;
+    let subject = unassign_worker::sim::SimOptions::default().federated_subject;
+    let pem = TempFile::new(&pki.pem());
+    let token = TempFile::new(&sim.federated_token(&subject, 3600));
+    let credentials = [
+        ("AZURE_CLIENT_CERTIFICATE_PATH", &pem.0),
+        ("AZURE_FEDERATED_TOKEN_FILE", &token.0),
+    ];
+    for (i, (name, path)) in credentials.into_iter().enumerate() {
+        let settings = common::settings(&sim, &common::prefix("tracecred"));
+        let broker = Broker::connect(&settings).await;
+        let events = broker.collect(&settings.amqp.outcomes_queue).await;
+        let mut vars = with_credential(&sim, &settings, (name, path));
+        vars.push(("RUST_LOG".into(), "trace".into()));
+        let child = spawn_worker(&vars);
+        broker.publish_request("t-1", &device()).await;
+        events.wait_for(1, WAIT).await;
+        sigterm(&child);
+        let (code, _, logs) = wait_exit(child, Duration::from_secs(40)).await;
+        assert_eq!(code, 0, "{name}");
+        assert!(
+            logs.contains("access token"),
+            "{name}: the run logged its token"
+        );
+        let stats = sim.stats();
+        assert_eq!(
+            stats.tokens_by_credential.values().sum::<u64>(),
+            i as u64 + 1
+        );
+        let mut secrets = sim.received_assertions();
+        secrets.extend(sim.issued_tokens());
+        secrets.push(key_material(&pki));
+        assert!(!secrets.is_empty());
+        for secret in &secrets {
+            assert!(
+                !logs.contains(secret.as_str()),
+                "{name}: a secret reached the logs"
+            );
+        }
+        broker.cleanup().await;
+    }
+    sim.shutdown().await;
 }

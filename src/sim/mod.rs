@@ -2,6 +2,7 @@
 //! Autopilot endpoints the worker calls, faithful to their throttling, token and error behaviour,
 //! with knobs (latency, injected errors, outages, throttling, scripted answers) for tests and demos.
 
+mod assertion;
 mod devices;
 mod routes;
 mod state;
@@ -25,6 +26,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use state::Shared;
+
+pub use assertion::{FEDERATED_AUDIENCE, FEDERATED_ISSUER};
 
 /// CLI options of `unassign-worker graph-sim`; also used by tests (via `Default` or `parse_from`).
 #[derive(Parser, Debug, Clone)]
@@ -67,6 +70,17 @@ pub struct SimOptions {
     /// Answer every Graph call with 403 (app lacks permission).
     #[arg(long)]
     pub forbid: bool,
+    /// PEM certificate registered on the app registration (repeatable): its key may sign client
+    /// assertions.
+    #[arg(long = "client-certificate")]
+    pub client_certificates: Vec<PathBuf>,
+    /// Subject of the app's federated identity credential (issuer FEDERATED_ISSUER, audience
+    /// api://AzureADTokenExchange).
+    #[arg(
+        long,
+        default_value = "system:serviceaccount:unassign-worker:unassign-worker"
+    )]
+    pub federated_subject: String,
 }
 
 impl Default for SimOptions {
@@ -108,6 +122,9 @@ pub struct Behaviour {
     pub forbid: bool,
     /// The token endpoint answers 503.
     pub token_outage: bool,
+    /// PEM certificates registered on the app (`--client-certificate`, read at start).
+    pub client_certificates: Vec<String>,
+    pub federated_subject: String,
 }
 
 impl From<&SimOptions> for Behaviour {
@@ -123,6 +140,8 @@ impl From<&SimOptions> for Behaviour {
             outage_retry_after: o.outage_retry_after,
             forbid: o.forbid,
             token_outage: false,
+            client_certificates: Vec::new(),
+            federated_subject: o.federated_subject.clone(),
         }
     }
 }
@@ -148,6 +167,8 @@ pub struct Stats {
     pub responses_by_status: BTreeMap<u16, u64>,
     pub token_requests: u64,
     pub token_failures: u64,
+    /// Tokens issued by the credential that earned them: `secret`, `certificate`, `federated`.
+    pub tokens_by_credential: BTreeMap<String, u64>,
     pub list_calls: u64,
     /// Action calls that arrived before a Retry-After deadline this simulator had given to that tenant.
     pub early_calls: u64,
@@ -224,9 +245,20 @@ impl Sim {
         self.shared.revoke_tokens();
     }
 
+    /// A service-account token from the simulated cluster's OIDC issuer, as Kubernetes projects
+    /// it for workload identity; it expires `valid_for_secs` from now (negative: already expired).
+    pub fn federated_token(&self, subject: &str, valid_for_secs: i64) -> String {
+        self.shared.cfg.issuer.token(subject, valid_for_secs)
+    }
+
     /// The latest access tokens issued (up to 100), for tests that must not find them in logs.
     pub fn issued_tokens(&self) -> Vec<String> {
         self.shared.issued_tokens()
+    }
+
+    /// The latest client assertions received (up to 100), for the same tests.
+    pub fn received_assertions(&self) -> Vec<String> {
+        self.shared.received_assertions()
     }
 
     /// Stops accepting, lets in-flight requests finish (up to 5 s), then stops.

@@ -93,6 +93,7 @@ pub struct Metrics {
     amqp_reconnects: Counter,
     token_requests: Family<TokenResult, Counter>,
     queue_messages: Family<Queue, Gauge>,
+    runtime_tasks: Gauge,
 }
 
 impl Default for Metrics {
@@ -120,6 +121,7 @@ impl Metrics {
             amqp_reconnects: Counter::default(),
             token_requests: Family::default(),
             queue_messages: Family::default(),
+            runtime_tasks: Gauge::default(),
         };
         // Known label values start at zero so dashboards and alerts see series from the start.
         for outcome in ["succeeded", "failed"] {
@@ -217,6 +219,11 @@ impl Metrics {
             "Messages ready in the request and dead-letter queues, as last seen",
             self.queue_messages.clone(),
         );
+        r.register(
+            "unassign_runtime_alive_tasks",
+            "Tokio tasks alive in the worker, as of this scrape (a leak shows as steady growth)",
+            self.runtime_tasks.clone(),
+        );
         let build_info = Family::<Version, Gauge>::default();
         build_info
             .get_or_create(&Version {
@@ -228,6 +235,11 @@ impl Metrics {
 
     /// The registry in the text exposition format.
     pub fn render(&self) -> String {
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let tasks = runtime.metrics().num_alive_tasks();
+            self.runtime_tasks
+                .set(i64::try_from(tasks).unwrap_or(i64::MAX));
+        }
         let mut out = String::new();
         encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out

@@ -1,279 +1,134 @@
-//! Chaos bench: faults injected while workers drain jobs against graph-sim; every request id must
-//! end with an outcome event. Prints one table row per scenario (for RELIABILITY.md).
+//! Chaos bench: faults injected while a worker process drains jobs against graph-sim; every
+//! request id must end with an outcome event, and no fault may cause a dead letter. Prints one
+//! table row per scenario (for RELIABILITY.md).
 //!
-//!     bench/run.sh chaos                       # all scenarios
-//!     bench/run.sh chaos --only kill           # kill | broker
+//!     bench/run.sh chaos                          # every scenario
+//!     bench/run.sh chaos --only graph-outage      # one of them (names: `--only list`)
+//!     bench/run.sh chaos --outage-secs 120        # length of the Graph outages
 //!
-//! `broker` stops and starts the local RabbitMQ app (`rabbitmqctl stop_app` / `start_app`): it
-//! disturbs everything on the broker, so it lives here and not in the tests. The app is started
-//! again whatever happens.
+//! The worker reaches the broker through a TCP relay of the bench's own (network faults), and the
+//! broker scenarios stop, start and kill the broker node named by `CHAOS_RABBITMQ_NODE`, which
+//! `bench/run.sh` points at a private node so that nothing else on the machine is disturbed.
 
-#[path = "common/mod.rs"]
+#[path = "../common/mod.rs"]
 mod common;
+mod faults;
+#[path = "../../tests/common/relay.rs"]
+mod relay;
+mod stage;
+mod tracker;
 
-use std::{
-    collections::HashMap,
-    process::Command,
-    sync::{Arc, Mutex},
-    time::{Duration, Instant},
-};
+use std::time::Duration;
 
-use anyhow::Context as _;
-use common::{Topology, WorkerProcess};
-use futures_util::StreamExt;
-use lapin::{
-    Connection,
-    options::{BasicAckOptions, BasicConsumeOptions},
-    types::FieldTable,
-};
-use unassign_worker::sim::{Sim, SimOptions};
+use stage::Row;
 
-/// Outcome events seen, per request id, and when the last one arrived.
-#[derive(Default)]
-struct Seen {
-    by_request: HashMap<String, (u32, bool)>,
-    last: Option<Instant>,
+/// A scenario: its name for `--only`, and how to run it.
+struct Scenario {
+    name: &'static str,
+    run: fn(&Flags) -> futures_util::future::BoxFuture<'_, anyhow::Result<Row>>,
 }
 
-#[derive(Clone, Default)]
-struct Tracker(Arc<Mutex<Seen>>);
-
-impl Tracker {
-    /// Consumes the outcomes queue, reconnecting whenever the broker goes away.
-    fn start(queue: String) -> Tracker {
-        let tracker = Tracker::default();
-        let sink = tracker.clone();
-        tokio::spawn(async move {
-            loop {
-                let _ = sink.consume(&queue).await;
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-        });
-        tracker
-    }
-
-    async fn consume(&self, queue: &str) -> anyhow::Result<()> {
-        let connection = Connection::connect(&common::amqp_url(), Default::default()).await?;
-        let channel = connection.create_channel().await?;
-        let options = BasicConsumeOptions::default();
-        let mut consumer = channel
-            .basic_consume(queue.into(), "chaos".into(), options, FieldTable::default())
-            .await?;
-        while let Some(delivery) = consumer.next().await {
-            let delivery = delivery?;
-            let event: serde_json::Value = serde_json::from_slice(&delivery.data)?;
-            let id = event["data"]["request_id"]
-                .as_str()
-                .unwrap_or_default()
-                .to_owned();
-            let failed = event["data"]["outcome"] != "succeeded";
-            {
-                let mut seen = self.0.lock().unwrap();
-                let entry = seen.by_request.entry(id).or_default();
-                entry.0 += 1;
-                entry.1 |= failed;
-                seen.last = Some(Instant::now());
-            }
-            delivery.ack(BasicAckOptions::default()).await?;
-        }
-        Ok(())
-    }
-
-    fn done(&self) -> usize {
-        self.0.lock().unwrap().by_request.len()
-    }
-
-    fn last(&self) -> Option<Instant> {
-        self.0.lock().unwrap().last
-    }
-
-    /// Waits until `n` distinct requests have an outcome, or nothing new came for `idle`.
-    async fn until_done(&self, n: usize, idle: Duration) {
-        let started = Instant::now();
-        while self.done() < n {
-            let last = self.last().unwrap_or(started);
-            if last.elapsed() > idle {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// Waits until at least `n` distinct requests have an outcome.
-    async fn until(&self, n: usize) -> anyhow::Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while self.done() < n {
-            anyhow::ensure!(
-                Instant::now() < deadline,
-                "stuck at {} outcomes",
-                self.done()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        Ok(())
-    }
-
-    /// Time from `since` to the first outcome after it.
-    async fn next_after(&self, since: Instant) -> anyhow::Result<Duration> {
-        let deadline = since + Duration::from_secs(120);
-        loop {
-            if let Some(last) = self.last().filter(|l| *l > since) {
-                return Ok(last - since);
-            }
-            anyhow::ensure!(
-                Instant::now() < deadline,
-                "no outcome for 120 s after the fault"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
-    /// (requests with an outcome, duplicate events, requests that failed)
-    fn tally(&self) -> (usize, u32, usize) {
-        let seen = self.0.lock().unwrap();
-        let duplicates = seen.by_request.values().map(|(n, _)| n - 1).sum();
-        let failed = seen.by_request.values().filter(|(_, f)| *f).count();
-        (seen.by_request.len(), duplicates, failed)
-    }
+/// The bench's command line.
+pub struct Flags {
+    pub jobs: usize,
+    pub outage: Duration,
 }
 
-struct Row {
-    scenario: &'static str,
-    jobs: usize,
-    faults: String,
-    recovery: Duration,
-    tracker: Tracker,
-}
+const SCENARIOS: &[Scenario] = &[
+    Scenario {
+        name: "kill",
+        run: |f| Box::pin(faults::kill(f)),
+    },
+    Scenario {
+        name: "sigterm",
+        run: |f| Box::pin(faults::sigterm(f)),
+    },
+    Scenario {
+        name: "sigterm-throttled",
+        run: |f| Box::pin(faults::sigterm_throttled(f)),
+    },
+    Scenario {
+        name: "broker-restart",
+        run: |f| Box::pin(faults::broker_restart(f)),
+    },
+    Scenario {
+        name: "broker-kill",
+        run: |f| Box::pin(faults::broker_kill(f)),
+    },
+    Scenario {
+        name: "net-drop",
+        run: |f| Box::pin(faults::net_drop(f)),
+    },
+    Scenario {
+        name: "net-stall",
+        run: |f| Box::pin(faults::net_stall(f)),
+    },
+    Scenario {
+        name: "net-slow",
+        run: |f| Box::pin(faults::net_slow(f)),
+    },
+    Scenario {
+        name: "graph-outage",
+        run: |f| Box::pin(faults::graph_outage(f, false)),
+    },
+    Scenario {
+        name: "graph-outage-ra",
+        run: |f| Box::pin(faults::graph_outage(f, true)),
+    },
+    Scenario {
+        name: "graph-slow",
+        run: |f| Box::pin(faults::graph_slow(f)),
+    },
+    Scenario {
+        name: "credentials",
+        run: |f| Box::pin(faults::credentials_revoked(f)),
+    },
+];
 
-fn worker_vars() -> Vec<(&'static str, String)> {
-    vec![
-        ("UNASSIGN__WORKER__CONCURRENCY", "16".to_owned()),
-        ("UNASSIGN__GRAPH__MAX_REQUESTS_PER_SECOND", "0".to_owned()),
-        ("UNASSIGN__GRAPH__ADAPTIVE_THROTTLING", "false".to_owned()),
-        ("UNASSIGN__AMQP__HEARTBEAT_SECS", "2".to_owned()),
-    ]
-}
-
-/// graph-sim (20 ms latency), a fresh topology holding `jobs` requests, and an outcome tracker.
-async fn start(name: &str, jobs: usize) -> anyhow::Result<(Sim, Topology, Tracker)> {
-    let sim = Sim::start(SimOptions {
-        latency_ms: 20,
-        ..SimOptions::default()
-    })
-    .await?;
-    let topology = Topology::declare(name).await?;
-    topology.publish(jobs).await?;
-    let tracker = Tracker::start(topology.settings.amqp.outcomes_queue.clone());
-    Ok((sim, topology, tracker))
-}
-
-/// SIGKILL the worker five times while it drains, restarting it each time.
-async fn kill(jobs: usize) -> anyhow::Result<Row> {
-    let (sim, topology, tracker) = start("chaos-kill", jobs).await?;
-    let vars = worker_vars();
-    let mut worker = WorkerProcess::spawn(&sim, &topology, 19480, &vars)?;
-    let mut recovery = Duration::ZERO;
-    for (i, share) in [0.1, 0.25, 0.45, 0.65, 0.85].into_iter().enumerate() {
-        tracker.until((jobs as f64 * share) as usize).await?;
-        worker.kill()?;
-        let killed = Instant::now();
-        worker = WorkerProcess::spawn(&sim, &topology, 19481 + i as u16, &vars)?;
-        recovery = recovery.max(tracker.next_after(killed).await?);
-    }
-    tracker.until_done(jobs, Duration::from_secs(30)).await;
-    worker.stop()?;
-    topology.delete().await;
-    sim.shutdown().await;
-    Ok(Row {
-        scenario: "SIGKILL ×5 during the run",
-        jobs,
-        faults: "5 kills".into(),
-        recovery,
-        tracker,
-    })
-}
-
-/// Runs `rabbitmqctl ARGS`.
-fn rabbitmqctl(args: &[&str]) -> anyhow::Result<()> {
-    let status = Command::new("rabbitmqctl")
-        .args(args)
-        .status()
-        .context("rabbitmqctl")?;
-    anyhow::ensure!(status.success(), "rabbitmqctl {args:?} failed");
-    Ok(())
-}
-
-/// Starts the broker app again when dropped, however the scenario ends.
-struct RestoreBroker;
-
-impl Drop for RestoreBroker {
-    fn drop(&mut self) {
-        let _ = rabbitmqctl(&["-q", "start_app"]);
-    }
-}
-
-/// Stops the broker app for a few seconds while one worker drains; the same process must
-/// reconnect by itself and finish.
-async fn broker(jobs: usize) -> anyhow::Result<Row> {
-    let (sim, topology, tracker) = start("chaos-broker", jobs).await?;
-    let mut worker = WorkerProcess::spawn(&sim, &topology, 19490, &worker_vars())?;
-    tracker.until(jobs / 5).await?;
-    let back = {
-        let _restore = RestoreBroker;
-        rabbitmqctl(&["-q", "stop_app"])?;
-        tokio::time::sleep(Duration::from_secs(5)).await;
-        rabbitmqctl(&["-q", "start_app"])?;
-        Instant::now()
+fn flags() -> anyhow::Result<(Flags, Option<String>)> {
+    let mut flags = Flags {
+        jobs: 5000,
+        outage: Duration::from_secs(120),
     };
-    let recovery = tracker.next_after(back).await?;
-    tracker.until_done(jobs, Duration::from_secs(60)).await;
-    anyhow::ensure!(
-        worker.alive(),
-        "the worker process died instead of reconnecting"
-    );
-    worker.stop()?;
-    topology.reconnect().await?.delete().await;
-    sim.shutdown().await;
-    Ok(Row {
-        scenario: "broker stop_app / start_app (5 s down)",
-        jobs,
-        faults: "1 restart".into(),
-        recovery,
-        tracker,
-    })
+    let mut only = None;
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let Some(value) = it.next() else {
+            anyhow::bail!("{flag} needs a value")
+        };
+        match flag.as_str() {
+            "--jobs" => flags.jobs = value.parse()?,
+            "--outage-secs" => flags.outage = Duration::from_secs(value.parse()?),
+            "--only" => only = Some(value),
+            other => anyhow::bail!("unknown flag {other}"),
+        }
+    }
+    Ok((flags, only))
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let (jobs, only) = common::jobs_and_only(5000)?;
-    println!(
-        "| scenario | jobs | faults | outcomes | duplicates | lost | dead letters caused | recovery |"
-    );
-    println!("|---|---:|---|---:|---:|---:|---:|---:|");
-    let wanted = |name: &str| only.as_deref().is_none_or(|o| o == name);
+    let (flags, only) = flags()?;
+    let names: Vec<_> = SCENARIOS.iter().map(|s| s.name).collect();
+    if let Some(only) = &only {
+        anyhow::ensure!(names.contains(&only.as_str()), "scenarios: {names:?}");
+    }
     let mut rows = Vec::new();
-    if wanted("kill") {
-        rows.push(kill(jobs).await?);
+    for scenario in SCENARIOS {
+        if only.as_deref().is_none_or(|o| o == scenario.name) {
+            eprintln!("chaos: {} …", scenario.name);
+            let row = (scenario.run)(&flags).await?;
+            eprintln!("{}", row.line());
+            rows.push(row);
+        }
     }
-    if wanted("broker") {
-        rows.push(broker(jobs).await?);
+    println!("{}", Row::HEADER);
+    for row in &rows {
+        println!("{}", row.line());
     }
-    for row in rows {
-        let (done, duplicates, failed) = row.tracker.tally();
-        println!(
-            "| {} | {} | {} | {} | {} | {} | {} | {:.2} s |",
-            row.scenario,
-            row.jobs,
-            row.faults,
-            done,
-            duplicates,
-            row.jobs - done,
-            failed,
-            row.recovery.as_secs_f64(),
-        );
+    println!();
+    for row in &rows {
+        println!("- {}: {}", row.scenario, row.notes.join("; "));
     }
-    println!(
-        "(recovery: the longest time from a fault — a kill, or the broker back — to the next outcome event)"
-    );
     Ok(())
 }

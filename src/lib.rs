@@ -12,6 +12,7 @@ pub mod contract;
 pub mod dlq;
 pub mod graph;
 pub mod http;
+pub mod lookup;
 pub mod metrics;
 pub mod pipeline;
 pub mod retry;

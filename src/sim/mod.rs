@@ -24,6 +24,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+pub use devices::Device;
 use state::Shared;
 
 /// CLI options of `unassign-worker graph-sim`; also used by tests (via `Default` or `parse_from`).
@@ -59,11 +60,23 @@ pub struct SimOptions {
     /// Send Retry-After (in --retry-after form) on outage 503s.
     #[arg(long)]
     pub outage_retry_after: bool,
-    /// JSON array (or JSON Lines) of devices {"id","serialNumber","userPrincipalName"}; when loaded, unknown ids answer 404.
+    /// Device inventory: a CSV file (`.csv`, header row `id,serialNumber,userPrincipalName,…`), a
+    /// JSON array or JSON Lines of {"id","serialNumber","userPrincipalName",…}. When loaded,
+    /// unknown ids answer 404 and the list endpoint serves these devices.
     #[arg(long)]
     pub devices: Option<PathBuf>,
+    /// The inventory given in-process (tests); used instead of `devices` when set.
+    #[arg(skip)]
+    pub inventory: Option<Vec<Device>>,
+    /// Devices per page of the list endpoint (`@odata.nextLink` leads to the next).
     #[arg(long, default_value_t = 100)]
     pub page_size: usize,
+    /// Refuse `$filter=userPrincipalName eq '…'` with Graph's 400, as Graph may.
+    #[arg(long)]
+    pub refuse_upn_filter: bool,
+    /// Throttle reads (list calls): at most this many per tenant per --throttle-window-ms (0 = off).
+    #[arg(long, default_value_t = 0)]
+    pub read_throttle_limit: u32,
     /// Answer every Graph call with 403 (app lacks permission).
     #[arg(long)]
     pub forbid: bool,
@@ -108,6 +121,18 @@ pub struct Behaviour {
     pub forbid: bool,
     /// The token endpoint answers 503.
     pub token_outage: bool,
+    /// `$filter=userPrincipalName eq '…'` answers 400 (Graph's error body).
+    #[serde(default)]
+    pub refuse_upn_filter: bool,
+    /// Read (list) calls per tenant per `throttle_window_ms`; 0 = off. Counted apart from writes.
+    #[serde(default)]
+    pub read_throttle_limit: u32,
+    /// Devices whose unassign call answers this status instead of doing it (id as sent).
+    #[serde(default)]
+    pub failing_devices: BTreeMap<String, u16>,
+    /// Origin (`scheme://host:port`) written into `@odata.nextLink` instead of the request's own.
+    #[serde(default)]
+    pub next_link_origin: Option<String>,
 }
 
 impl From<&SimOptions> for Behaviour {
@@ -123,6 +148,10 @@ impl From<&SimOptions> for Behaviour {
             outage_retry_after: o.outage_retry_after,
             forbid: o.forbid,
             token_outage: false,
+            refuse_upn_filter: o.refuse_upn_filter,
+            read_throttle_limit: o.read_throttle_limit,
+            failing_devices: BTreeMap::new(),
+            next_link_origin: None,
         }
     }
 }
@@ -148,7 +177,16 @@ pub struct Stats {
     pub responses_by_status: BTreeMap<u16, u64>,
     pub token_requests: u64,
     pub token_failures: u64,
+    /// Reads: calls of the device list, whatever their answer.
     pub list_calls: u64,
+    /// List responses by status.
+    pub list_responses_by_status: BTreeMap<u16, u64>,
+    /// The `$filter` of each list call as received (decoded), at most 100 kept.
+    pub filters: Vec<String>,
+    /// When each list call arrived, in ms since the simulator started (at most 1,000 kept).
+    pub list_call_offsets_ms: Vec<u64>,
+    /// List calls that arrived before a Retry-After deadline this simulator had given the tenant.
+    pub early_reads: u64,
     /// Action calls that arrived before a Retry-After deadline this simulator had given to that tenant.
     pub early_calls: u64,
     /// Requests to paths/methods the simulator does not serve, "METHOD path?query", at most 100 kept.
@@ -217,6 +255,16 @@ impl Sim {
     /// Queues scripted answers for the next action calls, consumed in order.
     pub fn push_script(&self, answers: impl IntoIterator<Item = Scripted>) {
         self.shared.push_script(answers);
+    }
+
+    /// Queues scripted answers for the next list (read) calls, consumed in order.
+    pub fn push_read_script(&self, answers: impl IntoIterator<Item = Scripted>) {
+        self.shared.push_read_script(answers);
+    }
+
+    /// The device inventory as it stands (an unassigned device has an empty `userPrincipalName`).
+    pub fn devices(&self) -> Vec<Device> {
+        self.shared.devices()
     }
 
     /// Invalidates every issued access token (the next Graph call with one gets 401).

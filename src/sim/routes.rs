@@ -126,7 +126,8 @@ async fn list(
         "value": page.devices,
     });
     if let Some(next) = page.next_query {
-        body["@odata.nextLink"] = format!("http://{host}{DEVICES}?{next}").into();
+        let origin = page.next_origin.unwrap_or_else(|| format!("http://{host}"));
+        body["@odata.nextLink"] = format!("{origin}{DEVICES}?{next}").into();
     }
     ids.stamp(Json(body).into_response())
 }

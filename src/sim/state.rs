@@ -10,12 +10,15 @@ use std::time::{Duration, Instant, SystemTime};
 use rand::Rng;
 use rand::distr::Alphanumeric;
 
-use super::devices::{Device, Devices, ListQuery};
+use super::devices::{Device, Devices, Filter, ListQuery};
 use super::throttle::{self, Window};
 use super::token::{self, AadError, Form};
 use super::{Behaviour, Scripted, SimOptions, Stats};
 
 const MAX_UNEXPECTED: usize = 100;
+/// Filters and arrival times of list calls kept in the stats.
+const MAX_FILTERS_KEPT: usize = 100;
+const MAX_OFFSETS_KEPT: usize = 1000;
 /// Retry-After for the manual outage switch, whose end the simulator cannot know.
 const MANUAL_OUTAGE_WAIT: Duration = Duration::from_secs(1);
 
@@ -44,7 +47,10 @@ struct Inner {
     /// The latest tokens handed out, revoked or not, so tests can look for them in logs.
     issued: VecDeque<String>,
     script: VecDeque<Scripted>,
+    read_script: VecDeque<Scripted>,
     windows: HashMap<String, Window>,
+    /// Reads are throttled in windows of their own (Intune's read and write limits differ).
+    read_windows: HashMap<String, Window>,
     /// Per tenant, the latest instant a Retry-After sent to it denoted.
     not_before: HashMap<String, SystemTime>,
     devices: Option<Devices>,
@@ -104,6 +110,8 @@ pub(super) struct Page {
     pub devices: Vec<Device>,
     /// Query string of the next page, if there is one.
     pub next_query: Option<String>,
+    /// Replaces the request's own origin in `@odata.nextLink`.
+    pub next_origin: Option<String>,
     pub delay: Duration,
 }
 
@@ -118,7 +126,10 @@ impl Drop for InFlight<'_> {
 
 impl Shared {
     pub fn new(opts: &SimOptions) -> anyhow::Result<Shared> {
-        let devices = opts.devices.as_deref().map(Devices::load).transpose()?;
+        let devices = match &opts.inventory {
+            Some(list) => Some(Devices::from_list(list.clone())),
+            None => opts.devices.as_deref().map(Devices::load).transpose()?,
+        };
         let cfg = Config {
             tenant_id: opts.tenant_id.clone(),
             client_id: opts.client_id.clone(),
@@ -134,7 +145,9 @@ impl Shared {
             tokens: HashMap::new(),
             issued: VecDeque::new(),
             script: VecDeque::new(),
+            read_script: VecDeque::new(),
             windows: HashMap::new(),
+            read_windows: HashMap::new(),
             not_before: HashMap::new(),
             devices,
         };
@@ -171,6 +184,19 @@ impl Shared {
 
     pub fn push_script(&self, answers: impl IntoIterator<Item = Scripted>) {
         self.lock().script.extend(answers);
+    }
+
+    pub fn push_read_script(&self, answers: impl IntoIterator<Item = Scripted>) {
+        self.lock().read_script.extend(answers);
+    }
+
+    pub fn devices(&self) -> Vec<Device> {
+        let inner = self.lock();
+        inner
+            .devices
+            .as_ref()
+            .map(|d| d.list().to_vec())
+            .unwrap_or_default()
     }
 
     pub fn revoke_tokens(&self) {
@@ -225,9 +251,19 @@ impl Shared {
     pub fn list(&self, bearer: Option<&str>, raw_query: Option<&str>) -> Result<Page, Answer> {
         let mut inner = self.lock();
         inner.stats.list_calls += 1;
+        let offset = u64::try_from(self.cfg.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        if inner.stats.list_call_offsets_ms.len() < MAX_OFFSETS_KEPT {
+            inner.stats.list_call_offsets_ms.push(offset);
+        }
         let latency = inner.latency();
-        inner
-            .list(self.cfg.page_size, bearer, raw_query)
+        let result = inner.list(self.cfg.page_size, bearer, raw_query);
+        let status = result.as_ref().map_or_else(|a| a.status, |_| 200);
+        *inner
+            .stats
+            .list_responses_by_status
+            .entry(status)
+            .or_default() += 1;
+        result
             .map(|page| Page {
                 delay: latency,
                 ..page
@@ -315,7 +351,14 @@ impl Inner {
             .or_else(|| self.outage(cfg, now))
             .or_else(|| self.throttle(&tenant, now))
             .or_else(|| self.injected_error(now))
+            .or_else(|| self.failing_device(id))
             .unwrap_or_else(|| self.apply_unassign(id));
+        self.remember_retry_after(tenant, &answer, now);
+        answer
+    }
+
+    /// Every call to the tenant must wait out the latest Retry-After it was given.
+    fn remember_retry_after(&mut self, tenant: String, answer: &Answer, now: SystemTime) {
         let deadline = answer
             .retry_after
             .as_deref()
@@ -324,7 +367,11 @@ impl Inner {
             let latest = self.not_before.entry(tenant).or_insert(deadline);
             *latest = (*latest).max(deadline);
         }
-        answer
+    }
+
+    fn failing_device(&self, id: &str) -> Option<Answer> {
+        let status = *self.behaviour.failing_devices.get(id)?;
+        Some(Answer::new(status))
     }
 
     /// 503 during a configured outage window (Retry-After: until its end) or the manual switch.
@@ -347,15 +394,14 @@ impl Inner {
     }
 
     fn throttle(&mut self, tenant: &str, now: SystemTime) -> Option<Answer> {
-        let limit = usize::try_from(self.behaviour.throttle_limit)
-            .ok()
-            .filter(|&l| l > 0)?;
-        let window = Duration::from_millis(self.behaviour.throttle_window_ms);
-        let wait = self.windows.entry(tenant.to_owned()).or_default().hit(
-            Instant::now(),
-            limit,
-            window,
-        )?;
+        let limit = self.behaviour.throttle_limit;
+        let wait = hit(&mut self.windows, &self.behaviour, limit, tenant)?;
+        Some(Answer::new(429).retry_after(self.retry_after(wait, now)))
+    }
+
+    fn throttle_read(&mut self, tenant: &str, now: SystemTime) -> Option<Answer> {
+        let limit = self.behaviour.read_throttle_limit;
+        let wait = hit(&mut self.read_windows, &self.behaviour, limit, tenant)?;
         Some(Answer::new(429).retry_after(self.retry_after(wait, now)))
     }
 
@@ -383,13 +429,39 @@ impl Inner {
     }
 
     fn list(
-        &self,
+        &mut self,
         page_size: usize,
         bearer: Option<&str>,
         raw: Option<&str>,
     ) -> Result<Page, Answer> {
-        self.admit(bearer)?;
-        let query = ListQuery::parse(raw).map_err(|message| Answer::with_message(400, message))?;
+        let tenant = self.admit(bearer)?;
+        let query = ListQuery::parse(raw);
+        if let Ok(ListQuery {
+            raw_filter: Some(filter),
+            ..
+        }) = &query
+            && self.stats.filters.len() < MAX_FILTERS_KEPT
+        {
+            self.stats.filters.push(filter.clone());
+        }
+        let now = SystemTime::now();
+        if self.not_before.get(&tenant).is_some_and(|&t| now < t) {
+            self.stats.early_reads += 1;
+        }
+        let refused = self
+            .read_script
+            .pop_front()
+            .map(Answer::from)
+            .or_else(|| self.throttle_read(&tenant, now));
+        if let Some(answer) = refused {
+            self.remember_retry_after(tenant, &answer, now);
+            return Err(answer);
+        }
+        let query = query.map_err(|message| Answer::with_message(400, message))?;
+        if self.behaviour.refuse_upn_filter && matches!(query.filter, Filter::UpnEquals(_)) {
+            let message = "Invalid filter clause: filtering on userPrincipalName is not supported.";
+            return Err(Answer::with_message(400, message));
+        }
         let (devices, more) = self
             .devices
             .as_ref()
@@ -397,10 +469,26 @@ impl Inner {
             .unwrap_or_default();
         Ok(Page {
             next_query: more.then(|| query.next_query(devices.len())),
+            next_origin: self.behaviour.next_link_origin.clone(),
             devices,
             delay: Duration::ZERO,
         })
     }
+}
+
+/// Records a call in `tenant`'s window; how long until it frees if the call is over `limit` (0 = off).
+fn hit(
+    windows: &mut HashMap<String, Window>,
+    behaviour: &Behaviour,
+    limit: u32,
+    tenant: &str,
+) -> Option<Duration> {
+    let limit = usize::try_from(limit).ok().filter(|&l| l > 0)?;
+    let window = Duration::from_millis(behaviour.throttle_window_ms);
+    windows
+        .entry(tenant.to_owned())
+        .or_default()
+        .hit(Instant::now(), limit, window)
 }
 
 /// Graph ids are GUIDs in 8-4-4-4-12 hex form.

@@ -88,6 +88,10 @@ impl Devices {
         &self.list
     }
 
+    pub fn contains(&self, id: &str) -> bool {
+        self.index.contains_key(&id.to_ascii_lowercase())
+    }
+
     /// Takes the user off a device, as `unassignUserFromDevice` does; false if the id is unknown.
     pub fn unassign(&mut self, id: &str) -> bool {
         let Some(&i) = self.index.get(&id.to_ascii_lowercase()) else {

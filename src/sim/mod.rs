@@ -133,6 +133,10 @@ pub struct Behaviour {
     /// Origin (`scheme://host:port`) written into `@odata.nextLink` instead of the request's own.
     #[serde(default)]
     pub next_link_origin: Option<String>,
+    /// Unassign answers 204 but the list keeps showing the user, as Intune, which applies the
+    /// change asynchronously, may for a while.
+    #[serde(default)]
+    pub lagging_unassign: bool,
 }
 
 impl From<&SimOptions> for Behaviour {
@@ -152,6 +156,7 @@ impl From<&SimOptions> for Behaviour {
             read_throttle_limit: o.read_throttle_limit,
             failing_devices: BTreeMap::new(),
             next_link_origin: None,
+            lagging_unassign: false,
         }
     }
 }

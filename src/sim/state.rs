@@ -420,7 +420,14 @@ impl Inner {
     }
 
     fn apply_unassign(&mut self, id: &str) -> Answer {
-        let known = self.devices.as_mut().is_none_or(|d| d.unassign(id));
+        let lagging = self.behaviour.lagging_unassign;
+        let known = self.devices.as_mut().is_none_or(|d| {
+            if lagging {
+                d.contains(id)
+            } else {
+                d.unassign(id)
+            }
+        });
         Answer::new(if known { 204 } else { 404 })
     }
 

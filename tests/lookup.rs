@@ -551,3 +551,28 @@ async fn a_403_on_a_lookup_pauses_instead_of_dead_lettering() {
     assert!(env.dead.all().is_empty(), "paused, never dead-lettered");
     env.finish().await;
 }
+
+#[tokio::test]
+async fn a_retry_after_on_a_write_holds_the_reads_too() {
+    let env = Env::start_with("hold_reads", lagging_user(1), |_| {}).await;
+    env.sim.push_script([Scripted {
+        status: 429,
+        retry_after: Some("2".into()),
+        delay_ms: 0,
+    }]);
+    publish(&env, json!({"request_id": "w", "device_id": id(1)})).await;
+    eventually("the 429", WAIT, || async {
+        (env.sim.stats().action_calls == 1).then_some(())
+    })
+    .await;
+    // Within the Retry-After: the lookup must wait it out like any call to the tenant.
+    publish(&env, json!({"request_id": "r", "user_principal_name": ANN})).await;
+    for request_id in ["w", "r"] {
+        let event = event_of(&env, request_id).await;
+        assert_eq!(event["type"], "autopilot.unassign.succeeded", "{event}");
+    }
+    let stats = env.sim.stats();
+    assert_eq!(stats.list_calls, 1);
+    assert_eq!((stats.early_calls, stats.early_reads), (0, 0), "{stats:?}");
+    env.finish().await;
+}

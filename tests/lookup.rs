@@ -142,6 +142,26 @@ async fn ambiguous_and_unknown_serials_fail_without_touching_a_device() {
     assert!(event.get("subject").is_none());
     let event = event_of(&env, "none").await;
     assert_eq!(event["data"]["error"]["kind"], "device_not_found");
+    // Graph refuses a serial filter: nothing to fall back on, the request fails.
+    env.sim.push_read_script([Scripted {
+        status: 400,
+        retry_after: None,
+        delay_ms: 0,
+    }]);
+    publish(
+        &env,
+        json!({"request_id": "refused", "serial_number": "SN-DUP"}),
+    )
+    .await;
+    let event = event_of(&env, "refused").await;
+    let error = &event["data"]["error"];
+    assert_eq!(error["kind"], "graph_rejected", "{error}");
+    assert_eq!(error["http_status"], 400);
+    let message = error["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("listing Autopilot devices"),
+        "{message}"
+    );
 
     let letter = dead_letter_of(&env, "amb").await;
     assert_eq!(

@@ -39,8 +39,9 @@ pub(super) async fn unassign_looked_up(
 
 /// How listing ended short of a list of matches.
 enum Unlisted {
-    /// Graph answered 400 to the filter itself.
-    FilterRefused,
+    /// Graph answered 400 to the filter itself: a user's devices can still be found by a scan;
+    /// otherwise the request ends with this step.
+    FilterRefused(Step),
     Step(Step),
 }
 
@@ -54,7 +55,7 @@ async fn find(
 ) -> Result<Vec<DeviceId>, Step> {
     let filter = lookup::filter(lookup);
     let listed = match list(ctx, session, job, lookup, Some(&filter)).await {
-        Err(Unlisted::FilterRefused) if matches!(lookup, Lookup::User(_)) => {
+        Err(Unlisted::FilterRefused(_)) if matches!(lookup, Lookup::User(_)) => {
             tracing::info!("Graph refused the userPrincipalName filter; scanning every identity");
             list(ctx, session, job, lookup, None).await
         }
@@ -67,8 +68,7 @@ async fn find(
             ids.sort_by_key(|id| id.as_str().to_ascii_lowercase());
             Ok(ids)
         }
-        Err(Unlisted::Step(step)) => Err(step),
-        Err(Unlisted::FilterRefused) => unreachable!("only a filtered listing is refused"),
+        Err(Unlisted::Step(step) | Unlisted::FilterRefused(step)) => Err(step),
     }
 }
 
@@ -96,11 +96,8 @@ async fn list(
             Ended::HandBack(step) => return Err(Unlisted::Step(step)),
             Ended::Failed(failure, reply) => {
                 let response = reply.as_ref().and_then(Reply::response);
-                if filter.is_some()
-                    && response.is_some_and(|r| r.status == 400 && r.error.is_some())
-                {
-                    return Err(Unlisted::FilterRefused);
-                }
+                let refused = filter.is_some()
+                    && response.is_some_and(|r| r.status == 400 && r.error.is_some());
                 // A 404 from the list is no verdict on a device.
                 let kind = match failure.kind {
                     ErrorKind::DeviceNotFound => ErrorKind::GraphRejected,
@@ -111,7 +108,11 @@ async fn list(
                     message: format!("listing Autopilot devices: {}", failure.message),
                     ..failure
                 };
-                return Err(Unlisted::Step(lookup_failed(job, failure, reply.as_ref())));
+                let step = lookup_failed(job, failure, reply.as_ref());
+                return Err(match refused {
+                    true => Unlisted::FilterRefused(step),
+                    false => Unlisted::Step(step),
+                });
             }
         };
         let body = reply.response().map_or(&[][..], |r| &r.body);

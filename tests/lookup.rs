@@ -596,3 +596,32 @@ async fn a_retry_after_on_a_write_holds_the_reads_too() {
     assert_eq!((stats.early_calls, stats.early_reads), (0, 0), "{stats:?}");
     env.finish().await;
 }
+
+#[tokio::test]
+async fn worker_concurrency_bounds_lookups_and_actions_together() {
+    let devices = (1..=8)
+        .map(|n| Device::new(&id(n), &format!("SN{n}"), &format!("u{n}@contoso.com")))
+        .collect();
+    let sim = SimOptions {
+        latency_ms: 100,
+        ..sim_with(devices)
+    };
+    let env = Env::start_with("lookup_concurrency", sim, |s| {
+        s.worker.concurrency = 2;
+    })
+    .await;
+    for n in 1..=8 {
+        let body = json!({"request_id": format!("c-{n}"), "user_principal_name": format!("u{n}@contoso.com")});
+        publish(&env, body).await;
+    }
+    let events = env.events.wait_for(8, WAIT).await;
+    assert!(
+        events
+            .iter()
+            .all(|e| e.json()["type"] == "autopilot.unassign.succeeded")
+    );
+    let stats = env.sim.stats();
+    assert_eq!((stats.list_calls, stats.action_calls), (8, 8));
+    assert_eq!(stats.max_in_flight, 2, "{stats:?}");
+    env.finish().await;
+}

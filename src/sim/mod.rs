@@ -196,6 +196,7 @@ pub struct Stats {
     pub early_calls: u64,
     /// Requests to paths/methods the simulator does not serve, "METHOD path?query", at most 100 kept.
     pub unexpected_requests: Vec<String>,
+    /// Most Graph calls (actions and reads) in flight at once.
     pub max_in_flight: u64,
 }
 

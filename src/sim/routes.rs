@@ -109,6 +109,7 @@ async fn list(
     headers: HeaderMap,
 ) -> Response {
     let ids = Ids::new(&headers);
+    let _in_flight = sim.list_in_flight();
     let page = match sim.list(bearer(&headers), query.as_deref()) {
         Ok(page) => page,
         Err(answer) => {

@@ -229,8 +229,7 @@ impl Shared {
         request: &str,
     ) -> (Answer, InFlight<'_>) {
         let mut inner = self.lock();
-        inner.in_flight += 1;
-        inner.stats.max_in_flight = inner.stats.max_in_flight.max(inner.in_flight);
+        inner.enter();
         inner.stats.action_calls += 1;
         *inner
             .stats
@@ -245,6 +244,12 @@ impl Shared {
             .or_default() += 1;
         answer.delay += inner.latency();
         (answer, InFlight(self))
+    }
+
+    /// A device list call, counted in flight until the guard drops.
+    pub fn list_in_flight(&self) -> InFlight<'_> {
+        self.lock().enter();
+        InFlight(self)
     }
 
     /// Decides the answer to a device list call.
@@ -284,6 +289,11 @@ impl Stats {
 }
 
 impl Inner {
+    fn enter(&mut self) {
+        self.in_flight += 1;
+        self.stats.max_in_flight = self.stats.max_in_flight.max(self.in_flight);
+    }
+
     fn latency(&self) -> Duration {
         Duration::from_millis(self.behaviour.latency_ms)
     }

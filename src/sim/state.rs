@@ -351,15 +351,13 @@ impl Inner {
             return Answer::new(400);
         }
         let now = SystemTime::now();
-        if self.not_before.get(&tenant).is_some_and(|&t| now < t) {
-            self.stats.early_calls += 1;
-        }
+        self.stats.early_calls += u64::from(self.is_early(&tenant, now));
         let answer = self
             .script
             .pop_front()
             .map(Answer::from)
             .or_else(|| self.outage(cfg, now))
-            .or_else(|| self.throttle(&tenant, now))
+            .or_else(|| self.throttle(Kind::Write, &tenant, now))
             .or_else(|| self.injected_error(now))
             .or_else(|| self.failing_device(id))
             .unwrap_or_else(|| self.apply_unassign(id));
@@ -403,15 +401,24 @@ impl Inner {
         Some(Answer::new(503).retry_after(retry_after.flatten()))
     }
 
-    fn throttle(&mut self, tenant: &str, now: SystemTime) -> Option<Answer> {
-        let limit = self.behaviour.throttle_limit;
-        let wait = hit(&mut self.windows, &self.behaviour, limit, tenant)?;
-        Some(Answer::new(429).retry_after(self.retry_after(wait, now)))
+    /// Whether a call to `tenant` now comes before a Retry-After it was given.
+    fn is_early(&self, tenant: &str, now: SystemTime) -> bool {
+        self.not_before.get(tenant).is_some_and(|&t| now < t)
     }
 
-    fn throttle_read(&mut self, tenant: &str, now: SystemTime) -> Option<Answer> {
-        let limit = self.behaviour.read_throttle_limit;
-        let wait = hit(&mut self.read_windows, &self.behaviour, limit, tenant)?;
+    /// 429 when the call is over its kind's limit; reads and writes count in windows apart.
+    fn throttle(&mut self, kind: Kind, tenant: &str, now: SystemTime) -> Option<Answer> {
+        let (windows, limit) = match kind {
+            Kind::Write => (&mut self.windows, self.behaviour.throttle_limit),
+            Kind::Read => (&mut self.read_windows, self.behaviour.read_throttle_limit),
+        };
+        let limit = usize::try_from(limit).ok().filter(|&l| l > 0)?;
+        let window = Duration::from_millis(self.behaviour.throttle_window_ms);
+        let wait =
+            windows
+                .entry(tenant.to_owned())
+                .or_default()
+                .hit(Instant::now(), limit, window)?;
         Some(Answer::new(429).retry_after(self.retry_after(wait, now)))
     }
 
@@ -462,14 +469,12 @@ impl Inner {
             self.stats.filters.push(filter.clone());
         }
         let now = SystemTime::now();
-        if self.not_before.get(&tenant).is_some_and(|&t| now < t) {
-            self.stats.early_reads += 1;
-        }
+        self.stats.early_reads += u64::from(self.is_early(&tenant, now));
         let refused = self
             .read_script
             .pop_front()
             .map(Answer::from)
-            .or_else(|| self.throttle_read(&tenant, now));
+            .or_else(|| self.throttle(Kind::Read, &tenant, now));
         if let Some(answer) = refused {
             self.remember_retry_after(tenant, &answer, now);
             return Err(answer);
@@ -493,19 +498,11 @@ impl Inner {
     }
 }
 
-/// Records a call in `tenant`'s window; how long until it frees if the call is over `limit` (0 = off).
-fn hit(
-    windows: &mut HashMap<String, Window>,
-    behaviour: &Behaviour,
-    limit: u32,
-    tenant: &str,
-) -> Option<Duration> {
-    let limit = usize::try_from(limit).ok().filter(|&l| l > 0)?;
-    let window = Duration::from_millis(behaviour.throttle_window_ms);
-    windows
-        .entry(tenant.to_owned())
-        .or_default()
-        .hit(Instant::now(), limit, window)
+/// Which of a tenant's limits a call counts against.
+#[derive(Clone, Copy)]
+enum Kind {
+    Write,
+    Read,
 }
 
 /// Graph ids are GUIDs in 8-4-4-4-12 hex form.

@@ -1,4 +1,5 @@
-//! Access tokens for Graph by the OAuth 2.0 client-credentials grant. One token is cached and
+//! Access tokens for Graph by the OAuth 2.0 client-credentials grant, authenticated by whichever
+//! [`Credential`](crate::credential::Credential) is configured. One token is cached and
 //! refreshed five minutes before it expires, by one request at a time; a still-valid token
 //! outlives a failed refresh, as the Azure SDKs do.
 
@@ -45,6 +46,9 @@ pub enum AuthError {
     },
     #[error("token endpoint unavailable: {0}")]
     Unavailable(String),
+    /// The credential itself could not be presented (file unreadable, certificate unusable).
+    #[error("client credential unusable: {0}")]
+    Credential(String),
 }
 
 struct Cached {
@@ -77,16 +81,10 @@ struct TokenErrorBody {
 
 impl TokenSource {
     pub fn new(http: reqwest::Client, credentials: Credentials, metrics: Arc<Metrics>) -> Self {
-        let mut token_url = credentials.authority_host.clone();
-        token_url
-            .path_segments_mut()
-            .expect("authority_host is an http(s) URL")
-            .pop_if_empty()
-            .extend([credentials.tenant_id.as_str(), "oauth2", "v2.0", "token"]);
         Self {
             http,
+            token_url: credentials.token_url(),
             credentials,
-            token_url,
             cached: Mutex::new(None),
             metrics,
         }
@@ -144,15 +142,16 @@ impl TokenSource {
 
     async fn request(&self) -> Result<Cached, AuthError> {
         let c = &self.credentials;
-        let secret = c.client_secret.current().map_err(|e| {
-            AuthError::Unavailable(format!("cannot read the client secret file: {e}"))
-        })?;
-        let form = [
+        let proof = c
+            .credential
+            .fields(&c.client_id, self.token_url.as_str())
+            .map_err(|e| AuthError::Credential(e.0))?;
+        let mut form = vec![
             ("grant_type", "client_credentials"),
             ("client_id", c.client_id.as_str()),
-            ("client_secret", secret.expose_secret()),
             ("scope", c.scope.as_str()),
         ];
+        form.extend(proof.iter().map(|(k, v)| (*k, v.expose_secret())));
         let started = Instant::now();
         let response = self
             .http
@@ -196,7 +195,7 @@ impl TokenSource {
     }
 }
 
-/// reqwest's error text names the URL, which holds no secret here (the secret is in the body).
+/// reqwest's error text names the URL, which holds no secret here (the proof is in the body).
 fn describe(e: &reqwest::Error) -> String {
     let kind = if e.is_timeout() {
         "timed out"

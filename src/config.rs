@@ -13,6 +13,8 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use url::Url;
 
+use crate::credential::{ClientSecret, Credential};
+
 const DEFAULTS: &str = include_str!("../config/default.toml");
 
 /// A configuration problem; the message names the key and says why.
@@ -68,6 +70,12 @@ pub struct AuthSettings {
     pub client_secret: Option<SecretString>,
     #[serde(default)]
     pub client_secret_file: Option<PathBuf>,
+    #[serde(default)]
+    pub client_certificate_path: Option<PathBuf>,
+    #[serde(default)]
+    pub client_certificate_password: Option<SecretString>,
+    #[serde(default)]
+    pub federated_token_file: Option<PathBuf>,
     #[serde(default)]
     pub scope: Option<String>,
 }
@@ -128,13 +136,16 @@ const STANDARD_VARS: &[(&str, &str)] = &[
     ("AZURE_CLIENT_ID", "auth.client_id"),
     ("AZURE_CLIENT_SECRET", "auth.client_secret"),
     ("AZURE_CLIENT_SECRET_FILE", "auth.client_secret_file"),
+    (
+        "AZURE_CLIENT_CERTIFICATE_PATH",
+        "auth.client_certificate_path",
+    ),
+    (
+        "AZURE_CLIENT_CERTIFICATE_PASSWORD",
+        "auth.client_certificate_password",
+    ),
+    ("AZURE_FEDERATED_TOKEN_FILE", "auth.federated_token_file"),
     ("AZURE_AUTHORITY_HOST", "auth.authority_host"),
-];
-
-/// Credential variables a later release supports; refusing them beats silently ignoring them.
-const UNSUPPORTED_VARS: &[&str] = &[
-    "AZURE_FEDERATED_TOKEN_FILE",
-    "AZURE_CLIENT_CERTIFICATE_PATH",
 ];
 
 impl Settings {
@@ -159,12 +170,6 @@ impl Settings {
         }
         let settings: Settings = figment.extract().map_err(|e| ConfigError(e.to_string()))?;
         settings.validate()?;
-        if let Some(name) = UNSUPPORTED_VARS.iter().find(|n| var(n).is_some()) {
-            return Err(ConfigError::key(
-                name,
-                "is not supported yet: use AZURE_CLIENT_SECRET or AZURE_CLIENT_SECRET_FILE",
-            ));
-        }
         Ok(settings)
     }
 
@@ -219,7 +224,8 @@ impl Settings {
         Ok(())
     }
 
-    /// What `run` and `check` need beyond the broker: the app registration and its secret.
+    /// What `run` and `check` need beyond the broker: the app registration and its credential,
+    /// which is read (and, for a certificate, signed with) once now so a mistake exits 2 at start.
     pub fn credentials(&self) -> Result<Credentials, ConfigError> {
         let auth = &self.auth;
         if !crate::contract::is_guid(&auth.tenant_id) {
@@ -234,39 +240,72 @@ impl Settings {
                 "is required",
             ));
         }
-        let secret = match (&auth.client_secret, &auth.client_secret_file) {
-            (Some(secret), _) => ClientSecret::Value(secret.clone()),
-            (None, Some(path)) => ClientSecret::File(path.clone()),
-            (None, None) => {
-                return Err(ConfigError::key(
-                    "auth.client_secret (AZURE_CLIENT_SECRET)",
-                    "is required (or AZURE_CLIENT_SECRET_FILE)",
-                ));
-            }
-        };
-        // Checked now so a typo exits 2 at start; a file is read again for every token.
-        match secret.current() {
-            Ok(value) if value.expose_secret().is_empty() => {
-                return Err(ConfigError::key(secret.key(), "is empty"));
-            }
-            Ok(_) => {}
-            Err(e) => {
-                return Err(ConfigError::key(
-                    secret.key(),
-                    format!("cannot be read: {e}"),
-                ));
-            }
-        }
-        Ok(Credentials {
+        let credentials = Credentials {
             authority_host: auth.authority_host.clone(),
             tenant_id: auth.tenant_id.clone(),
             client_id: auth.client_id.clone(),
-            client_secret: secret,
+            credential: auth.credential()?,
             scope: auth
                 .scope
                 .clone()
                 .unwrap_or_else(|| default_scope(&self.graph.base_url)),
-        })
+        };
+        let token_url = credentials.token_url();
+        if let Err(e) = credentials
+            .credential
+            .fields(&credentials.client_id, token_url.as_str())
+        {
+            return Err(ConfigError::key(credentials.credential.key(), e));
+        }
+        Ok(credentials)
+    }
+}
+
+impl AuthSettings {
+    /// The one credential source configured. Two would leave the choice to an order of
+    /// precedence nobody remembers, so that is refused as firmly as none.
+    fn credential(&self) -> Result<Credential, ConfigError> {
+        let certificate =
+            self.client_certificate_path
+                .as_ref()
+                .map(|path| Credential::Certificate {
+                    path: path.clone(),
+                    password: self.client_certificate_password.clone(),
+                });
+        if certificate.is_none() && self.client_certificate_password.is_some() {
+            return Err(ConfigError::key(
+                "auth.client_certificate_password (AZURE_CLIENT_CERTIFICATE_PASSWORD)",
+                "is set without AZURE_CLIENT_CERTIFICATE_PATH",
+            ));
+        }
+        let sources: Vec<Credential> = [
+            self.client_secret
+                .clone()
+                .map(|s| Credential::Secret(ClientSecret::Value(s))),
+            self.client_secret_file
+                .clone()
+                .map(|p| Credential::Secret(ClientSecret::File(p))),
+            certificate,
+            self.federated_token_file
+                .clone()
+                .map(Credential::FederatedToken),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        match sources.as_slice() {
+            [one] => Ok(one.clone()),
+            [] => Err(ConfigError::key(
+                "auth.client_secret (AZURE_CLIENT_SECRET)",
+                "or another credential is required: set one of AZURE_CLIENT_SECRET, \
+                 AZURE_CLIENT_SECRET_FILE, AZURE_CLIENT_CERTIFICATE_PATH, AZURE_FEDERATED_TOKEN_FILE",
+            )),
+            [first, second, ..] => Err(ConfigError(format!(
+                "`{}` and `{}` are both set: configure exactly one credential",
+                first.key(),
+                second.key()
+            ))),
+        }
     }
 }
 
@@ -276,33 +315,19 @@ pub struct Credentials {
     pub authority_host: Url,
     pub tenant_id: String,
     pub client_id: String,
-    pub client_secret: ClientSecret,
+    pub credential: Credential,
     pub scope: String,
 }
 
-/// The client secret, or the file that holds it. A file (a mounted Kubernetes Secret) is read
-/// for every token request, so a rotated secret is picked up without a restart.
-#[derive(Debug, Clone)]
-pub enum ClientSecret {
-    Value(SecretString),
-    File(PathBuf),
-}
-
-impl ClientSecret {
-    pub fn current(&self) -> std::io::Result<SecretString> {
-        match self {
-            Self::Value(secret) => Ok(secret.clone()),
-            Self::File(path) => {
-                std::fs::read_to_string(path).map(|s| SecretString::from(s.trim_end().to_owned()))
-            }
-        }
-    }
-
-    fn key(&self) -> &'static str {
-        match self {
-            Self::Value(_) => "auth.client_secret (AZURE_CLIENT_SECRET)",
-            Self::File(_) => "auth.client_secret_file (AZURE_CLIENT_SECRET_FILE)",
-        }
+impl Credentials {
+    /// `{authority}/{tenant}/oauth2/v2.0/token`, also the audience of client assertions.
+    pub fn token_url(&self) -> Url {
+        let mut url = self.authority_host.clone();
+        url.path_segments_mut()
+            .expect("authority_host is an http(s) URL")
+            .pop_if_empty()
+            .extend([self.tenant_id.as_str(), "oauth2", "v2.0", "token"]);
+        url
     }
 }
 
@@ -488,11 +513,6 @@ mod tests {
             assert!(err(Settings::load(Some("missing.toml".into()))).contains("missing.toml"));
             Ok(())
         });
-        jailed(|jail| {
-            jail.set_env("AZURE_FEDERATED_TOKEN_FILE", "/var/run/token");
-            assert!(err(Settings::load(None)).contains("azure_federated_token_file"));
-            Ok(())
-        });
     }
 
     #[test]
@@ -544,7 +564,9 @@ mod tests {
             );
             let creds = Settings::load(None).unwrap().credentials().unwrap();
             assert_eq!(
-                creds.client_secret.current().unwrap().expose_secret(),
+                creds.credential.fields("app", "u").unwrap()[0]
+                    .1
+                    .expose_secret(),
                 "from-file"
             );
             assert_eq!(creds.scope, "https://graph.microsoft.us/.default");
@@ -560,6 +582,85 @@ mod tests {
             assert_eq!(s.amqp.redacted_url(), "amqp://user:***@broker:5672/%2f");
             assert!(s.amqp.connect_url().ends_with("?heartbeat=10"));
             assert!(!format!("{s:?}").contains("pa55word"));
+            Ok(())
+        });
+    }
+
+    /// The variables the Azure workload identity webhook injects.
+    fn workload_identity(jail: &mut Jail) -> Result<(), figment::Error> {
+        jail.create_file("token", "header.claims.signature\n")?;
+        jail.set_env("AZURE_TENANT_ID", "72f988bf-86f1-41af-91ab-2d7cd011db47");
+        jail.set_env("AZURE_CLIENT_ID", "app");
+        jail.set_env("AZURE_FEDERATED_TOKEN_FILE", "token");
+        jail.set_env("AZURE_AUTHORITY_HOST", "https://login.microsoftonline.com/");
+        Ok(())
+    }
+
+    #[test]
+    fn workload_identity_is_a_credential() {
+        jailed(|jail| {
+            workload_identity(jail)?;
+            let creds = Settings::load(None).unwrap().credentials().unwrap();
+            assert!(matches!(creds.credential, Credential::FederatedToken(_)));
+            assert_eq!(
+                creds.token_url().as_str(),
+                "https://login.microsoftonline.com/72f988bf-86f1-41af-91ab-2d7cd011db47/oauth2/v2.0/token"
+            );
+            jail.create_file("token", "")?;
+            assert!(err_c(&Settings::load(None).unwrap()).contains("AZURE_FEDERATED_TOKEN_FILE"));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn exactly_one_credential_source() {
+        jailed(|jail| {
+            workload_identity(jail)?;
+            jail.set_env("AZURE_CLIENT_SECRET_FILE", "token");
+            let e = err_c(&Settings::load(None).unwrap());
+            assert!(
+                e.contains("AZURE_CLIENT_SECRET_FILE") && e.contains("AZURE_FEDERATED_TOKEN_FILE"),
+                "{e}"
+            );
+            Ok(())
+        });
+        jailed(|jail| {
+            workload_identity(jail)?;
+            jail.set_env("AZURE_CLIENT_SECRET", "s");
+            jail.set_env("AZURE_CLIENT_SECRET_FILE", "token");
+            assert!(err_c(&Settings::load(None).unwrap()).contains("exactly one"));
+            Ok(())
+        });
+        jailed(|jail| {
+            workload_identity(jail)?;
+            jail.set_env("AZURE_FEDERATED_TOKEN_FILE", "");
+            jail.set_env("AZURE_CLIENT_CERTIFICATE_PASSWORD", "pw");
+            let e = err_c(&Settings::load(None).unwrap());
+            assert!(e.contains("AZURE_CLIENT_CERTIFICATE_PASSWORD"), "{e}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_certificate_is_checked_at_start() {
+        jailed(|jail| {
+            workload_identity(jail)?;
+            jail.set_env("AZURE_FEDERATED_TOKEN_FILE", "");
+            jail.create_file(
+                "cert.pem",
+                "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+            )?;
+            jail.set_env("AZURE_CLIENT_CERTIFICATE_PATH", "cert.pem");
+            let e = err_c(&Settings::load(None).unwrap());
+            assert!(
+                e.contains("AZURE_CLIENT_CERTIFICATE_PATH") && e.contains("PRIVATE KEY"),
+                "{e}"
+            );
+            let pki = crate::test_pki::TestCertificate::generate();
+            jail.create_file("cert.pem", &pki.pem())?;
+            let creds = Settings::load(None).unwrap().credentials().unwrap();
+            assert!(format!("{creds:?}").contains("cert.pem"));
+            assert!(!format!("{creds:?}").contains("PRIVATE"));
             Ok(())
         });
     }

@@ -9,6 +9,7 @@ pub mod batch;
 pub mod cli;
 pub mod config;
 pub mod contract;
+pub mod credential;
 pub mod dlq;
 pub mod graph;
 pub mod http;
@@ -19,5 +20,7 @@ pub mod retry;
 pub mod shutdown;
 pub mod sim;
 pub mod telemetry;
+#[cfg(test)]
+mod test_pki;
 pub mod throttle;
 pub mod worker;

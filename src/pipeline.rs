@@ -17,7 +17,7 @@ use lapin::{
     types::{AMQPValue, FieldTable, ShortString},
 };
 use time::OffsetDateTime;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, field::Empty};
 use url::Url;
@@ -50,8 +50,7 @@ pub struct Context {
     pub gate: Arc<Gate>,
     /// …and for reads (lookups), which Intune budgets apart from writes.
     pub read_gate: Arc<Gate>,
-    /// Bounds Graph calls in flight (`worker.concurrency`).
-    pub graph_slots: Semaphore,
+    pub graph_slots: CallSlots,
     pub metrics: Arc<Metrics>,
     pub policy: Policy,
     /// The configured tenant; a request naming another is invalid.
@@ -60,6 +59,34 @@ pub struct Context {
     pub park_after: Duration,
     /// `unassign-worker/<instance>`, the events' `source`.
     pub source: String,
+}
+
+/// Bounds Graph calls in flight (`worker.concurrency`).
+pub struct CallSlots {
+    semaphore: Semaphore,
+    size: u32,
+}
+
+impl CallSlots {
+    pub fn new(size: usize) -> Self {
+        Self {
+            semaphore: Semaphore::new(size),
+            size: u32::try_from(size).unwrap_or(u32::MAX),
+        }
+    }
+
+    async fn acquire(&self) -> SemaphorePermit<'_> {
+        self.semaphore
+            .acquire()
+            .await
+            .expect("the semaphore is never closed")
+    }
+
+    /// Waits until no call is in flight. Jobs that stop must not leave while an answer is still
+    /// on its way: a 429 in it would extend the tenant's hold that they carry away.
+    async fn settled(&self) {
+        let _all = self.semaphore.acquire_many(self.size).await;
+    }
 }
 
 impl Context {
@@ -238,8 +265,11 @@ impl<'a> Job<'a> {
         }
     }
 
-    /// Not finished: back to the queue with its state and the wait it still owes.
-    fn hand_back(&self, wait: Option<Duration>) -> Step {
+    /// Not finished: back to the queue with its state and the wait it still owes — at least
+    /// what is left of the tenant's Retry-After hold, which lives in this process only, so that
+    /// no worker that picks the job up calls before it ends.
+    fn hand_back(&self, ctx: &Context, wait: Option<Duration>) -> Step {
+        let wait = wait.max(ctx.gate.held_for());
         let retry_at = wait.map(|w| OffsetDateTime::now_utc() + w);
         let progress = self.request.device_id().is_none().then(|| Progress {
             device_calls: Some(self.state.attempts.saturating_sub(self.base)),
@@ -398,7 +428,7 @@ async fn call_until_decided(
             Decision::Pause(reason) => {
                 tracing::error!(reason = reason.as_str(), "pausing consumption");
                 session.pause(reason);
-                return Ended::HandBack(job.hand_back(None));
+                return Ended::HandBack(job.hand_back(ctx, None));
             }
             Decision::Retry {
                 delay,
@@ -440,19 +470,18 @@ enum Called {
 async fn send(ctx: &Context, session: &Session, job: &mut Job<'_>, call: Call<'_>) -> Called {
     let gate = call.gate(ctx);
     if let Some(held) = gate.held_for().filter(|held| ctx.parks(*held)) {
-        return Called::HandBack(job.hand_back(Some(held)));
+        return Called::HandBack(job.hand_back(ctx, Some(held)));
     }
     let admitted = async {
-        let permit = ctx
-            .graph_slots
-            .acquire()
-            .await
-            .expect("the semaphore is never closed");
+        let permit = ctx.graph_slots.acquire().await;
         (permit, gate.admit().await)
     };
     let (_permit, ticket) = tokio::select! {
         biased;
-        _ = session.stop.cancelled() => return Called::HandBack(job.hand_back(None)),
+        _ = session.stop.cancelled() => {
+            ctx.graph_slots.settled().await;
+            return Called::HandBack(job.hand_back(ctx, None));
+        }
         admitted = admitted => admitted,
     };
     let token = match ctx.tokens.token().await {
@@ -460,7 +489,7 @@ async fn send(ctx: &Context, session: &Session, job: &mut Job<'_>, call: Call<'_
         Err(e) => {
             tracing::error!(error = %e, "no access token; pausing consumption");
             session.pause(PauseReason::NoToken);
-            return Called::HandBack(job.hand_back(None));
+            return Called::HandBack(job.hand_back(ctx, None));
         }
     };
     // Once sent, a call is seen through: aborting it would leave Graph's side unknown.
@@ -500,11 +529,12 @@ async fn wait_or_hand_back(
     delay: Duration,
 ) -> Option<Step> {
     if ctx.parks(delay) {
-        return Some(job.hand_back(Some(delay)));
+        return Some(job.hand_back(ctx, Some(delay)));
     }
     let retry_at = OffsetDateTime::now_utc() + delay;
     if !sleep_unless_stopped(delay, &session.stop).await {
-        return Some(job.hand_back(until(retry_at)));
+        ctx.graph_slots.settled().await;
+        return Some(job.hand_back(ctx, until(retry_at)));
     }
     job.state.retry_at = None;
     None

@@ -11,7 +11,7 @@ use lapin::{
     options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions},
     types::FieldTable,
 };
-use tokio::{net::TcpListener, sync::Semaphore, time::Instant};
+use tokio::{net::TcpListener, time::Instant};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
@@ -21,7 +21,7 @@ use crate::{
     graph::{self, GraphClient},
     http::{self, Health},
     metrics::Metrics,
-    pipeline::{self, Context, Session},
+    pipeline::{self, CallSlots, Context, Session},
     retry::{PauseReason, Policy},
     throttle::{Budget, Gate, GateConfig},
 };
@@ -107,7 +107,7 @@ impl App {
             ),
             tenant_id: credentials.tenant_id.clone(),
             tokens: TokenSource::new(http, credentials, metrics.clone()),
-            graph_slots: Semaphore::new(settings.worker.concurrency),
+            graph_slots: CallSlots::new(settings.worker.concurrency),
             metrics: metrics.clone(),
             policy: Policy::from(&settings.retry),
             park_after: settings.retry.park_after(),

@@ -9,11 +9,12 @@ use std::{
 };
 
 use common::{
-    Broker, SECRET,
+    Broker, SECRET, TempFile,
     bin::{command, env_for, output},
     device, eventually,
+    pki::TestCertificate,
 };
-use unassign_worker::sim::Sim;
+use unassign_worker::sim::{Scripted, Sim};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -197,6 +198,85 @@ async fn sigterm_drains_within_the_grace_period_and_loses_nothing() {
     sim.shutdown().await;
 }
 
+/// Six calls in flight at once all get a 429, one with `Retry-After: 4` and five with 2: every
+/// job then waits in the process (waits under `retry.park_after_secs` are not parked), all until
+/// the tenant's hold ends 4 s on. SIGTERM must hand them back at once with what they owe — not
+/// wait it out, not drop them — and the next worker must not call before the hold ends, although
+/// only the old process had learnt of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_while_throttled_hands_every_waiting_job_back() {
+    let answers = ["4", "2", "2", "2", "2", "2"].map(|seconds| (seconds, 0));
+    sigterm_while_throttled("term-throttled", &answers).await;
+}
+
+/// Two calls go out together: one is answered 429 `Retry-After: 2` at once, the other 429
+/// `Retry-After: 4` 1.5 s later. A SIGTERM in between must not let the waiting job leave before
+/// that second answer is in, or it would carry too short a wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_calls_in_flight_answer_before_handing_waits_back() {
+    sigterm_while_throttled("term-inflight", &[("2", 0), ("4", 1500)]).await;
+}
+
+/// One job per `(Retry-After, answer delay in ms)`, each answered so; SIGTERM once every call
+/// has reached graph-sim; then a second worker finishes them all.
+async fn sigterm_while_throttled(test: &str, answers: &[(&str, u64)]) {
+    let sim = Sim::start(common::sim_options()).await.unwrap();
+    sim.push_script(answers.iter().map(|(seconds, delay_ms)| Scripted {
+        status: 429,
+        retry_after: Some((*seconds).into()),
+        delay_ms: *delay_ms,
+    }));
+    let settings = common::settings(&sim, &common::prefix(test));
+    let broker = Broker::connect(&settings).await;
+    let events = broker.collect(&settings.amqp.outcomes_queue).await;
+    let mut vars = env_for(&sim, &settings);
+    vars.push(("UNASSIGN__WORKER__SHUTDOWN_GRACE_SECS".into(), "20".into()));
+    let jobs = answers.len();
+    for i in 0..jobs {
+        broker
+            .publish_request(&format!("held-{i}"), &device())
+            .await;
+    }
+    let child = spawn_worker(&vars);
+    eventually("every call to arrive", WAIT, || async {
+        (sim.stats().action_calls == jobs as u64).then_some(())
+    })
+    .await;
+    sigterm(&child);
+    let (code, took, first_logs) = wait_exit(child, Duration::from_secs(25)).await;
+    assert_eq!(code, 0, "{first_logs}");
+    assert!(
+        took < Duration::from_secs(3),
+        "held jobs are handed back, not waited out: exit took {took:?}"
+    );
+    assert_eq!(events.len(), 0, "nothing was finished");
+    let depth = broker.depth(&settings.amqp.queue).await;
+    assert_eq!(depth as usize, jobs, "every job is back");
+
+    // Calls already on their way when the first 429 arrived count as early at the simulator;
+    // the new worker must add none. It counts the calls the first one made.
+    let early = sim.stats().early_calls;
+    let child = spawn_worker(&vars);
+    let done = events.wait_for(jobs, WAIT).await;
+    assert!(done.iter().all(|e| e.event().data.error.is_none()));
+    let attempts: u32 = done.iter().map(|e| e.event().data.attempts).sum();
+    assert_eq!(
+        u64::from(attempts),
+        sim.stats().action_calls,
+        "attempts count the first worker's calls too"
+    );
+    sigterm(&child);
+    let (code, _, logs) = wait_exit(child, WAIT).await;
+    assert_eq!(code, 0);
+    assert_eq!(
+        sim.stats().early_calls,
+        early,
+        "no call before the Retry-After:\n{first_logs}\n{logs}"
+    );
+    broker.cleanup().await;
+    sim.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secrets_never_reach_the_logs_even_at_trace_level() {
     let sim = Sim::start(unassign_worker::sim::SimOptions {
@@ -255,4 +335,121 @@ async fn drain_request_ids(broker: &Broker, queue: &str) -> Vec<String> {
             .unwrap();
     }
     ids
+}
+
+/// The environment for `settings` with `credential` (one `AZURE_*` variable and its file)
+/// instead of the client secret.
+fn with_credential(
+    sim: &Sim,
+    settings: &unassign_worker::config::Settings,
+    credential: (&str, &std::path::Path),
+) -> Vec<(String, String)> {
+    let mut vars = env_for(sim, settings);
+    vars.retain(|(k, _)| k != "AZURE_CLIENT_SECRET");
+    vars.push((credential.0.into(), credential.1.display().to_string()));
+    vars
+}
+
+/// A fresh key and certificate, and a simulator whose app registration holds the certificate.
+async fn sim_with_certificate() -> (TestCertificate, Sim) {
+    let pki = TestCertificate::generate();
+    let registered = TempFile::new(&pki.cert_pem);
+    let sim = Sim::start(unassign_worker::sim::SimOptions {
+        client_certificates: vec![registered.0.clone()],
+        ..common::sim_options()
+    })
+    .await
+    .unwrap();
+    (pki, sim)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_reports_certificate_and_workload_identity_without_their_secrets() {
+    let (pki, sim) = sim_with_certificate().await;
+    let settings = common::settings(&sim, &common::prefix("checkcred"));
+    let pem = TempFile::new(&pki.pem());
+    let vars = with_credential(&sim, &settings, ("AZURE_CLIENT_CERTIFICATE_PATH", &pem.0));
+    let (code, out, err) = output(command(&vars).arg("check"));
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("ok   config") && out.contains("certificate"),
+        "{out}"
+    );
+    assert!(out.contains("ok   token"), "{out}");
+
+    let subject = unassign_worker::sim::SimOptions::default().federated_subject;
+    let expired = sim.federated_token(&subject, -3600);
+    let token = TempFile::new(&expired);
+    let vars = with_credential(&sim, &settings, ("AZURE_FEDERATED_TOKEN_FILE", &token.0));
+    let (code, out, err) = output(command(&vars).arg("check"));
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        out.contains("workload identity") && out.contains("AADSTS700024"),
+        "{out}"
+    );
+    token.write(&sim.federated_token(&subject, 3600));
+    let (code, out, err) = output(command(&vars).arg("check"));
+    assert_eq!(code, 0, "{out}{err}");
+
+    let mut secrets = sim.received_assertions();
+    secrets.extend(sim.issued_tokens());
+    secrets.push(key_material(&pki));
+    for secret in &secrets {
+        assert!(
+            !out.contains(secret.as_str()) && !err.contains(secret.as_str()),
+            "a secret leaked: {out}{err}"
+        );
+    }
+    sim.shutdown().await;
+}
+
+/// A line from the middle of the private key's PEM body: no log may hold any of it.
+fn key_material(pki: &TestCertificate) -> String {
+    pki.key_pem.lines().nth(5).expect("a PEM body").to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn assertions_and_keys_never_reach_the_logs_even_at_trace_level() {
+    let (pki, sim) = sim_with_certificate().await;
+    let subject = unassign_worker::sim::SimOptions::default().federated_subject;
+    let pem = TempFile::new(&pki.pem());
+    let token = TempFile::new(&sim.federated_token(&subject, 3600));
+    let credentials = [
+        ("AZURE_CLIENT_CERTIFICATE_PATH", &pem.0),
+        ("AZURE_FEDERATED_TOKEN_FILE", &token.0),
+    ];
+    for (i, (name, path)) in credentials.into_iter().enumerate() {
+        let settings = common::settings(&sim, &common::prefix("tracecred"));
+        let broker = Broker::connect(&settings).await;
+        let events = broker.collect(&settings.amqp.outcomes_queue).await;
+        let mut vars = with_credential(&sim, &settings, (name, path));
+        vars.push(("RUST_LOG".into(), "trace".into()));
+        let child = spawn_worker(&vars);
+        broker.publish_request("t-1", &device()).await;
+        events.wait_for(1, WAIT).await;
+        sigterm(&child);
+        let (code, _, logs) = wait_exit(child, Duration::from_secs(40)).await;
+        assert_eq!(code, 0, "{name}");
+        assert!(
+            logs.contains("access token"),
+            "{name}: the run logged its token"
+        );
+        let stats = sim.stats();
+        assert_eq!(
+            stats.tokens_by_credential.values().sum::<u64>(),
+            i as u64 + 1
+        );
+        let mut secrets = sim.received_assertions();
+        secrets.extend(sim.issued_tokens());
+        secrets.push(key_material(&pki));
+        assert!(!secrets.is_empty());
+        for secret in &secrets {
+            assert!(
+                !logs.contains(secret.as_str()),
+                "{name}: a secret reached the logs"
+            );
+        }
+        broker.cleanup().await;
+    }
+    sim.shutdown().await;
 }

@@ -25,8 +25,11 @@ pub async fn check(config: Option<PathBuf>) -> Result<(), CliError> {
         }
     };
     println!(
-        "ok   config: tenant {}, client {}, graph {}",
-        credentials.tenant_id, credentials.client_id, settings.graph.base_url
+        "ok   config: tenant {}, client {}, {}, graph {}",
+        credentials.tenant_id,
+        credentials.client_id,
+        credentials.credential.describe(),
+        settings.graph.base_url
     );
     let broker = check_broker(&settings).await;
     match &broker {

@@ -2,6 +2,7 @@
 //! Autopilot endpoints the worker calls, faithful to their throttling, token and error behaviour,
 //! with knobs (latency, injected errors, outages, throttling, scripted answers) for tests and demos.
 
+mod assertion;
 mod devices;
 mod routes;
 mod state;
@@ -26,6 +27,8 @@ use tokio_util::sync::CancellationToken;
 
 pub use devices::Device;
 use state::Shared;
+
+pub use assertion::{FEDERATED_AUDIENCE, FEDERATED_ISSUER};
 
 /// CLI options of `unassign-worker graph-sim`; also used by tests (via `Default` or `parse_from`).
 #[derive(Parser, Debug, Clone)]
@@ -80,6 +83,17 @@ pub struct SimOptions {
     /// Answer every Graph call with 403 (app lacks permission).
     #[arg(long)]
     pub forbid: bool,
+    /// PEM certificate registered on the app registration (repeatable): its key may sign client
+    /// assertions.
+    #[arg(long = "client-certificate")]
+    pub client_certificates: Vec<PathBuf>,
+    /// Subject of the app's federated identity credential (issuer FEDERATED_ISSUER, audience
+    /// api://AzureADTokenExchange).
+    #[arg(
+        long,
+        default_value = "system:serviceaccount:unassign-worker:unassign-worker"
+    )]
+    pub federated_subject: String,
 }
 
 impl Default for SimOptions {
@@ -137,6 +151,9 @@ pub struct Behaviour {
     /// change asynchronously, may for a while.
     #[serde(default)]
     pub lagging_unassign: bool,
+    /// PEM certificates registered on the app (`--client-certificate`, read at start).
+    pub client_certificates: Vec<String>,
+    pub federated_subject: String,
 }
 
 impl From<&SimOptions> for Behaviour {
@@ -157,6 +174,8 @@ impl From<&SimOptions> for Behaviour {
             failing_devices: BTreeMap::new(),
             next_link_origin: None,
             lagging_unassign: false,
+            client_certificates: Vec::new(),
+            federated_subject: o.federated_subject.clone(),
         }
     }
 }
@@ -182,6 +201,8 @@ pub struct Stats {
     pub responses_by_status: BTreeMap<u16, u64>,
     pub token_requests: u64,
     pub token_failures: u64,
+    /// Tokens issued by the credential that earned them: `secret`, `certificate`, `federated`.
+    pub tokens_by_credential: BTreeMap<String, u64>,
     /// Reads: calls of the device list, whatever their answer.
     pub list_calls: u64,
     /// List responses by status.
@@ -278,9 +299,20 @@ impl Sim {
         self.shared.revoke_tokens();
     }
 
+    /// A service-account token from the simulated cluster's OIDC issuer, as Kubernetes projects
+    /// it for workload identity; it expires `valid_for_secs` from now (negative: already expired).
+    pub fn federated_token(&self, subject: &str, valid_for_secs: i64) -> String {
+        self.shared.cfg.issuer.token(subject, valid_for_secs)
+    }
+
     /// The latest access tokens issued (up to 100), for tests that must not find them in logs.
     pub fn issued_tokens(&self) -> Vec<String> {
         self.shared.issued_tokens()
+    }
+
+    /// The latest client assertions received (up to 100), for the same tests.
+    pub fn received_assertions(&self) -> Vec<String> {
+        self.shared.received_assertions()
     }
 
     /// Stops accepting, lets in-flight requests finish (up to 5 s), then stops.

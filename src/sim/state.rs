@@ -7,9 +7,11 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
+use anyhow::Context;
 use rand::Rng;
 use rand::distr::Alphanumeric;
 
+use super::assertion::Issuer;
 use super::devices::{Device, Devices, Filter, ListQuery};
 use super::throttle::{self, Window};
 use super::token::{self, AadError, Form};
@@ -28,6 +30,7 @@ pub(super) struct Config {
     pub client_id: String,
     pub token_ttl: Duration,
     pub page_size: usize,
+    pub issuer: Issuer,
     outages: Vec<(f64, f64)>,
     started: Instant,
 }
@@ -46,6 +49,8 @@ struct Inner {
     tokens: HashMap<String, Token>,
     /// The latest tokens handed out, revoked or not, so tests can look for them in logs.
     issued: VecDeque<String>,
+    /// The latest client assertions received, accepted or not, for the same reason.
+    assertions: VecDeque<String>,
     script: VecDeque<Scripted>,
     read_script: VecDeque<Scripted>,
     windows: HashMap<String, Window>,
@@ -135,15 +140,24 @@ impl Shared {
             client_id: opts.client_id.clone(),
             token_ttl: Duration::from_secs(opts.token_ttl_secs),
             page_size: opts.page_size.max(1),
+            issuer: Issuer::generate()?,
             outages: opts.outages.clone(),
             started: Instant::now(),
         };
+        let mut behaviour = Behaviour::from(opts);
+        for path in &opts.client_certificates {
+            let pem = std::fs::read_to_string(path).with_context(|| {
+                format!("graph-sim: cannot read certificate {}", path.display())
+            })?;
+            behaviour.client_certificates.push(pem);
+        }
         let inner = Inner {
-            behaviour: Behaviour::from(opts),
+            behaviour,
             stats: Stats::default(),
             in_flight: 0,
             tokens: HashMap::new(),
             issued: VecDeque::new(),
+            assertions: VecDeque::new(),
             script: VecDeque::new(),
             read_script: VecDeque::new(),
             windows: HashMap::new(),
@@ -207,16 +221,36 @@ impl Shared {
         self.lock().issued.iter().cloned().collect()
     }
 
+    pub fn received_assertions(&self) -> Vec<String> {
+        self.lock().assertions.iter().cloned().collect()
+    }
+
     pub fn record_unexpected(&self, request: String) {
         self.lock().stats.record_unexpected(request);
     }
 
-    /// Handles a token request for `tenant`: the access token, or Entra's error.
-    pub fn token(&self, tenant: &str, form: &Form) -> (Result<String, AadError>, Duration) {
+    /// Handles a token request for `tenant` sent to `token_url`: the access token, or Entra's
+    /// error.
+    pub fn token(
+        &self,
+        tenant: &str,
+        token_url: &str,
+        form: &Form,
+    ) -> (Result<String, AadError>, Duration) {
         let mut inner = self.lock();
         inner.stats.token_requests += 1;
-        let result = token::validate(&self.cfg, &inner.behaviour, tenant, form)
-            .map(|()| inner.issue_token(tenant, self.cfg.token_ttl));
+        if let Some(assertion) = form.get("client_assertion") {
+            keep_latest(&mut inner.assertions, assertion.clone());
+        }
+        let result = token::validate(&self.cfg, &inner.behaviour, tenant, token_url, form);
+        let result = result.map(|kind| {
+            *inner
+                .stats
+                .tokens_by_credential
+                .entry(kind.to_owned())
+                .or_default() += 1;
+            inner.issue_token(tenant, self.cfg.token_ttl)
+        });
         inner.stats.token_failures += u64::from(result.is_err());
         (result, inner.latency())
     }
@@ -309,10 +343,7 @@ impl Inner {
         let expires = now + ttl;
         let tenant = tenant.to_ascii_lowercase();
         self.tokens.insert(token.clone(), Token { tenant, expires });
-        if self.issued.len() == MAX_ISSUED_KEPT {
-            self.issued.pop_front();
-        }
-        self.issued.push_back(token.clone());
+        keep_latest(&mut self.issued, token.clone());
         token
     }
 
@@ -496,6 +527,13 @@ impl Inner {
             delay: Duration::ZERO,
         })
     }
+}
+
+fn keep_latest(kept: &mut VecDeque<String>, value: String) {
+    if kept.len() == MAX_ISSUED_KEPT {
+        kept.pop_front();
+    }
+    kept.push_back(value);
 }
 
 /// Which of a tenant's limits a call counts against.

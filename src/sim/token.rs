@@ -1,5 +1,5 @@
-//! The Microsoft identity platform token endpoint (client credentials with a client secret),
-//! answering errors in Entra's AADSTS shape.
+//! The Microsoft identity platform token endpoint (client credentials with a client secret or a
+//! client assertion), answering errors in Entra's AADSTS shape.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -15,6 +15,7 @@ use time::macros::format_description;
 use uuid::Uuid;
 
 use super::Behaviour;
+use super::assertion::{self, Kind};
 use super::state::{Config, Shared, is_guid};
 
 /// The urlencoded form fields of a token request.
@@ -23,13 +24,18 @@ pub(super) type Form = HashMap<String, String>;
 /// An Entra error: HTTP status, OAuth `error`, AADSTS number and its description.
 #[derive(Debug)]
 pub(super) struct AadError {
+    pub status: StatusCode,
+    pub error: &'static str,
+    pub code: u32,
+    pub description: String,
+}
+
+pub(super) fn aad(
     status: StatusCode,
     error: &'static str,
     code: u32,
     description: String,
-}
-
-fn aad(status: StatusCode, error: &'static str, code: u32, description: String) -> AadError {
+) -> AadError {
     AadError {
         status,
         error,
@@ -47,13 +53,15 @@ fn missing(param: &str) -> AadError {
     )
 }
 
-/// Checks a token request in the order Entra does: service, tenant, grant, client, scope, secret.
+/// Checks a token request in the order Entra does: service, tenant, grant, client, scope, then
+/// the secret or assertion sent to `token_url`; tells which kind of credential passed.
 pub(super) fn validate(
     cfg: &Config,
     b: &Behaviour,
     tenant: &str,
+    token_url: &str,
     form: &Form,
-) -> Result<(), AadError> {
+) -> Result<Kind, AadError> {
     let field = |name: &str| form.get(name).map(String::as_str).filter(|v| !v.is_empty());
     if b.token_outage {
         return Err(aad(
@@ -124,6 +132,10 @@ pub(super) fn validate(
             description,
         ))
     };
+    if let (None, Some(client_assertion)) = (field("client_secret"), field("client_assertion")) {
+        let kind = field("client_assertion_type");
+        return assertion::verify(&cfg.issuer, b, client_id, token_url, kind, client_assertion);
+    }
     match field("client_secret") {
         None => invalid_client(
             7000218,
@@ -139,7 +151,7 @@ pub(super) fn validate(
                  '{client_id}'."
             ),
         ),
-        Some(_) => Ok(()),
+        Some(_) => Ok("secret"),
     }
 }
 
@@ -151,7 +163,13 @@ pub(super) async fn handler(
     body: Bytes,
 ) -> Response {
     let form: Form = url::form_urlencoded::parse(&body).into_owned().collect();
-    let (result, delay) = sim.token(&tenant, &form);
+    // Where the client sent this request, as a client assertion's audience must name it.
+    let host = headers
+        .get(axum::http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or_default();
+    let token_url = format!("http://{host}/{tenant}/oauth2/v2.0/token");
+    let (result, delay) = sim.token(&tenant, &token_url, &form);
     tokio::time::sleep(delay).await;
     match result {
         Ok(access_token) => {

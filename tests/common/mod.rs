@@ -4,6 +4,8 @@
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
 pub mod bin;
+#[path = "../../src/test_pki.rs"]
+pub mod pki;
 pub mod relay;
 
 use std::{
@@ -59,6 +61,28 @@ where
             "timed out waiting for {what}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A uniquely named file in the temp directory, removed when dropped.
+pub struct TempFile(pub std::path::PathBuf);
+
+impl TempFile {
+    pub fn new(contents: &str) -> TempFile {
+        let file = TempFile(std::env::temp_dir().join(format!("uw-{}", uuid::Uuid::new_v4())));
+        file.write(contents);
+        file
+    }
+
+    /// Replaces the contents, as Kubernetes does when it rotates a mounted file.
+    pub fn write(&self, contents: &str) {
+        std::fs::write(&self.0, contents).expect("write the temp file");
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
     }
 }
 

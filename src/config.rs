@@ -86,6 +86,8 @@ pub struct GraphSettings {
     pub base_url: Url,
     pub timeout_secs: u64,
     pub max_requests_per_second: f64,
+    /// The same for reads (device lookups), a budget of their own.
+    pub max_reads_per_second: f64,
     pub adaptive_throttling: bool,
 }
 
@@ -196,13 +198,18 @@ impl Settings {
         if self.retry.max_attempts == 0 {
             return Err(ConfigError::key("retry.max_attempts", "must be at least 1"));
         }
-        if !(self.graph.max_requests_per_second >= 0.0
-            && self.graph.max_requests_per_second.is_finite())
-        {
-            return Err(ConfigError::key(
+        let rates = [
+            (
                 "graph.max_requests_per_second",
-                "must be a finite number ≥ 0",
-            ));
+                self.graph.max_requests_per_second,
+            ),
+            (
+                "graph.max_reads_per_second",
+                self.graph.max_reads_per_second,
+            ),
+        ];
+        if let Some((key, _)) = rates.iter().find(|(_, r)| !(*r >= 0.0 && r.is_finite())) {
+            return Err(ConfigError::key(key, "must be a finite number ≥ 0"));
         }
         let tiers = &self.amqp.delay_tiers_secs;
         if tiers.is_empty() || tiers[0] == 0 || tiers.windows(2).any(|w| w[0] >= w[1]) {

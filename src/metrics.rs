@@ -88,6 +88,7 @@ pub struct Metrics {
     retries: Family<Reason, Counter>,
     throttled: Gauge,
     rate_limit: Gauge<f64, AtomicU64>,
+    read_rate_limit: Gauge<f64, AtomicU64>,
     inflight: Gauge,
     amqp_connected: Gauge,
     amqp_reconnects: Counter,
@@ -116,6 +117,7 @@ impl Metrics {
             retries: Family::default(),
             throttled: Gauge::default(),
             rate_limit: Gauge::default(),
+            read_rate_limit: Gauge::default(),
             inflight: Gauge::default(),
             amqp_connected: Gauge::default(),
             amqp_reconnects: Counter::default(),
@@ -193,6 +195,11 @@ impl Metrics {
             "unassign_rate_limit_per_second",
             "Current Graph request budget per tenant (0 = none)",
             self.rate_limit.clone(),
+        );
+        r.register(
+            "unassign_read_rate_limit_per_second",
+            "Current budget for Graph reads (device lookups) per tenant (0 = none)",
+            self.read_rate_limit.clone(),
         );
         r.register(
             "unassign_inflight_jobs",
@@ -285,6 +292,10 @@ impl Metrics {
         self.rate_limit.set(per_second);
     }
 
+    pub fn set_read_rate_limit(&self, per_second: f64) {
+        self.read_rate_limit.set(per_second);
+    }
+
     pub fn inflight_inc(&self) {
         self.inflight.inc();
     }
@@ -336,6 +347,7 @@ mod tests {
             "unassign_retries_total{reason=\"throttled\"}",
             "unassign_throttled ",
             "unassign_rate_limit_per_second ",
+            "unassign_read_rate_limit_per_second ",
             "unassign_inflight_jobs ",
             "unassign_amqp_connected ",
             "unassign_amqp_reconnects_total ",

@@ -1,6 +1,9 @@
 //! One job: a delivery from the requests queue to its settlement. This is the one place that
 //! orders the steps — parse, wait on the tenant's gate, call Graph, decide, and then publish the
-//! outcome (and dead letter) with confirms *before* acking (CONTRACT section 6).
+//! outcome (and dead letter) with confirms *before* acking (CONTRACT section 6). Requests by
+//! serial number or user first look the devices up ([`targets`]).
+
+mod targets;
 
 use std::{
     sync::{Arc, Mutex},
@@ -17,16 +20,18 @@ use time::OffsetDateTime;
 use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, field::Empty};
+use url::Url;
 
 use crate::{
     amqp::{PublishError, Publisher, delay},
     auth::{AccessToken, TokenSource},
     config::AmqpSettings,
     contract::{
-        self, DeviceId, ErrorKind, Failure, Invalid, Outcome, Request, RetryState, Target,
-        TraceContext,
+        self, DeviceId, ErrorKind, Failure, Invalid, Outcome, Progress, Request, RetryState,
+        Target, TraceContext,
     },
     graph::{GraphClient, Reply},
+    lookup::Lookup,
     metrics::{Metrics, RetryReason},
     retry::{self, Attempt, Decision, PauseReason, Policy},
     throttle::{Gate, Ticket},
@@ -41,7 +46,10 @@ pub struct Context {
     pub amqp: AmqpSettings,
     pub graph: GraphClient,
     pub tokens: TokenSource,
+    /// The tenant's gate for writes (the unassign action)…
     pub gate: Arc<Gate>,
+    /// …and for reads (lookups), which Intune budgets apart from writes.
+    pub read_gate: Arc<Gate>,
     pub graph_slots: CallSlots,
     pub metrics: Arc<Metrics>,
     pub policy: Policy,
@@ -82,6 +90,12 @@ impl CallSlots {
 }
 
 impl Context {
+    /// A Retry-After speaks for the whole tenant: reads and writes alike wait it out.
+    fn hold_tenant(&self, duration: Duration) {
+        self.gate.hold(duration);
+        self.read_gate.hold(duration);
+    }
+
     /// Whether a wait of `wait` goes through a delay queue rather than holding the delivery.
     fn parks(&self, wait: Duration) -> bool {
         wait > self.park_after && delay::tier_for(&self.amqp, wait).is_some()
@@ -123,8 +137,9 @@ impl Session {
 enum Step {
     /// A final outcome: publish the event (and dead letter), then ack.
     Done(Box<Outcome>),
-    /// Not finished: back to the queue — or a delay queue — with its state, then ack.
-    HandBack(RetryState),
+    /// Not finished: back to the queue — or a delay queue — with its state (and, for a serial
+    /// or user request, its progress), then ack.
+    HandBack(RetryState, Option<Progress>),
 }
 
 /// Handles one delivery to the end. Never panics on input; every path settles the delivery or
@@ -134,6 +149,7 @@ pub async fn handle(ctx: &Context, session: &Session, delivery: Delivery) {
     let _inflight = scopeguard(|| ctx.metrics.inflight_dec());
     let headers = delivery.properties.headers().clone().unwrap_or_default();
     let state = RetryState::from_headers(&headers, OffsetDateTime::now_utc());
+    let progress = Progress::from_headers(&headers);
     let message_id = delivery
         .properties
         .message_id()
@@ -158,7 +174,7 @@ pub async fn handle(ctx: &Context, session: &Session, delivery: Delivery) {
             if let Some(id) = request.device_id() {
                 span.record("device_id", id.as_str());
             }
-            process(ctx, session, &request, state)
+            process(ctx, session, &request, state, progress)
                 .instrument(span.clone())
                 .await
         }
@@ -170,8 +186,14 @@ pub async fn handle(ctx: &Context, session: &Session, delivery: Delivery) {
 }
 
 /// The Graph part of a job: call, decide, wait, call again.
-async fn process(ctx: &Context, session: &Session, request: &Request, state: RetryState) -> Step {
-    let job = Job { request, state };
+async fn process(
+    ctx: &Context,
+    session: &Session,
+    request: &Request,
+    state: RetryState,
+    progress: Progress,
+) -> Step {
+    let mut job = Job::new(request, state, progress);
     if let Some(tenant) = &request.tenant_id
         && !tenant.eq_ignore_ascii_case(&ctx.tenant_id)
     {
@@ -180,25 +202,52 @@ async fn process(ctx: &Context, session: &Session, request: &Request, state: Ret
             "tenant_id names no configured tenant",
         ));
     }
-    let device = match &request.target {
-        Target::Device(id) => id,
-        Target::Serial(_) | Target::User(_) => {
-            return job.fail(Failure::new(
-                ErrorKind::InvalidRequest,
-                "serial_number and user_principal_name are not supported yet: send device_id",
-            ));
+    let lookup = match &request.target {
+        Target::Device(id) => {
+            return match call_until_decided(ctx, session, &mut job, Call::Unassign(id)).await {
+                Ended::Succeeded(reply) => job.finish(None, Some(&reply)),
+                Ended::Failed(failure, reply) => job.finish(Some(failure), reply.as_ref()),
+                Ended::HandBack(step) => step,
+            };
         }
+        Target::Serial(serial) => Lookup::Serial(serial),
+        Target::User(upn) => Lookup::User(upn),
     };
-    call_until_decided(ctx, session, job, device).await
+    targets::unassign_looked_up(ctx, session, job, lookup).await
 }
 
 /// A request in progress and its durable state.
 struct Job<'a> {
     request: &'a Request,
     state: RetryState,
+    /// Devices done and calls on the one in progress (serial and user requests).
+    progress: Progress,
+    /// `state.attempts` when the device in progress was started: its own retry budget.
+    base: u32,
+    /// Reads (list calls) made in this delivery.
+    reads: u32,
 }
 
-impl Job<'_> {
+impl<'a> Job<'a> {
+    fn new(request: &'a Request, state: RetryState, progress: Progress) -> Self {
+        let spent = progress.device_calls.unwrap_or(state.attempts);
+        Self {
+            request,
+            base: state.attempts.saturating_sub(spent),
+            state,
+            progress,
+            reads: 0,
+        }
+    }
+
+    /// Calls made so far on what `call` is about.
+    fn calls(&self, call: Call<'_>) -> u32 {
+        match call {
+            Call::Unassign(_) => self.state.attempts.saturating_sub(self.base),
+            Call::List(_) => self.reads,
+        }
+    }
+
     fn outcome(&self, error: Option<Failure>, reply: Option<&Reply>) -> Outcome {
         Outcome {
             request_id: self.request.request_id.clone(),
@@ -211,6 +260,8 @@ impl Job<'_> {
             client_request_id: reply.map(|r| r.client_request_id.clone()),
             received_at: self.state.first_received_at,
             completed_at: OffsetDateTime::now_utc(),
+            devices: None,
+            message: None,
         }
     }
 
@@ -220,14 +271,25 @@ impl Job<'_> {
     fn hand_back(&self, ctx: &Context, wait: Option<Duration>) -> Step {
         let wait = wait.max(ctx.gate.held_for());
         let retry_at = wait.map(|w| OffsetDateTime::now_utc() + w);
-        Step::HandBack(RetryState {
-            retry_at,
-            ..self.state
-        })
+        let progress = self.request.device_id().is_none().then(|| Progress {
+            device_calls: Some(self.state.attempts.saturating_sub(self.base)),
+            ..self.progress.clone()
+        });
+        Step::HandBack(
+            RetryState {
+                retry_at,
+                ..self.state
+            },
+            progress,
+        )
+    }
+
+    fn finish(&self, error: Option<Failure>, reply: Option<&Reply>) -> Step {
+        Step::Done(Box::new(self.outcome(error, reply)))
     }
 
     fn fail(&self, failure: Failure) -> Step {
-        Step::Done(Box::new(self.outcome(Some(failure), None)))
+        self.finish(Some(failure), None)
     }
 
     fn elapsed(&self) -> Duration {
@@ -246,8 +308,8 @@ impl Job<'_> {
         )
     }
 
-    /// Gives up for good, saying why and what Graph said last.
-    fn give_up(&self, kind: ErrorKind, last: Option<&Reply>) -> Step {
+    /// Gives up for good after `calls`, saying why and what Graph said last.
+    fn give_up(&self, kind: ErrorKind, calls: u32, last: Option<&Reply>) -> Failure {
         let why = match kind {
             ErrorKind::DeadlineExceeded => "not_after passed",
             ErrorKind::RetriesExhausted => "retry budget spent",
@@ -255,19 +317,43 @@ impl Job<'_> {
         };
         let message = match last {
             Some(reply) => format!(
-                "{why} after {} call(s) in {:.0?}; last: {}",
-                self.state.attempts,
+                "{why} after {calls} call(s) in {:.0?}; last: {}",
                 self.elapsed(),
                 reply.describe()
             ),
             None => format!("{why} before any call was made"),
         };
-        let failure = Failure {
+        Failure {
             message,
             ..failure_from(kind, last)
-        };
-        Step::Done(Box::new(self.outcome(Some(failure), last)))
+        }
     }
+}
+
+/// A Graph call a job makes: the action (a write) or a page of the device list (a read).
+#[derive(Debug, Clone, Copy)]
+enum Call<'a> {
+    Unassign(&'a DeviceId),
+    List(&'a Url),
+}
+
+impl Call<'_> {
+    /// Writes and reads are budgeted apart.
+    fn gate(self, ctx: &Context) -> &Arc<Gate> {
+        match self {
+            Call::Unassign(_) => &ctx.gate,
+            Call::List(_) => &ctx.read_gate,
+        }
+    }
+}
+
+/// How a call, with its retries, ended.
+enum Ended {
+    Succeeded(Reply),
+    /// For good: the failure, and Graph's last answer if there was one.
+    Failed(Failure, Option<Reply>),
+    /// Paused, parked or stopped: the job goes back to the queue.
+    HandBack(Step),
 }
 
 /// Graph's status and error code, if an answer was had.
@@ -281,31 +367,35 @@ fn failure_from(kind: ErrorKind, reply: Option<&Reply>) -> Failure {
     }
 }
 
+/// Makes `call` until Graph's answer is final, waiting out retries (or handing the job back
+/// for long ones), refreshing the token once on a 401, pausing on credential trouble.
 async fn call_until_decided(
     ctx: &Context,
     session: &Session,
-    mut job: Job<'_>,
-    device: &DeviceId,
-) -> Step {
+    job: &mut Job<'_>,
+    call: Call<'_>,
+) -> Ended {
     let mut last: Option<Reply> = None;
     let mut token_refreshed = false;
     if let Some(wait) = job.state.retry_at.and_then(until) {
-        if let Some(step) = wait_or_hand_back(ctx, session, &mut job, wait).await {
-            return step;
+        if let Some(step) = wait_or_hand_back(ctx, session, job, wait).await {
+            return Ended::HandBack(step);
         }
     }
+    let gate = call.gate(ctx);
     loop {
         if job.until_deadline() == Some(Duration::ZERO) {
-            return job.give_up(ErrorKind::DeadlineExceeded, last.as_ref());
+            let failure = job.give_up(ErrorKind::DeadlineExceeded, job.calls(call), last.as_ref());
+            return Ended::Failed(failure, last);
         }
-        let (reply, token, ticket) = match call(ctx, session, &mut job, device).await {
+        let (reply, token, ticket) = match send(ctx, session, job, call).await {
             Called::Sent(reply, token, ticket) => (reply, token, ticket),
-            Called::HandBack(step) => return step,
+            Called::HandBack(step) => return Ended::HandBack(step),
         };
         let decision = retry::decide(
             &reply.answer(),
             Attempt {
-                calls: job.state.attempts,
+                calls: job.calls(call),
                 elapsed: job.elapsed(),
                 until_deadline: job.until_deadline(),
                 token_refreshed,
@@ -317,16 +407,18 @@ async fn call_until_decided(
         token_refreshed = false;
         match decision {
             Decision::Succeed => {
-                ctx.gate.succeeded();
-                tracing::info!(attempts = job.state.attempts, "unassigned");
-                return Step::Done(Box::new(job.outcome(None, Some(&reply))));
+                gate.succeeded();
+                if let Call::Unassign(device) = call {
+                    tracing::info!(attempts = job.state.attempts, device_id = %device, "unassigned");
+                }
+                return Ended::Succeeded(reply);
             }
             Decision::Fail(kind @ (ErrorKind::RetriesExhausted | ErrorKind::DeadlineExceeded)) => {
-                return job.give_up(kind, Some(&reply));
+                let failure = job.give_up(kind, job.calls(call), Some(&reply));
+                return Ended::Failed(failure, Some(reply));
             }
             Decision::Fail(kind) => {
-                let failure = failure_from(kind, Some(&reply));
-                return Step::Done(Box::new(job.outcome(Some(failure), Some(&reply))));
+                return Ended::Failed(failure_from(kind, Some(&reply)), Some(reply));
             }
             Decision::RefreshToken => {
                 tracing::info!("graph answered 401; fetching a fresh token");
@@ -336,7 +428,7 @@ async fn call_until_decided(
             Decision::Pause(reason) => {
                 tracing::error!(reason = reason.as_str(), "pausing consumption");
                 session.pause(reason);
-                return job.hand_back(ctx, None);
+                return Ended::HandBack(job.hand_back(ctx, None));
             }
             Decision::Retry {
                 delay,
@@ -345,10 +437,10 @@ async fn call_until_decided(
             } => {
                 ctx.metrics.retry(reason);
                 if reason == RetryReason::Throttled {
-                    ctx.gate.throttled(ticket);
+                    gate.throttled(ticket);
                 }
                 if let Some(hold) = hold_tenant {
-                    ctx.gate.hold(hold);
+                    ctx.hold_tenant(hold);
                 }
                 tracing::warn!(
                     reason = reason.as_str(),
@@ -356,8 +448,8 @@ async fn call_until_decided(
                     answer = %reply.describe(),
                     "retrying"
                 );
-                if let Some(step) = wait_or_hand_back(ctx, session, &mut job, delay).await {
-                    return step;
+                if let Some(step) = wait_or_hand_back(ctx, session, job, delay).await {
+                    return Ended::HandBack(step);
                 }
             }
         }
@@ -373,14 +465,16 @@ enum Called {
     HandBack(Step),
 }
 
-/// One Graph call, after the concurrency slot, the tenant's gate and a token.
-async fn call(ctx: &Context, session: &Session, job: &mut Job<'_>, device: &DeviceId) -> Called {
-    if let Some(held) = ctx.gate.held_for().filter(|held| ctx.parks(*held)) {
+/// One Graph call, after the concurrency slot, the tenant's gate (for writes or reads) and a
+/// token.
+async fn send(ctx: &Context, session: &Session, job: &mut Job<'_>, call: Call<'_>) -> Called {
+    let gate = call.gate(ctx);
+    if let Some(held) = gate.held_for().filter(|held| ctx.parks(*held)) {
         return Called::HandBack(job.hand_back(ctx, Some(held)));
     }
     let admitted = async {
         let permit = ctx.graph_slots.acquire().await;
-        (permit, ctx.gate.admit().await)
+        (permit, gate.admit().await)
     };
     let (_permit, ticket) = tokio::select! {
         biased;
@@ -399,10 +493,19 @@ async fn call(ctx: &Context, session: &Session, job: &mut Job<'_>, device: &Devi
         }
     };
     // Once sent, a call is seen through: aborting it would leave Graph's side unknown.
-    let reply = ctx.graph.unassign(&token, device).await;
-    job.state.attempts += 1;
     let span = tracing::Span::current();
-    span.record("attempt", job.state.attempts);
+    let reply = match call {
+        Call::Unassign(device) => {
+            let reply = ctx.graph.unassign(&token, device).await;
+            job.state.attempts += 1;
+            span.record("attempt", job.state.attempts);
+            reply
+        }
+        Call::List(url) => {
+            job.reads += 1;
+            ctx.graph.list(&token, url.clone()).await
+        }
+    };
     let response = reply.response();
     if let Some(id) = response.and_then(|r| r.request_id.as_deref()) {
         span.record("graph_request_id", id);
@@ -456,6 +559,8 @@ fn invalid_outcome(invalid: Invalid, state: RetryState) -> Outcome {
         client_request_id: None,
         received_at: state.first_received_at,
         completed_at: OffsetDateTime::now_utc(),
+        devices: None,
+        message: None,
     }
 }
 
@@ -479,7 +584,9 @@ async fn settle(
             Step::Done(outcome) => {
                 publish_outcome(ctx, session, delivery, outcome, &event_id, trace).await
             }
-            Step::HandBack(state) => hand_back(ctx, session, delivery, state).await,
+            Step::HandBack(state, progress) => {
+                hand_back(ctx, session, delivery, state, progress.as_ref()).await
+            }
         };
         let error = match published {
             Ok(()) => break,
@@ -595,7 +702,11 @@ async fn publish_outcome(
     let dead_letter = async {
         match &outcome.error {
             Some(failure) => {
-                let original = delivery.properties.headers().clone().unwrap_or_default();
+                let mut original = delivery.properties.headers().clone().unwrap_or_default();
+                if outcome.devices.is_some() {
+                    // A replay must not redo the devices already unassigned.
+                    original = outcome.progress().to_headers(&original);
+                }
                 let headers = contract::dead_letter_headers(
                     &original,
                     failure,
@@ -628,12 +739,16 @@ async fn hand_back(
     session: &Session,
     delivery: &Delivery,
     state: &RetryState,
+    progress: Option<&Progress>,
 ) -> Result<(), PublishError> {
-    let original = delivery.properties.headers().clone().unwrap_or_default();
+    let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+    if let Some(progress) = progress {
+        headers = progress.to_headers(&headers);
+    }
     let properties = delivery
         .properties
         .clone()
-        .with_headers(state.to_headers(&original));
+        .with_headers(state.to_headers(&headers));
     let wait = state.retry_at.and_then(until).unwrap_or_default();
     // Straight to the queue through the default exchange: other bindings of the request
     // exchange (an audit queue, say) must not see a hand-back as a new request.

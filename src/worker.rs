@@ -23,7 +23,7 @@ use crate::{
     metrics::Metrics,
     pipeline::{self, CallSlots, Context, Session},
     retry::{PauseReason, Policy},
-    throttle::{Gate, GateConfig},
+    throttle::{Budget, Gate, GateConfig},
 };
 
 /// Probing after a credential pause backs off up to this (CONTRACT section 6, item 3).
@@ -93,6 +93,15 @@ impl App {
                 GateConfig {
                     max_per_second: settings.graph.max_requests_per_second,
                     adaptive: settings.graph.adaptive_throttling,
+                    budget: Budget::Writes,
+                },
+                metrics.clone(),
+            ),
+            read_gate: Gate::new(
+                GateConfig {
+                    max_per_second: settings.graph.max_reads_per_second,
+                    adaptive: settings.graph.adaptive_throttling,
+                    budget: Budget::Reads,
                 },
                 metrics.clone(),
             ),

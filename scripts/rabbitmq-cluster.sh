@@ -90,7 +90,16 @@ node_env() {
 
 ctl() { local i=$1; shift; (node_env "$i" && "$RMQ_SBIN/rabbitmqctl" -n "$(node_name "$i")" "$@"); }
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-beam_pid() { local f; f="$(node_dir "$1")/beam.pid"; [ -s "$f" ] && cat "$f"; }
+# The VM's pid, as recorded once it booted (RabbitMQ deletes its own pid file when it stops,
+# before the VM has exited and released its ports), else RabbitMQ's file of a booting node.
+beam_pid() {
+  local f
+  for f in vm.pid beam.pid; do
+    f="$(node_dir "$1")/$f"
+    if [ -s "$f" ]; then cat "$f"; return 0; fi
+  done
+  return 1
+}
 running() { local p; p=$(beam_pid "$1") && kill -0 "$p" 2>/dev/null; }
 check_index() {
   [[ ${1:-} =~ ^[0-9]+$ ]] && [ "$1" -ge 1 ] && [ "$1" -le "$NODES" ] \
@@ -120,8 +129,8 @@ EOF
 start_node() {
   local i=$1
   if running "$i"; then return 0; fi
-  check_ports
-  rm -f "$(node_dir "$i")/beam.pid"
+  check_ports "$i"
+  rm -f "$(node_dir "$i")/beam.pid" "$(node_dir "$i")/vm.pid"
   (node_env "$i" && cd "$DIR" && exec "$RMQ_SBIN/rabbitmq-server" -detached) \
     >"$(node_dir "$i")/log/detached.out" 2>&1 || die "node $i did not start; see $(node_dir "$i")/log"
 }
@@ -129,8 +138,11 @@ start_node() {
 # Waits for node i to accept AMQP work (the broker booted and, after a restart, resynced).
 await_node() {
   local i=$1
-  ctl "$i" wait --timeout "$BOOT_TIMEOUT" "$(node_dir "$i")/beam.pid" >/dev/null 2>&1 \
-    || die "node $i ($(node_name "$i")) did not boot within ${BOOT_TIMEOUT}s; see $(node_dir "$i")/log"
+  local d
+  d=$(node_dir "$i")
+  ctl "$i" wait --timeout "$BOOT_TIMEOUT" "$d/beam.pid" >/dev/null 2>&1 \
+    || die "node $i ($(node_name "$i")) did not boot within ${BOOT_TIMEOUT}s; see $d/log"
+  [ -s "$d/vm.pid" ] || cp "$d/beam.pid" "$d/vm.pid"
   ctl "$i" await_startup --timeout "$BOOT_TIMEOUT" >/dev/null 2>&1 \
     || die "node $i did not finish booting; see $(node_dir "$i")/log"
 }
@@ -154,10 +166,10 @@ urls() {
   echo "$out"
 }
 
-# Every port a stopped node needs must be free before any node starts.
+# Every port the given nodes need must be free before any of them starts.
 check_ports() {
   local i port p
-  for i in $(seq 1 "$NODES"); do
+  for i in "$@"; do
     running "$i" && continue
     port=$(amqp_port "$i")
     for p in "$port" $((port + 20000)); do
@@ -166,9 +178,18 @@ check_ports() {
   done
 }
 
+# Waits up to 30 s for node i's VM to exit.
+await_exit() {
+  local p
+  p=$(beam_pid "$1") || return 0
+  for _ in $(seq 1 300); do kill -0 "$p" 2>/dev/null || return 0; sleep 0.1; done
+  die "node $1 (pid $p) did not exit within 30 s"
+}
+
 cmd_up() {
   local i
-  check_ports
+  # shellcheck disable=SC2046
+  check_ports $(seq 1 "$NODES")
   [ -f "$DIR/cluster.env" ] || write_files
   for i in $(seq 1 "$NODES"); do start_node "$i"; done
   for i in $(seq 1 "$NODES"); do await_node "$i"; done
@@ -224,14 +245,13 @@ case $CMD in
   down) cmd_down ;;
   urls) need_state; urls ;;
   status) need_state; cmd_status ;;
-  stop) need_state; check_index "${1:-}"; if running "$1"; then ctl "$1" stop >/dev/null; fi ;;
+  stop)
+    need_state; check_index "${1:-}"
+    if running "$1"; then ctl "$1" stop >/dev/null; await_exit "$1"; fi ;;
   start) need_state; check_index "${1:-}"; start_node "$1"; await_node "$1" ;;
   kill)
     need_state; check_index "${1:-}"
-    if p=$(beam_pid "$1") && kill -0 "$p" 2>/dev/null; then
-      kill -9 "$p"
-      for _ in $(seq 1 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
-    fi ;;
+    if p=$(beam_pid "$1") && kill -0 "$p" 2>/dev/null; then kill -9 "$p"; await_exit "$1"; fi ;;
   leader) need_state; cmd_leader "${1:-}" ;;
   ctl) need_state; check_index "${1:-}"; i=$1; shift; ctl "$i" "$@" ;;
   *) usage "unknown subcommand '$CMD'" ;;

@@ -187,3 +187,53 @@ async fn the_quorum_group_size_is_declared_and_a_mismatch_is_a_conflict() {
     broker.cleanup().await;
     sim.shutdown().await;
 }
+
+/// The operator commands take the node list too: with a first node that refuses connections,
+/// `check`, `enqueue` and `dlq list` go to the next one; a bad entry is exit 2 naming the key,
+/// and no password is ever printed.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_commands_use_the_next_node_of_the_list() {
+    use common::bin::{command, env_for, output};
+    let sim = Sim::start(common::sim_options()).await.unwrap();
+    let settings = common::settings(&sim, &common::prefix("cli-nodes"));
+    let mut vars = env_for(&sim, &settings);
+    vars.retain(|(k, _)| k != "AMQP_URL");
+    let dead_node = "amqp://guest:hunter2@127.0.0.1:1/%2f";
+    vars.push((
+        "AMQP_URL".into(),
+        format!("{dead_node},{}", common::amqp_url()),
+    ));
+
+    let (code, out, err) = output(command(&vars).arg("check"));
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("ok   broker: 127.0.0.1:5672 reachable"),
+        "{out}"
+    );
+    let (code, out, err) = output(command(&vars).args([
+        "enqueue",
+        "--device-id",
+        &common::device(),
+        "--request-id",
+        "nodes-1",
+    ]));
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, err) = output(command(&vars).args(["dlq", "list"]));
+    assert_eq!(code, 0, "{out}{err}");
+    let broker = Broker::connect(&settings).await;
+    assert_eq!(broker.depth(&settings.amqp.queue).await, 1);
+
+    vars.retain(|(k, _)| k != "AMQP_URL");
+    vars.push((
+        "AMQP_URL".into(),
+        format!("{},http://u:hunter2@x", common::amqp_url()),
+    ));
+    let (code, out, err) = output(command(&vars).args(["dlq", "list"]));
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(err.contains("amqp.url (entry 2 of 2)"), "{err}");
+    for text in [&out, &err] {
+        assert!(!text.contains("hunter2"), "password leaked: {text}");
+    }
+    broker.cleanup().await;
+    sim.shutdown().await;
+}

@@ -43,8 +43,8 @@ pub struct Settings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AmqpSettings {
-    /// Holds the broker password, hence secret; log [`AmqpSettings::redacted_url`] instead.
-    pub url: SecretString,
+    /// The broker nodes; they hold the password, hence secret: log [`AmqpSettings::redacted_url`].
+    pub url: BrokerUrls,
     pub prefetch: u16,
     pub heartbeat_secs: u16,
     pub declare_topology: bool,
@@ -58,6 +58,110 @@ pub struct AmqpSettings {
     pub outcomes_queue: String,
     pub delivery_limit: u32,
     pub delay_tiers_secs: Vec<u64>,
+    /// `x-quorum-initial-group-size` of every queue; 0 leaves it to the broker.
+    pub quorum_initial_group_size: u32,
+}
+
+/// The broker's nodes in order of preference: `amqp.url` as one URI, a comma-separated list
+/// (how `AMQP_URL` carries several) or an array.
+#[derive(Clone, Deserialize)]
+#[serde(from = "UrlList")]
+pub struct BrokerUrls(Vec<SecretString>);
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum UrlList {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl From<UrlList> for BrokerUrls {
+    fn from(list: UrlList) -> Self {
+        let entries = match list {
+            UrlList::One(s) => vec![s],
+            UrlList::Many(v) => v,
+        };
+        let urls = entries
+            .iter()
+            .flat_map(|e| e.split(','))
+            .map(|u| SecretString::from(u.trim().to_owned()))
+            .collect();
+        Self(urls)
+    }
+}
+
+/// A URL or a comma-separated list of them, as `AMQP_URL` carries it.
+impl From<String> for BrokerUrls {
+    fn from(urls: String) -> Self {
+        UrlList::One(urls).into()
+    }
+}
+
+impl std::fmt::Debug for BrokerUrls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.0.iter().map(|u| redact_url(u.expose_secret())))
+            .finish()
+    }
+}
+
+impl BrokerUrls {
+    /// Each entry is an `amqp://` or `amqps://` URL with a host; the error names the entry by
+    /// position and never shows it (it may hold a password).
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.0.is_empty() {
+            return Err(ConfigError::key("amqp.url", "lists no broker"));
+        }
+        for (i, url) in self.0.iter().enumerate() {
+            let entry = format!("amqp.url (entry {} of {})", i + 1, self.0.len());
+            match Url::parse(url.expose_secret()) {
+                Ok(u) if !matches!(u.scheme(), "amqp" | "amqps") => {
+                    return Err(ConfigError::key(
+                        &entry,
+                        "must start with amqp:// or amqps://",
+                    ));
+                }
+                Ok(u) if u.host_str().is_some_and(|h| !h.is_empty()) => {}
+                Ok(_) => return Err(ConfigError::key(&entry, "has no host")),
+                Err(e) => return Err(ConfigError::key(&entry, format!("is not a URL: {e}"))),
+            }
+        }
+        Ok(())
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Node `i`'s URL. Secret: never log it.
+    pub fn get(&self, i: usize) -> &SecretString {
+        &self.0[i]
+    }
+
+    /// `host:port` of every node, in order: what logs and the `node` metric label show.
+    pub fn labels(&self) -> Vec<String> {
+        self.0
+            .iter()
+            .map(|u| node_label(u.expose_secret()))
+            .collect()
+    }
+}
+
+/// `host:port` of a broker URL, the port defaulted by scheme.
+fn node_label(url: &str) -> String {
+    match Url::parse(url) {
+        Ok(u) => {
+            let port = u
+                .port()
+                .unwrap_or(if u.scheme() == "amqps" { 5671 } else { 5672 });
+            format!("{}:{port}", u.host_str().unwrap_or_default())
+        }
+        Err(_) => "<unparseable url>".to_owned(),
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -174,13 +278,7 @@ impl Settings {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        let url = self.amqp.url.expose_secret();
-        if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
-            return Err(ConfigError::key(
-                "amqp.url",
-                "must start with amqp:// or amqps://",
-            ));
-        }
+        self.amqp.url.validate()?;
         require_https_unless_loopback("graph.base_url", &self.graph.base_url)?;
         require_https_unless_loopback("auth.authority_host", &self.auth.authority_host)?;
         if self.worker.concurrency == 0 {
@@ -340,9 +438,9 @@ impl AmqpSettings {
         }
     }
 
-    /// The broker URL with the heartbeat set, for connecting. Secret: never log it.
-    pub fn connect_url(&self) -> String {
-        let url = self.url.expose_secret();
+    /// Node `i`'s URL with the heartbeat set, for connecting. Secret: never log it.
+    pub fn connect_url(&self, i: usize) -> String {
+        let url = self.url.get(i).expose_secret();
         if url.contains("heartbeat=") {
             return url.to_owned();
         }
@@ -350,9 +448,12 @@ impl AmqpSettings {
         format!("{url}{sep}heartbeat={}", self.heartbeat_secs)
     }
 
-    /// The broker URL without its password, for logs and `check`.
+    /// The broker URLs without their passwords, comma-separated, for logs and `check`.
     pub fn redacted_url(&self) -> String {
-        redact_url(self.url.expose_secret())
+        let urls: Vec<String> = (0..self.url.len())
+            .map(|i| redact_url(self.url.get(i).expose_secret()))
+            .collect();
+        urls.join(",")
     }
 }
 
@@ -465,7 +566,7 @@ mod tests {
             assert_eq!(s.worker.concurrency, 32, "UNASSIGN__ beats the file");
             assert_eq!(s.worker.shutdown_grace_secs, 7, "the file beats defaults");
             assert_eq!(
-                s.amqp.url.expose_secret(),
+                s.amqp.url.get(0).expose_secret(),
                 "amqp://standard/x",
                 "AMQP_URL wins"
             );
@@ -580,7 +681,7 @@ mod tests {
             jail.set_env("AMQP_URL", "amqp://user:pa55word@broker:5672/%2f");
             let s = Settings::load(None).unwrap();
             assert_eq!(s.amqp.redacted_url(), "amqp://user:***@broker:5672/%2f");
-            assert!(s.amqp.connect_url().ends_with("?heartbeat=10"));
+            assert!(s.amqp.connect_url(0).ends_with("?heartbeat=10"));
             assert!(!format!("{s:?}").contains("pa55word"));
             Ok(())
         });
@@ -661,6 +762,60 @@ mod tests {
             let creds = Settings::load(None).unwrap().credentials().unwrap();
             assert!(format!("{creds:?}").contains("cert.pem"));
             assert!(!format!("{creds:?}").contains("PRIVATE"));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn amqp_url_lists_several_nodes() {
+        jailed(|jail| {
+            jail.set_env(
+                "AMQP_URL",
+                "amqp://u:pa55word@n1:5701/%2f, amqps://u:pa55word@n2/%2f,amqp://n3",
+            );
+            let s = Settings::load(None).unwrap();
+            assert_eq!(s.amqp.url.labels(), ["n1:5701", "n2:5671", "n3:5672"]);
+            assert_eq!(
+                s.amqp.connect_url(1),
+                "amqps://u:pa55word@n2/%2f?heartbeat=10"
+            );
+            let shown = format!("{s:?} {}", s.amqp.redacted_url());
+            assert!(!shown.contains("pa55word"), "password leaked: {shown}");
+            assert!(shown.contains("amqp://u:***@n1:5701/%2f,amqps://u:***@n2/%2f,amqp://n3"));
+            Ok(())
+        });
+        jailed(|jail| {
+            jail.create_file(
+                "c.toml",
+                "[amqp]\nurl = [\"amqp://a:5701\", \"amqp://b:5702,amqp://c\"]",
+            )?;
+            let s = Settings::load(Some("c.toml".into())).unwrap();
+            assert_eq!(s.amqp.url.labels(), ["a:5701", "b:5702", "c:5672"]);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn bad_amqp_urls_name_the_entry_and_hide_it() {
+        for (bad, why) in [
+            ("amqp://u:pa55word@n1,http://u:pa55word@n2", "entry 2 of 2"),
+            ("amqp://u:pa55word@n1,", "entry 2 of 2"),
+            ("amqp://u:pa55word@n1,not a url", "entry 2 of 2"),
+            ("amqp://u:pa55word@n1,amqp://", "entry 2 of 2"),
+            ("localhost:5672", "entry 1 of 1"),
+        ] {
+            jailed(|jail| {
+                jail.set_env("AMQP_URL", bad);
+                let e = err(Settings::load(None));
+                assert!(e.contains("amqp.url") && e.contains(why), "{bad}: {e}");
+                assert!(!e.contains("pa55word"), "{bad}: password in {e}");
+                Ok(())
+            });
+        }
+        jailed(|jail| {
+            jail.create_file("c.toml", "[amqp]\nurl = 5")?;
+            let e = err(Settings::load(Some("c.toml".into())));
+            assert!(e.contains("amqp.url"), "{e}");
             Ok(())
         });
     }

@@ -47,6 +47,12 @@ struct Queue {
     queue: &'static str,
 }
 
+/// `host:port` of a configured broker node: bounded by the configuration.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Node {
+    node: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Version {
     version: &'static str,
@@ -92,6 +98,7 @@ pub struct Metrics {
     inflight: Gauge,
     amqp_connected: Gauge,
     amqp_reconnects: Counter,
+    amqp_node: Family<Node, Gauge>,
     token_requests: Family<TokenResult, Counter>,
     queue_messages: Family<Queue, Gauge>,
     runtime_tasks: Gauge,
@@ -121,6 +128,7 @@ impl Metrics {
             inflight: Gauge::default(),
             amqp_connected: Gauge::default(),
             amqp_reconnects: Counter::default(),
+            amqp_node: Family::default(),
             token_requests: Family::default(),
             queue_messages: Family::default(),
             runtime_tasks: Gauge::default(),
@@ -217,6 +225,11 @@ impl Metrics {
             self.amqp_reconnects.clone(),
         );
         r.register(
+            "unassign_amqp_node",
+            "1 for the broker node in use, 0 for the other configured ones",
+            self.amqp_node.clone(),
+        );
+        r.register(
             "unassign_token_requests",
             "Token endpoint requests by result",
             self.token_requests.clone(),
@@ -308,6 +321,14 @@ impl Metrics {
         self.amqp_connected.set(connected.into());
     }
 
+    /// `nodes` are the configured `host:port`s; `current` indexes the one connected to.
+    pub fn set_amqp_node(&self, nodes: &[String], current: Option<usize>) {
+        for (i, node) in nodes.iter().enumerate() {
+            let gauge = self.amqp_node.get_or_create(&Node { node: node.clone() });
+            gauge.set((current == Some(i)).into());
+        }
+    }
+
     pub fn amqp_reconnected(&self) {
         self.amqp_reconnects.inc();
     }
@@ -336,6 +357,7 @@ mod tests {
         let m = Metrics::new();
         m.graph_call(CallStatus::Http(204), 0.01);
         m.graph_call(CallStatus::Timeout, 30.0);
+        m.set_amqp_node(&["a:5701".into(), "b:5702".into()], Some(1));
         let text = m.render();
         for name in [
             "unassign_jobs_total{outcome=\"succeeded\"}",
@@ -351,6 +373,8 @@ mod tests {
             "unassign_inflight_jobs ",
             "unassign_amqp_connected ",
             "unassign_amqp_reconnects_total ",
+            "unassign_amqp_node{node=\"a:5701\"} 0",
+            "unassign_amqp_node{node=\"b:5702\"} 1",
             "unassign_token_requests_total{result=\"ok\"}",
             "unassign_build_info{version=",
             "unassign_queue_messages{queue=\"requests\"}",

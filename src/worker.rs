@@ -154,6 +154,7 @@ impl App {
             "worker starting"
         );
         let supervisor = Supervisor {
+            nodes: settings.amqp.url.labels(),
             settings,
             ctx,
             health,
@@ -170,6 +171,8 @@ impl App {
 
 struct Supervisor {
     settings: Settings,
+    /// `host:port` of each configured broker node, for logs and the `node` metric label.
+    nodes: Vec<String>,
     ctx: Arc<Context>,
     health: Arc<Health>,
     metrics: Arc<Metrics>,
@@ -182,10 +185,14 @@ impl Supervisor {
         let mut reconnect_delay = Duration::from_millis(500);
         let mut pause_backoff = Duration::from_secs(1);
         let mut connected_before = false;
+        // The node to try first: after losing one, the next in the list, so a node that went
+        // away is tried last rather than first.
+        let mut first_node = 0;
+        self.set_connected(None);
         while !shutdown.is_cancelled() {
             self.health.tick();
-            let connection = match self.connect().await {
-                Ok(connection) => connection,
+            let (connection, node) = match self.connect(first_node).await {
+                Ok(connected) => connected,
                 Err(RunError::Runtime(e)) => {
                     tracing::warn!(error = %format!("{e:#}"), retry_in = ?reconnect_delay, "broker unavailable");
                     self.sleep(jittered(reconnect_delay), shutdown).await;
@@ -199,18 +206,19 @@ impl Supervisor {
             }
             connected_before = true;
             reconnect_delay = Duration::from_millis(500);
-            self.set_connected(true);
+            self.set_connected(Some(node));
             loop {
                 let started = Instant::now();
                 match self.session(&connection, shutdown).await {
                     SessionEnd::Shutdown => {
                         let _ = connection.close(200, "shutdown".into()).await;
-                        self.set_connected(false);
+                        self.set_connected(None);
                         return Ok(());
                     }
                     SessionEnd::Lost(why) => {
-                        tracing::warn!(error = %why, "broker connection lost; reconnecting");
-                        self.set_connected(false);
+                        let node = &self.nodes[node];
+                        tracing::warn!(error = %why, %node, "broker connection lost; reconnecting");
+                        self.set_connected(None);
                         break;
                     }
                     SessionEnd::Paused(reason) => {
@@ -222,19 +230,23 @@ impl Supervisor {
                     }
                 }
             }
+            first_node = node + 1;
         }
         Ok(())
     }
 
-    fn set_connected(&self, connected: bool) {
-        self.health.set_connected(connected);
-        self.metrics.set_amqp_connected(connected);
+    /// Connected to node `node` of `amqp.url`, or not connected.
+    fn set_connected(&self, node: Option<usize>) {
+        self.health.set_connected(node.is_some());
+        self.metrics.set_amqp_connected(node.is_some());
+        self.metrics.set_amqp_node(&self.nodes, node);
     }
 
-    /// Connects and declares the topology. A conflicting topology is fatal; the rest is retried.
-    async fn connect(&self) -> Result<Connection, RunError> {
+    /// Connects to the first node that answers, from `first_node` on, and declares the
+    /// topology. A conflicting topology is fatal; the rest is retried.
+    async fn connect(&self, first_node: usize) -> Result<(Connection, usize), RunError> {
         let amqp = &self.settings.amqp;
-        let connection = amqp::connect(amqp, &self.name)
+        let (connection, node) = amqp::connect(amqp, &self.name, first_node)
             .await
             .context("connecting to the broker")?;
         if amqp.declare_topology {
@@ -250,8 +262,8 @@ impl Supervisor {
                 Err(e) => return Err(RunError::Runtime(e.into())),
             }
         }
-        tracing::info!(broker = %amqp.redacted_url(), "connected to the broker");
-        Ok(connection)
+        tracing::info!(node = %self.nodes[node], "connected to the broker");
+        Ok((connection, node))
     }
 
     /// One consume session: deliveries become jobs until shutdown, pause or connection loss.

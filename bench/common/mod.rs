@@ -3,6 +3,8 @@
 //! counter. The worker always runs as its own release process, as in production.
 #![allow(dead_code)] // each benchmark uses a different part
 
+pub mod outcomes;
+
 use std::{
     process::{Child, Command, ExitStatus, Stdio},
     time::{Duration, Instant},
@@ -57,6 +59,11 @@ pub struct Topology {
 
 impl Topology {
     pub async fn declare(name: &str) -> anyhow::Result<Topology> {
+        Self::declare_on(name, &amqp_url()).await
+    }
+
+    /// Declares through the broker node at `url` (on a cluster, the quorum queues' leader).
+    pub async fn declare_on(name: &str, url: &str) -> anyhow::Result<Topology> {
         let prefix = format!(
             "bench.{name}.{}",
             &uuid::Uuid::new_v4().simple().to_string()[..6]
@@ -69,7 +76,7 @@ impl Topology {
         a.dead_letter_queue = format!("{prefix}.dead");
         a.events_exchange = format!("{prefix}.events");
         a.outcomes_queue = format!("{prefix}.outcomes");
-        let connection = Connection::connect(&amqp_url(), Default::default()).await?;
+        let connection = Connection::connect(url, Default::default()).await?;
         let channel = connection.create_channel().await?;
         unassign_worker::amqp::declare(&channel, &settings.amqp).await?;
         channel
@@ -249,6 +256,16 @@ impl WorkerProcess {
             .status()?;
         let status = self.child.wait()?;
         Ok((status, sent.elapsed()))
+    }
+}
+
+/// A benchmark that fails half-way does not leave its workers running (and holding their ports).
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        if self.alive() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }
 

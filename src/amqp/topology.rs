@@ -29,38 +29,52 @@ pub async fn declare(channel: &Channel, s: &AmqpSettings) -> Result<(), Topology
     exchange(channel, &s.exchange, ExchangeKind::Topic).await?;
     exchange(channel, &s.dead_letter_exchange, ExchangeKind::Fanout).await?;
     exchange(channel, &s.events_exchange, ExchangeKind::Topic).await?;
-    let requests = quorum([
-        ("x-dead-letter-exchange", text(&s.dead_letter_exchange)),
-        ("x-dead-letter-strategy", text("at-least-once")),
-        ("x-overflow", text("reject-publish")),
-        (
-            "x-delivery-limit",
-            AMQPValue::LongLongInt(s.delivery_limit.into()),
-        ),
-    ]);
+    let requests = quorum(
+        s,
+        [
+            ("x-dead-letter-exchange", text(&s.dead_letter_exchange)),
+            ("x-dead-letter-strategy", text("at-least-once")),
+            ("x-overflow", text("reject-publish")),
+            (
+                "x-delivery-limit",
+                AMQPValue::LongLongInt(s.delivery_limit.into()),
+            ),
+        ],
+    );
     queue(channel, &s.queue, requests).await?;
     bind(channel, &s.queue, &s.exchange, &s.routing_key).await?;
-    queue(channel, &s.dead_letter_queue, quorum([])).await?;
+    queue(channel, &s.dead_letter_queue, quorum(s, [])).await?;
     bind(channel, &s.dead_letter_queue, &s.dead_letter_exchange, "").await?;
-    queue(channel, &s.outcomes_queue, quorum([])).await?;
+    queue(channel, &s.outcomes_queue, quorum(s, [])).await?;
     bind(channel, &s.outcomes_queue, &s.events_exchange, "#").await?;
     for &secs in &s.delay_tiers_secs {
         let ttl_ms = i64::try_from(secs.saturating_mul(1000)).unwrap_or(i64::MAX);
-        let args = quorum([
-            ("x-message-ttl", AMQPValue::LongLongInt(ttl_ms)),
-            ("x-dead-letter-exchange", text(&s.exchange)),
-            ("x-dead-letter-routing-key", text(&s.routing_key)),
-            ("x-dead-letter-strategy", text("at-least-once")),
-            ("x-overflow", text("reject-publish")),
-        ]);
+        let args = quorum(
+            s,
+            [
+                ("x-message-ttl", AMQPValue::LongLongInt(ttl_ms)),
+                ("x-dead-letter-exchange", text(&s.exchange)),
+                ("x-dead-letter-routing-key", text(&s.routing_key)),
+                ("x-dead-letter-strategy", text("at-least-once")),
+                ("x-overflow", text("reject-publish")),
+            ],
+        );
         queue(channel, &super::delay::tier_queue(s, secs), args).await?;
     }
     Ok(())
 }
 
-fn quorum<const N: usize>(args: [(&str, AMQPValue); N]) -> FieldTable {
+/// A quorum queue's arguments. Its replica count is the broker's default (every cluster node on
+/// RabbitMQ 3.x) unless `amqp.quorum_initial_group_size` sets it.
+fn quorum<const N: usize>(s: &AmqpSettings, args: [(&str, AMQPValue); N]) -> FieldTable {
     let mut table = FieldTable::default();
     table.insert("x-queue-type".into(), text("quorum"));
+    if s.quorum_initial_group_size > 0 {
+        table.insert(
+            "x-quorum-initial-group-size".into(),
+            AMQPValue::LongLongInt(s.quorum_initial_group_size.into()),
+        );
+    }
     for (name, value) in args {
         table.insert(ShortString::from(name), value);
     }

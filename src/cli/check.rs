@@ -55,7 +55,8 @@ pub async fn check(config: Option<PathBuf>) -> Result<(), CliError> {
 
 async fn check_broker(settings: &Settings) -> anyhow::Result<String> {
     let amqp = &settings.amqp;
-    let connection = amqp::connect(amqp, "unassign-worker/check").await?;
+    let (connection, node) = amqp::connect(amqp, "unassign-worker/check", 0).await?;
+    let node = &amqp.url.labels()[node];
     let channel = connection.create_channel().await?;
     let passive = QueueDeclareOptions {
         passive: true,
@@ -66,15 +67,13 @@ async fn check_broker(settings: &Settings) -> anyhow::Result<String> {
         .await
     {
         Ok(q) => format!(
-            "{} reachable; queue {} has {} ready, {} consumer(s)",
-            amqp.redacted_url(),
+            "{node} reachable; queue {} has {} ready, {} consumer(s)",
             amqp.queue,
             q.message_count(),
             q.consumer_count()
         ),
         Err(_) => format!(
-            "{} reachable; queue {} not declared yet (run declares it)",
-            amqp.redacted_url(),
+            "{node} reachable; queue {} not declared yet (run declares it)",
             amqp.queue
         ),
     };

@@ -132,9 +132,11 @@ fn operator_settings(config: Option<PathBuf>) -> Result<Settings, CliError> {
 /// Connects as `unassign-worker/<command>` (the name operators see in the broker UI).
 async fn connect(settings: &Settings, command: &str) -> Result<Connection, CliError> {
     let name = format!("unassign-worker/{command}");
-    let connection = amqp::connect(&settings.amqp, &name).await;
+    let connected = amqp::connect(&settings.amqp, &name, 0).await;
     let broker = settings.amqp.redacted_url();
-    Ok(connection.with_context(|| format!("connecting to the broker at {broker}"))?)
+    let (connection, _) =
+        connected.with_context(|| format!("connecting to the broker at {broker}"))?;
+    Ok(connection)
 }
 
 /// Declares the topology unless `amqp.declare_topology` is off, as `run` does.

@@ -4,6 +4,7 @@
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
 pub mod bin;
+pub mod cluster;
 #[path = "../../src/test_pki.rs"]
 pub mod pki;
 pub mod relay;

@@ -127,7 +127,12 @@ pub fn decide(
         Answer::Status { .. } => return Decision::Fail(ErrorKind::GraphRejected),
         Answer::Timeout | Answer::ConnectError => (RetryReason::Network, None, false),
     };
-    let delay = delay(attempt.calls, retry_after, policy, jitter);
+    let mut delay = delay(attempt.calls, retry_after, policy, jitter);
+    if reason == RetryReason::ServerError {
+        // An outage that keeps answering 503 with a short Retry-After is still an outage: back
+        // off as for any 5xx, or a two-minute one would spend the attempt budget.
+        delay = delay.max(backoff(attempt.calls, policy, jitter));
+    }
     if attempt.calls >= policy.max_attempts || attempt.elapsed + delay > policy.max_elapsed {
         return Decision::Fail(ErrorKind::RetriesExhausted);
     }
@@ -149,19 +154,22 @@ pub fn delay(calls: u32, retry_after: Option<Duration>, policy: &Policy, jitter:
     let jitter = jitter.clamp(0.0, 1.0);
     let delay = match retry_after {
         Some(ra) => ra + (ra / 10).min(policy.base_delay).mul_f64(jitter),
-        None => {
-            let exp = 2u32.saturating_pow(calls.saturating_sub(1).min(31));
-            policy
-                .base_delay
-                .saturating_mul(exp)
-                .min(policy.max_delay)
-                .mul_f64(jitter)
-        }
+        None => backoff(calls, policy, jitter),
     };
     match retry_after {
         Some(ra) if delay > policy.max_delay => policy.max_delay.max(ra),
         _ => delay.min(policy.max_delay),
     }
+}
+
+/// `base_delay × 2^(calls − 1)`, capped at `max_delay`, scaled by `jitter` (full jitter).
+fn backoff(calls: u32, policy: &Policy, jitter: f64) -> Duration {
+    let exp = 2u32.saturating_pow(calls.saturating_sub(1).min(31));
+    policy
+        .base_delay
+        .saturating_mul(exp)
+        .min(policy.max_delay)
+        .mul_f64(jitter.clamp(0.0, 1.0))
 }
 
 /// Parses every Retry-After form Graph sends: delta-seconds, fractional seconds (`2.128`) and
@@ -278,6 +286,29 @@ mod tests {
                 Decision::Retry { reason, .. } => assert_eq!(reason, want, "{answer:?}"),
                 other => panic!("{answer:?} gave {other:?}"),
             }
+        }
+    }
+
+    /// Graph down for minutes, answering 503 with `Retry-After: 1` each time: the job backs off
+    /// as for any 5xx (the tenant hold stays the Retry-After), while a 429 keeps Graph's word.
+    #[test]
+    fn a_long_outage_backs_off_despite_a_short_retry_after() {
+        let answer = |code| Answer::Status {
+            code,
+            retry_after: Some("1"),
+        };
+        match decide_at(answer(503), attempt(4)) {
+            Decision::Retry {
+                delay, hold_tenant, ..
+            } => {
+                assert_eq!(delay, Duration::from_secs(4));
+                assert_eq!(hold_tenant, Some(Duration::from_secs(1)));
+            }
+            other => panic!("{other:?}"),
+        }
+        match decide_at(answer(429), attempt(4)) {
+            Decision::Retry { delay, .. } => assert!(delay < Duration::from_secs(2), "{delay:?}"),
+            other => panic!("{other:?}"),
         }
     }
 

@@ -307,8 +307,9 @@ async fn a_soak_with_periodic_faults_loses_nothing_and_leaks_nothing() {
     assert_eq!(end.broker_links, 1, "broker connections leak: {end:?}");
     assert!(end.graph_links <= 16 + 1, "Graph connections leak: {end:?}");
     let pooled = |s: &Sample| s.graph_links as f64;
+    // The slack of two: the scrape that takes the sample, and one closing behind it.
     assert!(
-        end.fds - end.graph_links <= warm.fds - warm.graph_links,
+        end.fds - end.graph_links <= warm.fds - warm.graph_links + 2,
         "fd leak: {warm:?} → {end:?}"
     );
     assert!(

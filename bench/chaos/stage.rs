@@ -138,7 +138,7 @@ impl Stage {
         let recovery = faults
             .cleared
             .iter()
-            .filter_map(|c| self.tracker.first_after(*c))
+            .filter_map(|c| self.tracker.longest_gap_after(*c))
             .max();
         let drained = faults
             .cleared
@@ -179,7 +179,7 @@ pub struct Row {
     pub jobs: usize,
     pub faults: String,
     pub tally: crate::tracker::Tally,
-    /// Longest time from a fault being over to the next outcome event.
+    /// The longest stretch without an outcome after a fault was over (or, for a stall, began).
     pub recovery: Option<Duration>,
     /// From the last fault being over to the last outcome event.
     pub drained: Option<Duration>,

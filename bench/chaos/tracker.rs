@@ -103,11 +103,15 @@ impl Tracker {
         }
     }
 
-    /// Time from `since` to the first outcome event after it.
-    pub fn first_after(&self, since: Instant) -> Option<Duration> {
+    /// The longest stretch without an outcome event from `since` until the last event: how long
+    /// the fault that ended at `since` kept the work from flowing (noticing it included).
+    pub fn longest_gap_after(&self, since: Instant) -> Option<Duration> {
         let seen = self.0.lock().unwrap();
         let i = seen.arrivals.partition_point(|a| *a <= since);
-        seen.arrivals.get(i).map(|a| *a - since)
+        let after = &seen.arrivals[i..];
+        let first = after.first()?.duration_since(since);
+        let gaps = after.windows(2).map(|w| w[1] - w[0]);
+        Some(gaps.fold(first, Duration::max))
     }
 
     /// Time from `since` to the last outcome event.

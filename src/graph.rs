@@ -10,6 +10,7 @@ use url::Url;
 
 use crate::{
     auth::AccessToken,
+    config::TenantName,
     contract::DeviceId,
     metrics::{CallStatus, Metrics},
     retry::Answer,
@@ -119,8 +120,13 @@ impl GraphClient {
         url
     }
 
-    /// Sends the action once with a fresh `client-request-id`.
-    pub async fn unassign(&self, token: &AccessToken, device: &DeviceId) -> Reply {
+    /// Sends the action once with a fresh `client-request-id`; counted for `tenant`.
+    pub async fn unassign(
+        &self,
+        tenant: &TenantName,
+        token: &AccessToken,
+        device: &DeviceId,
+    ) -> Reply {
         let client_request_id = uuid::Uuid::new_v4().to_string();
         let started = Instant::now();
         let sent = self
@@ -144,7 +150,7 @@ impl GraphClient {
             CallOutcome::ConnectError(_) => CallStatus::ConnectError,
         };
         self.metrics
-            .graph_call(status, started.elapsed().as_secs_f64());
+            .graph_call(tenant, status, started.elapsed().as_secs_f64());
         Reply {
             client_request_id,
             outcome,

@@ -20,8 +20,8 @@ use tracing::{Instrument, field::Empty};
 
 use crate::{
     amqp::{PublishError, Publisher, delay},
-    auth::{AccessToken, TokenSource},
-    config::AmqpSettings,
+    auth::AccessToken,
+    config::{AmqpSettings, TenantName},
     contract::{
         self, DeviceId, ErrorKind, Failure, Invalid, Outcome, Request, RetryState, Target,
         TraceContext,
@@ -29,24 +29,26 @@ use crate::{
     graph::{GraphClient, Reply},
     metrics::{Metrics, RetryReason},
     retry::{self, Attempt, Decision, PauseReason, Policy},
-    throttle::{Gate, Ticket},
+    tenant::{Tenant, Tenants},
+    throttle::Ticket,
 };
 
 /// Longest a delivery is held while its outcome cannot be published; well below RabbitMQ's
 /// 30-minute consumer timeout.
 const MAX_PUBLISH_HOLD: Duration = Duration::from_secs(600);
+/// Added to a paused tenant's tier-long wait, so the time it takes to hand the job back does
+/// not make it fit only the next shorter tier.
+const PARK_SLACK: Duration = Duration::from_millis(250);
 
 /// What every job shares for the life of the worker.
 pub struct Context {
     pub amqp: AmqpSettings,
     pub graph: GraphClient,
-    pub tokens: TokenSource,
-    pub gate: Arc<Gate>,
+    /// The tenant profiles; a request naming a tenant none of them has is invalid.
+    pub tenants: Arc<Tenants>,
     pub graph_slots: CallSlots,
     pub metrics: Arc<Metrics>,
     pub policy: Policy,
-    /// The configured tenant; a request naming another is invalid.
-    pub tenant_id: String,
     /// Waits longer than this go through the delay queues (`retry.park_after_secs`).
     pub park_after: Duration,
     /// `unassign-worker/<instance>`, the events' `source`.
@@ -85,6 +87,14 @@ impl Context {
     /// Whether a wait of `wait` goes through a delay queue rather than holding the delivery.
     fn parks(&self, wait: Duration) -> bool {
         wait > self.park_after && delay::tier_for(&self.amqp, wait).is_some()
+    }
+
+    /// What a paused tenant's job owes when handed back: at least until the tenant's next
+    /// probe, and long enough to be parked in a delay queue — rounded up to a whole tier, so the
+    /// job neither comes back to spin nor holds its delivery waiting out a remainder.
+    fn paused_wait(&self, until_probe: Duration) -> Duration {
+        let parked = self.park_after + Duration::from_millis(1);
+        delay::tier_at_least(&self.amqp, until_probe.max(parked)) + PARK_SLACK
     }
 }
 
@@ -147,39 +157,57 @@ pub async fn handle(ctx: &Context, session: &Session, delivery: Delivery) {
         "job",
         request_id = Empty,
         device_id = Empty,
+        tenant = Empty,
         attempt = state.attempts,
         graph_request_id = Empty,
         trace_id = trace.as_ref().map(|t| t.trace_id.as_str()),
         span_id = trace.as_ref().map(|t| t.span_id.as_str()),
     );
+    // Metrics name the profile the request selected, never a tenant id it sent.
+    let mut profile = TenantName::unknown();
     let step = match contract::parse_request(&delivery.data, message_id) {
         Ok(request) => {
             span.record("request_id", request.request_id.as_str());
             if let Some(id) = request.device_id() {
                 span.record("device_id", id.as_str());
             }
-            process(ctx, session, &request, state)
-                .instrument(span.clone())
-                .await
+            match ctx.tenants.select(request.tenant_id.as_deref()) {
+                Some(tenant) => {
+                    span.record("tenant", tenant.name.as_str());
+                    profile = tenant.name.clone();
+                    process(ctx, session, tenant, &request, state)
+                        .instrument(span.clone())
+                        .await
+                }
+                None => {
+                    let failure = Failure::new(
+                        ErrorKind::InvalidRequest,
+                        "tenant_id names no configured tenant",
+                    );
+                    Step::Done(Box::new(outcome(&request, &state, Some(failure), None)))
+                }
+            }
         }
         Err(invalid) => Step::Done(Box::new(invalid_outcome(invalid, state))),
     };
-    settle(ctx, session, &delivery, step, trace.as_ref())
+    settle(ctx, session, &delivery, step, trace.as_ref(), &profile)
         .instrument(span)
         .await;
 }
 
 /// The Graph part of a job: call, decide, wait, call again.
-async fn process(ctx: &Context, session: &Session, request: &Request, state: RetryState) -> Step {
-    let job = Job { request, state };
-    if let Some(tenant) = &request.tenant_id
-        && !tenant.eq_ignore_ascii_case(&ctx.tenant_id)
-    {
-        return job.fail(Failure::new(
-            ErrorKind::InvalidRequest,
-            "tenant_id names no configured tenant",
-        ));
-    }
+async fn process(
+    ctx: &Context,
+    session: &Session,
+    tenant: &Arc<Tenant>,
+    request: &Request,
+    state: RetryState,
+) -> Step {
+    let job = Job {
+        request,
+        state,
+        tenant,
+    };
     let device = match &request.target {
         Target::Device(id) => id,
         Target::Serial(_) | Target::User(_) => {
@@ -192,33 +220,51 @@ async fn process(ctx: &Context, session: &Session, request: &Request, state: Ret
     call_until_decided(ctx, session, job, device).await
 }
 
-/// A request in progress and its durable state.
+/// The final outcome of `request`.
+fn outcome(
+    request: &Request,
+    state: &RetryState,
+    error: Option<Failure>,
+    reply: Option<&Reply>,
+) -> Outcome {
+    Outcome {
+        request_id: request.request_id.clone(),
+        device_id: request.device_id().cloned(),
+        requested_by: request.requested_by.clone(),
+        reason: request.reason.clone(),
+        attempts: state.attempts,
+        error,
+        graph_request_id: reply.and_then(|r| r.response()?.request_id.clone()),
+        client_request_id: reply.map(|r| r.client_request_id.clone()),
+        received_at: state.first_received_at,
+        completed_at: OffsetDateTime::now_utc(),
+    }
+}
+
+/// A request in progress, its durable state, and the tenant profile it selected.
 struct Job<'a> {
     request: &'a Request,
     state: RetryState,
+    tenant: &'a Arc<Tenant>,
 }
 
 impl Job<'_> {
     fn outcome(&self, error: Option<Failure>, reply: Option<&Reply>) -> Outcome {
-        Outcome {
-            request_id: self.request.request_id.clone(),
-            device_id: self.request.device_id().cloned(),
-            requested_by: self.request.requested_by.clone(),
-            reason: self.request.reason.clone(),
-            attempts: self.state.attempts,
-            error,
-            graph_request_id: reply.and_then(|r| r.response()?.request_id.clone()),
-            client_request_id: reply.map(|r| r.client_request_id.clone()),
-            received_at: self.state.first_received_at,
-            completed_at: OffsetDateTime::now_utc(),
-        }
+        outcome(self.request, &self.state, error, reply)
     }
 
     /// Not finished: back to the queue with its state and the wait it still owes — at least
     /// what is left of the tenant's Retry-After hold, which lives in this process only, so that
-    /// no worker that picks the job up calls before it ends.
-    fn hand_back(&self, ctx: &Context, wait: Option<Duration>) -> Step {
-        let wait = wait.max(ctx.gate.held_for());
+    /// no worker that picks the job up calls before it ends. A paused tenant's job, while the
+    /// session goes on for the other tenants, is parked until the tenant's next probe (the
+    /// tenant is read before the session: see [`Tenants::pause`]).
+    fn hand_back(&self, ctx: &Context, session: &Session, wait: Option<Duration>) -> Step {
+        let mut wait = wait.max(self.tenant.gate.held_for());
+        if let Some(until_probe) = self.tenant.paused_for()
+            && !session.stop.is_cancelled()
+        {
+            wait = wait.max(Some(ctx.paused_wait(until_probe)));
+        }
         let retry_at = wait.map(|w| OffsetDateTime::now_utc() + w);
         Step::HandBack(RetryState {
             retry_at,
@@ -317,7 +363,7 @@ async fn call_until_decided(
         token_refreshed = false;
         match decision {
             Decision::Succeed => {
-                ctx.gate.succeeded();
+                job.tenant.gate.succeeded();
                 tracing::info!(attempts = job.state.attempts, "unassigned");
                 return Step::Done(Box::new(job.outcome(None, Some(&reply))));
             }
@@ -330,25 +376,24 @@ async fn call_until_decided(
             }
             Decision::RefreshToken => {
                 tracing::info!("graph answered 401; fetching a fresh token");
-                ctx.tokens.invalidate(&token).await;
+                job.tenant.tokens.invalidate(&token).await;
                 token_refreshed = true;
             }
             Decision::Pause(reason) => {
-                tracing::error!(reason = reason.as_str(), "pausing consumption");
-                session.pause(reason);
-                return job.hand_back(ctx, None);
+                ctx.tenants.pause(job.tenant, reason, session);
+                return job.hand_back(ctx, session, None);
             }
             Decision::Retry {
                 delay,
                 reason,
                 hold_tenant,
             } => {
-                ctx.metrics.retry(reason);
+                ctx.metrics.retry(&job.tenant.name, reason);
                 if reason == RetryReason::Throttled {
-                    ctx.gate.throttled(ticket);
+                    job.tenant.gate.throttled(ticket);
                 }
                 if let Some(hold) = hold_tenant {
-                    ctx.gate.hold(hold);
+                    job.tenant.gate.hold(hold);
                 }
                 tracing::warn!(
                     reason = reason.as_str(),
@@ -368,38 +413,44 @@ async fn call_until_decided(
 /// How an attempt to call Graph ended.
 enum Called {
     Sent(Reply, AccessToken, Ticket),
-    /// Not sent: the session stopped, no token could be had (which pauses), or the tenant is
-    /// held back for longer than is worth waiting with the delivery in hand.
+    /// Not sent: the session stopped, the tenant is paused or no token could be had (which
+    /// pauses it), or the tenant is held back for longer than is worth waiting with the
+    /// delivery in hand.
     HandBack(Step),
 }
 
 /// One Graph call, after the concurrency slot, the tenant's gate and a token.
 async fn call(ctx: &Context, session: &Session, job: &mut Job<'_>, device: &DeviceId) -> Called {
-    if let Some(held) = ctx.gate.held_for().filter(|held| ctx.parks(*held)) {
-        return Called::HandBack(job.hand_back(ctx, Some(held)));
+    let tenant = job.tenant;
+    let Some(paused) = tenant.running_signal() else {
+        return Called::HandBack(job.hand_back(ctx, session, None));
+    };
+    if let Some(held) = tenant.gate.held_for().filter(|held| ctx.parks(*held)) {
+        return Called::HandBack(job.hand_back(ctx, session, Some(held)));
     }
     let admitted = async {
         let permit = ctx.graph_slots.acquire().await;
-        (permit, ctx.gate.admit().await)
+        (permit, tenant.gate.admit().await)
     };
     let (_permit, ticket) = tokio::select! {
         biased;
         _ = session.stop.cancelled() => {
             ctx.graph_slots.settled().await;
-            return Called::HandBack(job.hand_back(ctx, None));
+            return Called::HandBack(job.hand_back(ctx, session, None));
         }
+        _ = paused.cancelled() => return Called::HandBack(job.hand_back(ctx, session, None)),
         admitted = admitted => admitted,
     };
-    let token = match ctx.tokens.token().await {
+    let token = match tenant.tokens.token().await {
         Ok(token) => token,
         Err(e) => {
-            tracing::error!(error = %e, "no access token; pausing consumption");
-            session.pause(PauseReason::NoToken);
-            return Called::HandBack(job.hand_back(ctx, None));
+            tracing::error!(error = %e, "no access token");
+            ctx.tenants.pause(tenant, PauseReason::NoToken, session);
+            return Called::HandBack(job.hand_back(ctx, session, None));
         }
     };
     // Once sent, a call is seen through: aborting it would leave Graph's side unknown.
-    let reply = ctx.graph.unassign(&token, device).await;
+    let reply = ctx.graph.unassign(&tenant.name, &token, device).await;
     job.state.attempts += 1;
     let span = tracing::Span::current();
     span.record("attempt", job.state.attempts);
@@ -426,12 +477,22 @@ async fn wait_or_hand_back(
     delay: Duration,
 ) -> Option<Step> {
     if ctx.parks(delay) {
-        return Some(job.hand_back(ctx, Some(delay)));
+        return Some(job.hand_back(ctx, session, Some(delay)));
     }
     let retry_at = OffsetDateTime::now_utc() + delay;
-    if !sleep_unless_stopped(delay, &session.stop).await {
-        ctx.graph_slots.settled().await;
-        return Some(job.hand_back(ctx, until(retry_at)));
+    let Some(paused) = job.tenant.running_signal() else {
+        return Some(job.hand_back(ctx, session, until(retry_at)));
+    };
+    let slept = tokio::select! {
+        biased;
+        _ = paused.cancelled() => false,
+        slept = sleep_unless_stopped(delay, &session.stop) => slept,
+    };
+    if !slept {
+        if session.stop.is_cancelled() {
+            ctx.graph_slots.settled().await;
+        }
+        return Some(job.hand_back(ctx, session, until(retry_at)));
     }
     job.state.retry_at = None;
     None
@@ -470,6 +531,7 @@ async fn settle(
     delivery: &Delivery,
     step: Step,
     trace: Option<&TraceContext>,
+    tenant: &TenantName,
 ) {
     let event_id = uuid::Uuid::new_v4().to_string();
     let held_since = tokio::time::Instant::now();
@@ -509,9 +571,10 @@ async fn settle(
         let seconds = (outcome.completed_at - outcome.received_at)
             .as_seconds_f64()
             .max(0.0);
-        ctx.metrics.job_finished(outcome.error.is_some(), seconds);
+        ctx.metrics
+            .job_finished(tenant, outcome.error.is_some(), seconds);
         if let Some(failure) = &outcome.error {
-            ctx.metrics.dead_lettered(failure.kind);
+            ctx.metrics.dead_lettered(tenant, failure.kind);
             tracing::warn!(kind = failure.kind.as_str(), message = %failure.message, "failed; dead-lettered");
         }
     }

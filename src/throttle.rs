@@ -17,7 +17,7 @@ use std::{
 
 use tokio::time::Instant;
 
-use crate::metrics::Metrics;
+use crate::{config::TenantName, metrics::Metrics};
 
 /// Start of the adaptive budget when no limit is configured: Intune's documented write limit
 /// for one app (100 per 20 s per tenant).
@@ -47,7 +47,7 @@ const RECOVER_PER_SEC: f64 = 0.1;
 /// additive increase); a step proportional to each one's own rate would keep their ratios.
 const PROBE_PER_SEC: f64 = 0.05;
 
-/// How the gate behaves (from `[graph]` settings).
+/// How the gate behaves (from `[graph]` settings, or the tenant profile's own).
 #[derive(Debug, Clone, Copy)]
 pub struct GateConfig {
     /// Ceiling in calls per second; 0 = none.
@@ -226,11 +226,13 @@ impl State {
 pub struct Gate {
     state: Mutex<State>,
     adaptive: bool,
+    /// The tenant this gate guards, for its metrics.
+    tenant: TenantName,
     metrics: Arc<Metrics>,
 }
 
 impl Gate {
-    pub fn new(config: GateConfig, metrics: Arc<Metrics>) -> Arc<Self> {
+    pub fn new(config: GateConfig, tenant: TenantName, metrics: Arc<Metrics>) -> Arc<Self> {
         let now = Instant::now();
         let ceiling = (config.max_per_second > 0.0).then_some(config.max_per_second);
         let aimd = config.adaptive.then(|| match ceiling {
@@ -252,10 +254,11 @@ impl Gate {
             aimd,
             fixed_interval: ceiling.map(|c| Duration::from_secs_f64(1.0 / c)),
         };
-        metrics.set_rate_limit(state.rate());
+        metrics.set_rate_limit(&tenant, state.rate());
         Arc::new(Self {
             state: Mutex::new(state),
             adaptive: config.adaptive,
+            tenant,
             metrics,
         })
     }
@@ -296,12 +299,12 @@ impl Gate {
         }
         let until = Instant::now() + duration;
         self.lock().schedule.hold(until);
-        self.metrics.set_throttled(true);
+        self.metrics.set_throttled(&self.tenant, true);
         let gate = Arc::clone(self);
         tokio::spawn(async move {
             tokio::time::sleep_until(until).await;
             if gate.lock().schedule.held_until(Instant::now()).is_none() {
-                gate.metrics.set_throttled(false);
+                gate.metrics.set_throttled(&gate.tenant, false);
             }
         });
     }
@@ -324,7 +327,7 @@ impl Gate {
         let mut state = self.lock();
         if let Some(aimd) = state.aimd.as_mut() {
             f(aimd, Instant::now());
-            self.metrics.set_rate_limit(aimd.rate());
+            self.metrics.set_rate_limit(&self.tenant, aimd.rate());
         }
     }
 
@@ -559,7 +562,11 @@ mod tests {
             max_per_second: 1.0,
             adaptive: true,
         };
-        let gate = Gate::new(config, Arc::new(Metrics::new()));
+        let gate = Gate::new(
+            config,
+            TenantName::default_profile(),
+            Arc::new(Metrics::new()),
+        );
         let start = Instant::now();
         gate.admit().await;
         let waiter = {
@@ -581,7 +588,11 @@ mod tests {
             max_per_second: 0.0,
             adaptive: false,
         };
-        let gate = Gate::new(config, Arc::new(Metrics::new()));
+        let gate = Gate::new(
+            config,
+            TenantName::default_profile(),
+            Arc::new(Metrics::new()),
+        );
         gate.hold(Duration::from_secs(5));
         assert_eq!(gate.held_for(), None);
         let start = Instant::now();

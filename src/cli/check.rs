@@ -6,7 +6,13 @@ use std::{path::PathBuf, time::Duration};
 use lapin::{options::QueueDeclareOptions, types::FieldTable};
 
 use super::CliError;
-use crate::{amqp, auth::TokenSource, config::Settings, graph, metrics::Metrics};
+use crate::{
+    amqp,
+    auth::TokenSource,
+    config::{Settings, TenantName},
+    graph,
+    metrics::Metrics,
+};
 
 /// Prints one line per check; fails (exit 1, or 2 for configuration) unless all pass.
 pub async fn check(config: Option<PathBuf>) -> Result<(), CliError> {
@@ -38,7 +44,12 @@ pub async fn check(config: Option<PathBuf>) -> Result<(), CliError> {
     }
     let http = graph::http_client(Duration::from_secs(settings.graph.timeout_secs));
     let scope = credentials.scope.clone();
-    let tokens = TokenSource::new(http, credentials, std::sync::Arc::new(Metrics::new()));
+    let tokens = TokenSource::new(
+        http,
+        credentials,
+        TenantName::default_profile(),
+        std::sync::Arc::new(Metrics::new()),
+    );
     let token = tokens.token().await;
     match &token {
         Ok(_) => println!(

@@ -223,6 +223,11 @@ impl Shared {
                 .tokens_by_credential
                 .entry(kind.to_owned())
                 .or_default() += 1;
+            *inner
+                .stats
+                .tokens_by_tenant
+                .entry(tenant.to_ascii_lowercase())
+                .or_default() += 1;
             inner.issue_token(tenant, self.cfg.token_ttl)
         });
         inner.stats.token_failures += u64::from(result.is_err());
@@ -331,6 +336,11 @@ impl Inner {
             Ok(tenant) => tenant,
             Err(answer) => return answer,
         };
+        *self
+            .stats
+            .calls_by_tenant
+            .entry(tenant.clone())
+            .or_default() += 1;
         if !is_guid(id) {
             self.stats.record_unexpected(request.to_owned());
             return Answer::new(400);
@@ -378,9 +388,13 @@ impl Inner {
     }
 
     fn throttle(&mut self, tenant: &str, now: SystemTime) -> Option<Answer> {
-        let limit = usize::try_from(self.behaviour.throttle_limit)
-            .ok()
-            .filter(|&l| l > 0)?;
+        let limit = self
+            .behaviour
+            .tenants
+            .get(tenant)
+            .and_then(|app| app.throttle_limit)
+            .unwrap_or(self.behaviour.throttle_limit);
+        let limit = usize::try_from(limit).ok().filter(|&l| l > 0)?;
         let window = Duration::from_millis(self.behaviour.throttle_window_ms);
         let wait = self.windows.entry(tenant.to_owned()).or_default().hit(
             Instant::now(),

@@ -15,7 +15,7 @@ use url::Url;
 
 use crate::{
     credential::{ClientSecret, Credential},
-    throttle::GateConfig,
+    throttle::{Budget, GateConfig},
 };
 
 const DEFAULTS: &str = include_str!("../config/default.toml");
@@ -72,6 +72,9 @@ pub struct TenantSettings {
     /// Defaults to `graph.max_requests_per_second`.
     #[serde(default)]
     pub max_requests_per_second: Option<f64>,
+    /// Defaults to `graph.max_reads_per_second`.
+    #[serde(default)]
+    pub max_reads_per_second: Option<f64>,
     /// Defaults to `graph.adaptive_throttling`.
     #[serde(default)]
     pub adaptive_throttling: Option<bool>,
@@ -131,7 +134,10 @@ impl std::fmt::Display for TenantName {
 pub struct TenantProfile {
     pub name: TenantName,
     pub credentials: Credentials,
+    /// For writes (the unassign action)…
     pub gate: GateConfig,
+    /// …and for reads (lookups).
+    pub read_gate: GateConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -180,6 +186,8 @@ pub struct GraphSettings {
     pub base_url: Url,
     pub timeout_secs: u64,
     pub max_requests_per_second: f64,
+    /// The same for reads (device lookups), a budget of their own.
+    pub max_reads_per_second: f64,
     pub adaptive_throttling: bool,
 }
 
@@ -323,13 +331,18 @@ impl Settings {
         if self.retry.max_attempts == 0 {
             return Err(ConfigError::key("retry.max_attempts", "must be at least 1"));
         }
-        if !(self.graph.max_requests_per_second >= 0.0
-            && self.graph.max_requests_per_second.is_finite())
-        {
-            return Err(ConfigError::key(
+        let rates = [
+            (
                 "graph.max_requests_per_second",
-                "must be a finite number ≥ 0",
-            ));
+                self.graph.max_requests_per_second,
+            ),
+            (
+                "graph.max_reads_per_second",
+                self.graph.max_reads_per_second,
+            ),
+        ];
+        if let Some((key, _)) = rates.iter().find(|(_, r)| !(*r >= 0.0 && r.is_finite())) {
+            return Err(ConfigError::key(key, "must be a finite number ≥ 0"));
         }
         let tiers = &self.amqp.delay_tiers_secs;
         if tiers.is_empty() || tiers[0] == 0 || tiers.windows(2).any(|w| w[0] >= w[1]) {
@@ -379,7 +392,8 @@ impl Settings {
         let mut profiles = vec![TenantProfile {
             name: TenantName::default_profile(),
             credentials: self.credentials()?,
-            gate: self.graph.gate_config(),
+            gate: self.graph.gate_config(Budget::Writes),
+            read_gate: self.graph.gate_config(Budget::Reads),
         }];
         for (name, tenant) in &self.tenants {
             let profile = tenant.profile(TenantName::parse(name)?, self)?;
@@ -424,10 +438,14 @@ impl Settings {
 }
 
 impl GraphSettings {
-    fn gate_config(&self) -> GateConfig {
+    fn gate_config(&self, budget: Budget) -> GateConfig {
         GateConfig {
-            max_per_second: self.max_requests_per_second,
+            max_per_second: match budget {
+                Budget::Writes => self.max_requests_per_second,
+                Budget::Reads => self.max_reads_per_second,
+            },
             adaptive: self.adaptive_throttling,
+            budget,
         }
     }
 }
@@ -446,17 +464,27 @@ impl TenantSettings {
             .clone()
             .unwrap_or_else(|| settings.auth.authority_host.clone());
         require_https_unless_loopback(&key("authority_host"), &authority_host)?;
-        let mut gate = settings.graph.gate_config();
-        if let Some(rate) = self.max_requests_per_second {
-            if !(rate >= 0.0 && rate.is_finite()) {
-                return Err(ConfigError::key(
-                    &key("max_requests_per_second"),
-                    "must be a finite number ≥ 0",
-                ));
+        let gate = |budget, own: Option<f64>, field: &str| {
+            let mut gate = settings.graph.gate_config(budget);
+            if let Some(rate) = own {
+                if !(rate >= 0.0 && rate.is_finite()) {
+                    return Err(ConfigError::key(&key(field), "must be a finite number ≥ 0"));
+                }
+                gate.max_per_second = rate;
             }
-            gate.max_per_second = rate;
-        }
-        gate.adaptive = self.adaptive_throttling.unwrap_or(gate.adaptive);
+            gate.adaptive = self.adaptive_throttling.unwrap_or(gate.adaptive);
+            Ok(gate)
+        };
+        let write_gate = gate(
+            Budget::Writes,
+            self.max_requests_per_second,
+            "max_requests_per_second",
+        )?;
+        let read_gate = gate(
+            Budget::Reads,
+            self.max_reads_per_second,
+            "max_reads_per_second",
+        )?;
         let (credential_key, credential) = self.credential(&key)?;
         let credentials = Credentials {
             authority_host,
@@ -468,7 +496,8 @@ impl TenantSettings {
         Ok(TenantProfile {
             name,
             credentials: settings.checked_credentials(credentials, &credential_key)?,
-            gate,
+            gate: write_gate,
+            read_gate,
         })
     }
 

@@ -39,6 +39,12 @@ pub mod headers {
     pub const FIRST_RECEIVED_AT: &str = "x-unassign-first-received-at";
     /// Not before this instant (RFC 3339): the wait a requeued retry still owes.
     pub const RETRY_AT: &str = "x-unassign-retry-at";
+    /// Devices of a serial or user request already unassigned (comma-separated ids): a retry,
+    /// hand-back or replay does not redo them.
+    pub const DEVICES_DONE: &str = "x-unassign-devices-done";
+    /// Action calls spent on the device in progress when the request was handed back, so its
+    /// retry budget survives the hand-back (the request's own count spans every device).
+    pub const DEVICE_CALLS: &str = "x-unassign-device-calls";
     pub const TRACEPARENT: &str = "traceparent";
 }
 
@@ -83,6 +89,65 @@ impl RetryState {
             None => map.remove(headers::RETRY_AT),
         };
         FieldTable::from(map)
+    }
+}
+
+/// Most devices one user request unassigns; beyond it the request fails before any call, as a
+/// leaver with that many Autopilot devices is more likely a service account or a data error.
+pub const MAX_USER_DEVICES: usize = 100;
+
+/// How far a serial or user request has got, carried in headers across hand-backs and dead
+/// letters: the devices already unassigned and the calls spent on the one in progress.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Progress {
+    pub done: Vec<DeviceId>,
+    /// `None` when absent: every call of the request was spent on the device in progress.
+    pub device_calls: Option<u32>,
+}
+
+impl Progress {
+    /// Reads the headers; malformed ids are dropped, and at most [`MAX_USER_DEVICES`] are kept.
+    pub fn from_headers(table: &FieldTable) -> Self {
+        let done = header_str(table, headers::DEVICES_DONE)
+            .map(|list| {
+                list.split(',')
+                    .filter_map(|id| DeviceId::parse(id.trim()))
+                    .take(MAX_USER_DEVICES)
+                    .collect()
+            })
+            .unwrap_or_default();
+        let device_calls =
+            header_int(table, headers::DEVICE_CALLS).and_then(|n| u32::try_from(n).ok());
+        Self { done, device_calls }
+    }
+
+    /// `original` with this progress written into it; an empty list writes no header.
+    pub fn to_headers(&self, original: &FieldTable) -> FieldTable {
+        let mut map = original.inner().clone();
+        match self.done_header() {
+            Some(list) => map.insert(headers::DEVICES_DONE.into(), long_string(&list)),
+            None => map.remove(headers::DEVICES_DONE),
+        };
+        match self.device_calls {
+            Some(n) => map.insert(
+                headers::DEVICE_CALLS.into(),
+                AMQPValue::LongLongInt(n.into()),
+            ),
+            None => map.remove(headers::DEVICE_CALLS),
+        };
+        FieldTable::from(map)
+    }
+
+    fn done_header(&self) -> Option<String> {
+        let ids: Vec<&str> = self.done.iter().map(DeviceId::as_str).collect();
+        (!ids.is_empty()).then(|| ids.join(","))
+    }
+
+    /// Whether `id` was unassigned already (Graph ids compare case-insensitively).
+    pub fn is_done(&self, id: &DeviceId) -> bool {
+        self.done
+            .iter()
+            .any(|d| d.as_str().eq_ignore_ascii_case(id.as_str()))
     }
 }
 
@@ -462,6 +527,38 @@ pub struct EventData {
     pub reason: Option<String>,
     pub received_at: String,
     pub completed_at: String,
+    /// Each device a serial or user request resolved to; absent for a `device_id` request.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub devices: Option<Vec<DeviceOutcome>>,
+    /// A note for people, e.g. that a user had nothing to unassign.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub message: Option<String>,
+}
+
+/// One resolved device's result in `data.devices`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceOutcome {
+    pub device_id: String,
+    pub outcome: String,
+    pub error: Option<Failure>,
+}
+
+impl DeviceOutcome {
+    pub fn new(device: &DeviceId, error: Option<Failure>) -> Self {
+        Self {
+            device_id: device.to_string(),
+            outcome: outcome_word(error.is_some()).to_owned(),
+            error,
+        }
+    }
+
+    pub fn succeeded(&self) -> bool {
+        self.error.is_none()
+    }
+}
+
+fn outcome_word(failed: bool) -> &'static str {
+    if failed { "failed" } else { "succeeded" }
 }
 
 /// Everything known about a request at its end, from which the event and dead letter are made.
@@ -477,9 +574,21 @@ pub struct Outcome {
     pub client_request_id: Option<String>,
     pub received_at: OffsetDateTime,
     pub completed_at: OffsetDateTime,
+    /// `data.devices` of a serial or user request.
+    pub devices: Option<Vec<DeviceOutcome>>,
+    pub message: Option<String>,
 }
 
 impl Outcome {
+    /// What a dead letter carries forward: the devices already unassigned.
+    pub fn progress(&self) -> Progress {
+        let done = self.devices.iter().flatten().filter(|d| d.succeeded());
+        Progress {
+            done: done.filter_map(|d| DeviceId::parse(&d.device_id)).collect(),
+            device_calls: None,
+        }
+    }
+
     pub fn event_type(&self) -> &'static str {
         if self.error.is_some() {
             EVENT_FAILED
@@ -503,12 +612,7 @@ impl Outcome {
             data: EventData {
                 request_id: self.request_id.clone(),
                 device_id: self.device_id.as_ref().map(ToString::to_string),
-                outcome: if self.error.is_some() {
-                    "failed"
-                } else {
-                    "succeeded"
-                }
-                .to_owned(),
+                outcome: outcome_word(self.error.is_some()).to_owned(),
                 attempts: self.attempts,
                 error: self.error.clone(),
                 graph_request_id: self.graph_request_id.clone(),
@@ -517,6 +621,8 @@ impl Outcome {
                 reason: self.reason.clone(),
                 received_at: rfc3339(self.received_at),
                 completed_at: rfc3339(self.completed_at),
+                devices: self.devices.clone(),
+                message: self.message.clone(),
             },
         }
     }
@@ -540,6 +646,7 @@ pub fn dead_letter_headers(
     // the management UI) must start with fresh budgets.
     map.remove(headers::RETRY_AT);
     map.remove(headers::FIRST_RECEIVED_AT);
+    map.remove(headers::DEVICE_CALLS);
     let mut put = |name: &str, value: AMQPValue| {
         map.insert(ShortString::from(name), value);
     };
@@ -731,6 +838,8 @@ mod tests {
             client_request_id: Some("c".into()),
             received_at: t,
             completed_at: t,
+            devices: None,
+            message: None,
         };
         let event = serde_json::to_value(outcome.to_event("unassign-worker/w1", "e1".into(), None))
             .unwrap();
@@ -993,6 +1102,91 @@ mod tests {
                 prop_assert!(parse_request(body.as_bytes(), None).is_err(), "{}", body);
             }
         }
+    }
+
+    #[test]
+    fn progress_round_trips_and_distrusts_its_header() {
+        let other = "8b7c4c1e-6f5a-4c39-9a43-2b1e5b0c1d2e";
+        let progress = Progress {
+            done: vec![
+                DeviceId::parse(GUID).unwrap(),
+                DeviceId::parse(other).unwrap(),
+            ],
+            device_calls: Some(3),
+        };
+        let table = progress.to_headers(&FieldTable::default());
+        assert_eq!(
+            header_str(&table, headers::DEVICES_DONE).as_deref(),
+            Some(format!("{GUID},{other}").as_str())
+        );
+        assert_eq!(Progress::from_headers(&table), progress);
+        assert!(progress.is_done(&DeviceId::parse(&other.to_uppercase()).unwrap()));
+        assert_eq!(
+            Progress::default().to_headers(&table),
+            FieldTable::default(),
+            "nothing done, no headers"
+        );
+        let mut hostile = FieldTable::default();
+        let many = vec![GUID; MAX_USER_DEVICES + 5].join(",");
+        hostile.insert(
+            headers::DEVICES_DONE.into(),
+            long_string(&format!("../../me, {other} ,x,{many}")),
+        );
+        let read = Progress::from_headers(&hostile);
+        assert_eq!(read.done[0].as_str(), other, "only GUIDs survive");
+        assert_eq!(read.done.len(), MAX_USER_DEVICES);
+        assert_eq!(read.device_calls, None);
+        // A dead letter keeps the devices done but drops the retry state of the one in progress.
+        let t = OffsetDateTime::from_unix_timestamp(1_795_860_000).unwrap();
+        let dead = dead_letter_headers(&table, &Failure::new(ErrorKind::GraphRejected, "m"), 4, t);
+        assert!(header_str(&dead, headers::DEVICES_DONE).is_some());
+        assert_eq!(header_int(&dead, headers::DEVICE_CALLS), None);
+    }
+
+    #[test]
+    fn device_lists_appear_only_for_lookups() {
+        let t = OffsetDateTime::from_unix_timestamp(1_795_860_000).unwrap();
+        let outcome = Outcome {
+            request_id: "r".into(),
+            device_id: None,
+            requested_by: None,
+            reason: None,
+            attempts: 0,
+            error: None,
+            graph_request_id: None,
+            client_request_id: None,
+            received_at: t,
+            completed_at: t,
+            devices: None,
+            message: None,
+        };
+        let event = serde_json::to_value(outcome.to_event("s", "e".into(), None)).unwrap();
+        assert!(event["data"].get("devices").is_none());
+        let id = DeviceId::parse(GUID).unwrap();
+        let failed = Failure::new(ErrorKind::DeviceNotFound, "gone");
+        let outcome = Outcome {
+            devices: Some(vec![
+                DeviceOutcome::new(&id, None),
+                DeviceOutcome::new(&id, Some(failed)),
+            ]),
+            message: Some("note".into()),
+            ..outcome
+        };
+        let event = serde_json::to_value(outcome.to_event("s", "e".into(), None)).unwrap();
+        assert_eq!(
+            event["data"]["devices"],
+            json!([
+                {"device_id": GUID, "outcome": "succeeded", "error": null},
+                {"device_id": GUID, "outcome": "failed", "error":
+                    {"kind": "device_not_found", "http_status": null, "graph_code": null, "message": "gone"}},
+            ])
+        );
+        assert_eq!(event["data"]["message"], "note");
+        assert_eq!(
+            outcome.progress().done,
+            [id],
+            "only succeeded devices are done"
+        );
     }
 
     #[test]

@@ -40,7 +40,8 @@ const REPLAY_PIPELINE: usize = 256;
 
 /// Headers a replay removes: the failure, the retry state (stale budgets would fail the job at
 /// once) and the broker's dead-lettering history. `x-first-death-*` and `x-last-death-*` go too.
-const CLEARED_ON_REPLAY: [&str; 9] = [
+/// `x-unassign-devices-done` stays: a replay does not redo the devices already unassigned.
+const CLEARED_ON_REPLAY: [&str; 10] = [
     headers::ERROR_KIND,
     headers::ERROR_MESSAGE,
     headers::HTTP_STATUS,
@@ -48,6 +49,7 @@ const CLEARED_ON_REPLAY: [&str; 9] = [
     headers::ATTEMPTS,
     headers::FIRST_RECEIVED_AT,
     headers::RETRY_AT,
+    headers::DEVICE_CALLS,
     "x-death",
     "x-delivery-count",
 ];
@@ -568,12 +570,21 @@ mod tests {
         );
         table.insert(headers::TRACEPARENT.into(), text("00-abc-def-01"));
         table.insert(headers::REPLAY_COUNT.into(), AMQPValue::LongInt(2));
+        table.insert(headers::DEVICE_CALLS.into(), AMQPValue::LongInt(3));
+        table.insert(
+            headers::DEVICES_DONE.into(),
+            text("7b7c4c1e-6f5a-4c39-9a43-2b1e5b0c1d2e"),
+        );
         let replayed = replay_headers(&table);
         let names: Vec<&str> = replayed.inner().keys().map(ShortString::as_str).collect();
         assert_eq!(
             names,
-            [headers::TRACEPARENT, headers::REPLAY_COUNT],
-            "sorted by name"
+            [
+                headers::TRACEPARENT,
+                headers::DEVICES_DONE,
+                headers::REPLAY_COUNT
+            ],
+            "sorted by name; the devices done survive"
         );
         assert_eq!(header_int(&replayed, headers::REPLAY_COUNT), Some(3));
         assert_eq!(

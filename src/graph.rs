@@ -1,5 +1,6 @@
-//! The Microsoft Graph call: `POST …/windowsAutopilotDeviceIdentities/{id}/unassignUserFromDevice`.
-//! I/O only; what an answer means is decided in [`crate::retry`].
+//! The Microsoft Graph calls: `POST …/windowsAutopilotDeviceIdentities/{id}/unassignUserFromDevice`
+//! and the list `GET …/windowsAutopilotDeviceIdentities` lookups read. I/O only; what an answer
+//! means is decided in [`crate::retry`], what a page holds in [`crate::lookup`].
 
 use std::{sync::Arc, time::Duration};
 
@@ -18,6 +19,8 @@ use crate::{
 
 /// Graph error bodies are small; anything longer is cut before parsing.
 const MAX_ERROR_BODY: usize = 16 * 1024;
+/// A page of the device list: Graph pages hold at most a few hundred identities of a few KiB.
+const MAX_PAGE_BODY: usize = 16 * 1024 * 1024;
 /// Messages kept in events and dead-letter headers.
 const MAX_MESSAGE: usize = 1024;
 
@@ -48,6 +51,8 @@ pub struct Response {
     /// Graph's `request-id`, for support cases.
     pub request_id: Option<String>,
     pub error: Option<GraphError>,
+    /// A successful read's body (at most [`MAX_PAGE_BODY`]); empty for actions and errors.
+    pub body: Vec<u8>,
 }
 
 /// Graph's `{"error":{"code","message"}}`, with Intune's JSON-in-`message` unwrapped.
@@ -120,6 +125,10 @@ impl GraphClient {
         url
     }
 
+    pub fn base(&self) -> &Url {
+        &self.base
+    }
+
     /// Sends the action once with a fresh `client-request-id`; counted for `tenant`.
     pub async fn unassign(
         &self,
@@ -127,20 +136,43 @@ impl GraphClient {
         token: &AccessToken,
         device: &DeviceId,
     ) -> Reply {
-        let client_request_id = uuid::Uuid::new_v4().to_string();
-        let started = Instant::now();
-        let sent = self
+        let request = self
             .http
             .post(self.unassign_url(device))
+            .header(reqwest::header::CONTENT_LENGTH, "0");
+        self.send(tenant, request, token, 0).await
+    }
+
+    /// Reads one page of the device list. `url` is built by [`crate::lookup`] or is a
+    /// nextLink it vetted: only ever under `graph.base_url`.
+    pub async fn list(&self, tenant: &TenantName, token: &AccessToken, url: Url) -> Reply {
+        self.send(tenant, self.http.get(url), token, MAX_PAGE_BODY)
+            .await
+    }
+
+    /// Sends once with a fresh `client-request-id`, keeping up to `keep` bytes of a success body.
+    async fn send(
+        &self,
+        tenant: &TenantName,
+        request: reqwest::RequestBuilder,
+        token: &AccessToken,
+        keep: usize,
+    ) -> Reply {
+        let client_request_id = uuid::Uuid::new_v4().to_string();
+        let started = Instant::now();
+        let sent = request
             .bearer_auth(token.bearer())
             .header("client-request-id", &client_request_id)
             .header("return-client-request-id", "true")
             .header(reqwest::header::ACCEPT, "application/json")
-            .header(reqwest::header::CONTENT_LENGTH, "0")
             .send()
             .await;
         let outcome = match sent {
-            Ok(response) => CallOutcome::Answered(read(response).await),
+            Ok(response) => match read(response, keep).await {
+                Ok(response) => CallOutcome::Answered(response),
+                Err(e) if e.is_timeout() => CallOutcome::Timeout,
+                Err(e) => CallOutcome::ConnectError(e.to_string()),
+            },
             Err(e) if e.is_timeout() => CallOutcome::Timeout,
             Err(e) => CallOutcome::ConnectError(e.to_string()),
         };
@@ -158,27 +190,36 @@ impl GraphClient {
     }
 }
 
-async fn read(mut response: reqwest::Response) -> Response {
+/// Reads the answer. An error body that fails mid-way still leaves the status, which is what
+/// decides; a success body wanted (`keep` > 0) that fails mid-way is a failed call, and one
+/// over `keep` bytes is cut (and so fails to parse).
+async fn read(mut response: reqwest::Response, keep: usize) -> reqwest::Result<Response> {
     let status = response.status().as_u16();
     let headers = response.headers();
     let retry_after = header(headers, RETRY_AFTER.as_str());
     let request_id = header(headers, "request-id");
+    let success = response.status().is_success();
+    let limit = if success { keep } else { MAX_ERROR_BODY };
     let mut body = Vec::new();
-    if !response.status().is_success() {
-        // A body that fails mid-way still leaves the status, which is what decides.
-        while let Ok(Some(chunk)) = response.chunk().await {
-            body.extend_from_slice(&chunk);
-            if body.len() >= MAX_ERROR_BODY {
-                break;
-            }
+    while body.len() < limit {
+        match response.chunk().await {
+            Ok(Some(chunk)) => body.extend_from_slice(&chunk),
+            Ok(None) => break,
+            Err(e) if success => return Err(e),
+            Err(_) => break,
         }
     }
-    Response {
+    let (error, body) = match success {
+        true => (None, body),
+        false => (parse_error(&body), Vec::new()),
+    };
+    Ok(Response {
         status,
         retry_after,
         request_id,
-        error: parse_error(&body),
-    }
+        error,
+        body,
+    })
 }
 
 fn header(headers: &HeaderMap, name: &str) -> Option<String> {

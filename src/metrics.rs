@@ -105,12 +105,14 @@ pub struct Metrics {
     retries: Family<Reason, Counter>,
     throttled: Family<Tenant, Gauge>,
     rate_limit: Family<Tenant, Gauge<f64, AtomicU64>>,
+    read_rate_limit: Family<Tenant, Gauge<f64, AtomicU64>>,
     tenant_paused: Family<Tenant, Gauge>,
     inflight: Gauge,
     amqp_connected: Gauge,
     amqp_reconnects: Counter,
     token_requests: Family<TokenResult, Counter>,
     queue_messages: Family<Queue, Gauge>,
+    runtime_tasks: Gauge,
 }
 
 impl Default for Metrics {
@@ -133,12 +135,14 @@ impl Metrics {
             retries: Family::default(),
             throttled: Family::default(),
             rate_limit: Family::default(),
+            read_rate_limit: Family::default(),
             tenant_paused: Family::default(),
             inflight: Gauge::default(),
             amqp_connected: Gauge::default(),
             amqp_reconnects: Counter::default(),
             token_requests: Family::default(),
             queue_messages: Family::default(),
+            runtime_tasks: Gauge::default(),
         };
         for queue in ["requests", "dead_letter"] {
             let _ = m.queue_messages.get_or_create(&Queue { queue });
@@ -196,6 +200,11 @@ impl Metrics {
             self.rate_limit.clone(),
         );
         r.register(
+            "unassign_read_rate_limit_per_second",
+            "Current budget for Graph reads (device lookups) per tenant (0 = none)",
+            self.read_rate_limit.clone(),
+        );
+        r.register(
             "unassign_inflight_jobs",
             "Deliveries being processed",
             self.inflight.clone(),
@@ -220,6 +229,11 @@ impl Metrics {
             "Messages ready in the request and dead-letter queues, as last seen",
             self.queue_messages.clone(),
         );
+        r.register(
+            "unassign_runtime_alive_tasks",
+            "Tokio tasks alive in the worker, as of this scrape (a leak shows as steady growth)",
+            self.runtime_tasks.clone(),
+        );
         let build_info = Family::<Version, Gauge>::default();
         build_info
             .get_or_create(&Version {
@@ -231,6 +245,11 @@ impl Metrics {
 
     /// The registry in the text exposition format.
     pub fn render(&self) -> String {
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let tasks = runtime.metrics().num_alive_tasks();
+            self.runtime_tasks
+                .set(i64::try_from(tasks).unwrap_or(i64::MAX));
+        }
         let mut out = String::new();
         encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out
@@ -271,6 +290,7 @@ impl Metrics {
         };
         let _ = self.throttled.get_or_create(&tenant);
         let _ = self.rate_limit.get_or_create(&tenant);
+        let _ = self.read_rate_limit.get_or_create(&tenant);
         let _ = self.tenant_paused.get_or_create(&tenant);
     }
 
@@ -333,6 +353,13 @@ impl Metrics {
             .set(paused.into());
     }
 
+    pub fn set_read_rate_limit(&self, tenant: &TenantName, per_second: f64) {
+        let tenant = tenant.clone();
+        self.read_rate_limit
+            .get_or_create(&Tenant { tenant })
+            .set(per_second);
+    }
+
     pub fn inflight_inc(&self) {
         self.inflight.inc();
     }
@@ -387,6 +414,7 @@ mod tests {
             "unassign_retries_total{reason=\"throttled\",tenant=\"default\"}",
             "unassign_throttled{tenant=\"default\"} ",
             "unassign_rate_limit_per_second{tenant=\"default\"} ",
+            "unassign_read_rate_limit_per_second{tenant=\"default\"} ",
             "unassign_tenant_paused{tenant=\"default\"} ",
             "unassign_inflight_jobs ",
             "unassign_amqp_connected ",

@@ -1,6 +1,9 @@
 //! One job: a delivery from the requests queue to its settlement. This is the one place that
 //! orders the steps — parse, wait on the tenant's gate, call Graph, decide, and then publish the
-//! outcome (and dead letter) with confirms *before* acking (CONTRACT section 6).
+//! outcome (and dead letter) with confirms *before* acking (CONTRACT section 6). Requests by
+//! serial number or user first look the devices up ([`targets`]).
+
+mod targets;
 
 use std::{
     sync::{Arc, Mutex},
@@ -17,20 +20,22 @@ use time::OffsetDateTime;
 use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, field::Empty};
+use url::Url;
 
 use crate::{
     amqp::{PublishError, Publisher, delay},
     auth::AccessToken,
     config::{AmqpSettings, TenantName},
     contract::{
-        self, DeviceId, ErrorKind, Failure, Invalid, Outcome, Request, RetryState, Target,
-        TraceContext,
+        self, DeviceId, ErrorKind, Failure, Invalid, Outcome, Progress, Request, RetryState,
+        Target, TraceContext,
     },
     graph::{GraphClient, Reply},
+    lookup::Lookup,
     metrics::{Metrics, RetryReason},
     retry::{self, Attempt, Decision, PauseReason, Policy},
     tenant::{Tenant, Tenants},
-    throttle::Ticket,
+    throttle::{Gate, Ticket},
 };
 
 /// Longest a delivery is held while its outcome cannot be published; well below RabbitMQ's
@@ -133,8 +138,9 @@ impl Session {
 enum Step {
     /// A final outcome: publish the event (and dead letter), then ack.
     Done(Box<Outcome>),
-    /// Not finished: back to the queue — or a delay queue — with its state, then ack.
-    HandBack(RetryState),
+    /// Not finished: back to the queue — or a delay queue — with its state (and, for a serial
+    /// or user request, its progress), then ack.
+    HandBack(RetryState, Option<Progress>),
 }
 
 /// Handles one delivery to the end. Never panics on input; every path settles the delivery or
@@ -144,6 +150,7 @@ pub async fn handle(ctx: &Context, session: &Session, delivery: Delivery) {
     let _inflight = scopeguard(|| ctx.metrics.inflight_dec());
     let headers = delivery.properties.headers().clone().unwrap_or_default();
     let state = RetryState::from_headers(&headers, OffsetDateTime::now_utc());
+    let progress = Progress::from_headers(&headers);
     let message_id = delivery
         .properties
         .message_id()
@@ -175,17 +182,10 @@ pub async fn handle(ctx: &Context, session: &Session, delivery: Delivery) {
                 Some(tenant) => {
                     span.record("tenant", tenant.name.as_str());
                     profile = tenant.name.clone();
-                    process(ctx, session, tenant, &request, state)
-                        .instrument(span.clone())
-                        .await
+                    let job = Job::new(&request, state, progress, tenant);
+                    process(ctx, session, job).instrument(span.clone()).await
                 }
-                None => {
-                    let failure = Failure::new(
-                        ErrorKind::InvalidRequest,
-                        "tenant_id names no configured tenant",
-                    );
-                    Step::Done(Box::new(outcome(&request, &state, Some(failure), None)))
-                }
+                None => unknown_tenant(&request, state),
             }
         }
         Err(invalid) => Step::Done(Box::new(invalid_outcome(invalid, state))),
@@ -195,62 +195,89 @@ pub async fn handle(ctx: &Context, session: &Session, delivery: Delivery) {
         .await;
 }
 
-/// The Graph part of a job: call, decide, wait, call again.
-async fn process(
-    ctx: &Context,
-    session: &Session,
-    tenant: &Arc<Tenant>,
-    request: &Request,
-    state: RetryState,
-) -> Step {
-    let job = Job {
-        request,
-        state,
-        tenant,
-    };
-    let device = match &request.target {
-        Target::Device(id) => id,
-        Target::Serial(_) | Target::User(_) => {
-            return job.fail(Failure::new(
-                ErrorKind::InvalidRequest,
-                "serial_number and user_principal_name are not supported yet: send device_id",
-            ));
-        }
-    };
-    call_until_decided(ctx, session, job, device).await
-}
-
-/// The final outcome of `request`.
-fn outcome(
-    request: &Request,
-    state: &RetryState,
-    error: Option<Failure>,
-    reply: Option<&Reply>,
-) -> Outcome {
-    Outcome {
-        request_id: request.request_id.clone(),
+/// A request whose `tenant_id` no profile has: invalid, before any call.
+fn unknown_tenant(request: &Request, state: RetryState) -> Step {
+    let invalid = Invalid {
+        request_id: Some(request.request_id.clone()),
         device_id: request.device_id().cloned(),
         requested_by: request.requested_by.clone(),
         reason: request.reason.clone(),
-        attempts: state.attempts,
-        error,
-        graph_request_id: reply.and_then(|r| r.response()?.request_id.clone()),
-        client_request_id: reply.map(|r| r.client_request_id.clone()),
-        received_at: state.first_received_at,
-        completed_at: OffsetDateTime::now_utc(),
-    }
+        message: "tenant_id names no configured tenant".to_owned(),
+    };
+    Step::Done(Box::new(invalid_outcome(invalid, state)))
+}
+
+/// The Graph part of a job: call, decide, wait, call again.
+async fn process(ctx: &Context, session: &Session, mut job: Job<'_>) -> Step {
+    let request = job.request;
+    let lookup = match &request.target {
+        Target::Device(id) => {
+            return match call_until_decided(ctx, session, &mut job, Call::Unassign(id)).await {
+                Ended::Succeeded(reply) => job.finish(None, Some(&reply)),
+                Ended::Failed(failure, reply) => job.finish(Some(failure), reply.as_ref()),
+                Ended::HandBack(step) => step,
+            };
+        }
+        Target::Serial(serial) => Lookup::Serial(serial),
+        Target::User(upn) => Lookup::User(upn),
+    };
+    targets::unassign_looked_up(ctx, session, job, lookup).await
 }
 
 /// A request in progress, its durable state, and the tenant profile it selected.
 struct Job<'a> {
     request: &'a Request,
-    state: RetryState,
     tenant: &'a Arc<Tenant>,
+    state: RetryState,
+    /// Devices done and calls on the one in progress (serial and user requests).
+    progress: Progress,
+    /// `state.attempts` when the device in progress was started: its own retry budget.
+    base: u32,
+    /// Reads (list calls) made in this delivery.
+    reads: u32,
 }
 
-impl Job<'_> {
+impl<'a> Job<'a> {
+    fn new(
+        request: &'a Request,
+        state: RetryState,
+        progress: Progress,
+        tenant: &'a Arc<Tenant>,
+    ) -> Self {
+        let spent = progress.device_calls.unwrap_or(state.attempts);
+        Self {
+            request,
+            tenant,
+            base: state.attempts.saturating_sub(spent),
+            state,
+            progress,
+            reads: 0,
+        }
+    }
+
+    /// Calls made so far on what `call` is about.
+    fn calls(&self, call: Call<'_>) -> u32 {
+        match call {
+            Call::Unassign(_) => self.state.attempts.saturating_sub(self.base),
+            Call::List(_) => self.reads,
+        }
+    }
+
     fn outcome(&self, error: Option<Failure>, reply: Option<&Reply>) -> Outcome {
-        outcome(self.request, &self.state, error, reply)
+        Outcome {
+            request_id: self.request.request_id.clone(),
+            device_id: self.request.device_id().cloned(),
+            requested_by: self.request.requested_by.clone(),
+            reason: self.request.reason.clone(),
+            attempts: self.state.attempts,
+            error,
+            graph_request_id: reply.and_then(|r| r.response()?.request_id.clone()),
+            client_request_id: reply.map(|r| r.client_request_id.clone()),
+            received_at: self.state.first_received_at,
+            completed_at: OffsetDateTime::now_utc(),
+            devices: None,
+            message: None,
+        }
     }
 
     /// Not finished: back to the queue with its state and the wait it still owes — at least
@@ -266,14 +293,21 @@ impl Job<'_> {
             wait = wait.max(Some(ctx.paused_wait(until_probe)));
         }
         let retry_at = wait.map(|w| OffsetDateTime::now_utc() + w);
-        Step::HandBack(RetryState {
-            retry_at,
-            ..self.state
-        })
+        let progress = self.request.device_id().is_none().then(|| Progress {
+            device_calls: Some(self.state.attempts.saturating_sub(self.base)),
+            ..self.progress.clone()
+        });
+        Step::HandBack(
+            RetryState {
+                retry_at,
+                ..self.state
+            },
+            progress,
+        )
     }
 
-    fn fail(&self, failure: Failure) -> Step {
-        Step::Done(Box::new(self.outcome(Some(failure), None)))
+    fn finish(&self, error: Option<Failure>, reply: Option<&Reply>) -> Step {
+        Step::Done(Box::new(self.outcome(error, reply)))
     }
 
     fn elapsed(&self) -> Duration {
@@ -292,8 +326,8 @@ impl Job<'_> {
         )
     }
 
-    /// Gives up for good, saying why and what Graph said last.
-    fn give_up(&self, kind: ErrorKind, last: Option<&Reply>) -> Step {
+    /// Gives up for good after `calls`, saying why and what Graph said last.
+    fn give_up(&self, kind: ErrorKind, calls: u32, last: Option<&Reply>) -> Failure {
         let why = match kind {
             ErrorKind::DeadlineExceeded => "not_after passed",
             ErrorKind::RetriesExhausted => "retry budget spent",
@@ -301,19 +335,43 @@ impl Job<'_> {
         };
         let message = match last {
             Some(reply) => format!(
-                "{why} after {} call(s) in {:.0?}; last: {}",
-                self.state.attempts,
+                "{why} after {calls} call(s) in {:.0?}; last: {}",
                 self.elapsed(),
                 reply.describe()
             ),
             None => format!("{why} before any call was made"),
         };
-        let failure = Failure {
+        Failure {
             message,
             ..failure_from(kind, last)
-        };
-        Step::Done(Box::new(self.outcome(Some(failure), last)))
+        }
     }
+}
+
+/// A Graph call a job makes: the action (a write) or a page of the device list (a read).
+#[derive(Debug, Clone, Copy)]
+enum Call<'a> {
+    Unassign(&'a DeviceId),
+    List(&'a Url),
+}
+
+impl Call<'_> {
+    /// Writes and reads are budgeted apart.
+    fn gate(self, tenant: &Tenant) -> &Arc<Gate> {
+        match self {
+            Call::Unassign(_) => &tenant.gate,
+            Call::List(_) => &tenant.read_gate,
+        }
+    }
+}
+
+/// How a call, with its retries, ended.
+enum Ended {
+    Succeeded(Reply),
+    /// For good: the failure, and Graph's last answer if there was one.
+    Failed(Failure, Option<Reply>),
+    /// Paused, parked or stopped: the job goes back to the queue.
+    HandBack(Step),
 }
 
 /// Graph's status and error code, if an answer was had.
@@ -327,31 +385,35 @@ fn failure_from(kind: ErrorKind, reply: Option<&Reply>) -> Failure {
     }
 }
 
+/// Makes `call` until Graph's answer is final, waiting out retries (or handing the job back
+/// for long ones), refreshing the token once on a 401, pausing on credential trouble.
 async fn call_until_decided(
     ctx: &Context,
     session: &Session,
-    mut job: Job<'_>,
-    device: &DeviceId,
-) -> Step {
+    job: &mut Job<'_>,
+    call: Call<'_>,
+) -> Ended {
     let mut last: Option<Reply> = None;
     let mut token_refreshed = false;
     if let Some(wait) = job.state.retry_at.and_then(until) {
-        if let Some(step) = wait_or_hand_back(ctx, session, &mut job, wait).await {
-            return step;
+        if let Some(step) = wait_or_hand_back(ctx, session, job, wait).await {
+            return Ended::HandBack(step);
         }
     }
+    let gate = call.gate(job.tenant);
     loop {
         if job.until_deadline() == Some(Duration::ZERO) {
-            return job.give_up(ErrorKind::DeadlineExceeded, last.as_ref());
+            let failure = job.give_up(ErrorKind::DeadlineExceeded, job.calls(call), last.as_ref());
+            return Ended::Failed(failure, last);
         }
-        let (reply, token, ticket) = match call(ctx, session, &mut job, device).await {
+        let (reply, token, ticket) = match send(ctx, session, job, call).await {
             Called::Sent(reply, token, ticket) => (reply, token, ticket),
-            Called::HandBack(step) => return step,
+            Called::HandBack(step) => return Ended::HandBack(step),
         };
         let decision = retry::decide(
             &reply.answer(),
             Attempt {
-                calls: job.state.attempts,
+                calls: job.calls(call),
                 elapsed: job.elapsed(),
                 until_deadline: job.until_deadline(),
                 token_refreshed,
@@ -363,16 +425,18 @@ async fn call_until_decided(
         token_refreshed = false;
         match decision {
             Decision::Succeed => {
-                job.tenant.gate.succeeded();
-                tracing::info!(attempts = job.state.attempts, "unassigned");
-                return Step::Done(Box::new(job.outcome(None, Some(&reply))));
+                gate.succeeded();
+                if let Call::Unassign(device) = call {
+                    tracing::info!(attempts = job.state.attempts, device_id = %device, "unassigned");
+                }
+                return Ended::Succeeded(reply);
             }
             Decision::Fail(kind @ (ErrorKind::RetriesExhausted | ErrorKind::DeadlineExceeded)) => {
-                return job.give_up(kind, Some(&reply));
+                let failure = job.give_up(kind, job.calls(call), Some(&reply));
+                return Ended::Failed(failure, Some(reply));
             }
             Decision::Fail(kind) => {
-                let failure = failure_from(kind, Some(&reply));
-                return Step::Done(Box::new(job.outcome(Some(failure), Some(&reply))));
+                return Ended::Failed(failure_from(kind, Some(&reply)), Some(reply));
             }
             Decision::RefreshToken => {
                 tracing::info!("graph answered 401; fetching a fresh token");
@@ -381,7 +445,7 @@ async fn call_until_decided(
             }
             Decision::Pause(reason) => {
                 ctx.tenants.pause(job.tenant, reason, session);
-                return job.hand_back(ctx, session, None);
+                return Ended::HandBack(job.hand_back(ctx, session, None));
             }
             Decision::Retry {
                 delay,
@@ -390,10 +454,10 @@ async fn call_until_decided(
             } => {
                 ctx.metrics.retry(&job.tenant.name, reason);
                 if reason == RetryReason::Throttled {
-                    job.tenant.gate.throttled(ticket);
+                    gate.throttled(ticket);
                 }
                 if let Some(hold) = hold_tenant {
-                    job.tenant.gate.hold(hold);
+                    job.tenant.hold(hold);
                 }
                 tracing::warn!(
                     reason = reason.as_str(),
@@ -401,8 +465,8 @@ async fn call_until_decided(
                     answer = %reply.describe(),
                     "retrying"
                 );
-                if let Some(step) = wait_or_hand_back(ctx, session, &mut job, delay).await {
-                    return step;
+                if let Some(step) = wait_or_hand_back(ctx, session, job, delay).await {
+                    return Ended::HandBack(step);
                 }
             }
         }
@@ -419,18 +483,20 @@ enum Called {
     HandBack(Step),
 }
 
-/// One Graph call, after the concurrency slot, the tenant's gate and a token.
-async fn call(ctx: &Context, session: &Session, job: &mut Job<'_>, device: &DeviceId) -> Called {
+/// One Graph call, after the concurrency slot, the tenant's gate (for writes or reads) and a
+/// token.
+async fn send(ctx: &Context, session: &Session, job: &mut Job<'_>, call: Call<'_>) -> Called {
     let tenant = job.tenant;
     let Some(paused) = tenant.running_signal() else {
         return Called::HandBack(job.hand_back(ctx, session, None));
     };
-    if let Some(held) = tenant.gate.held_for().filter(|held| ctx.parks(*held)) {
+    let gate = call.gate(tenant);
+    if let Some(held) = gate.held_for().filter(|held| ctx.parks(*held)) {
         return Called::HandBack(job.hand_back(ctx, session, Some(held)));
     }
     let admitted = async {
         let permit = ctx.graph_slots.acquire().await;
-        (permit, tenant.gate.admit().await)
+        (permit, gate.admit().await)
     };
     let (_permit, ticket) = tokio::select! {
         biased;
@@ -450,10 +516,19 @@ async fn call(ctx: &Context, session: &Session, job: &mut Job<'_>, device: &Devi
         }
     };
     // Once sent, a call is seen through: aborting it would leave Graph's side unknown.
-    let reply = ctx.graph.unassign(&tenant.name, &token, device).await;
-    job.state.attempts += 1;
     let span = tracing::Span::current();
-    span.record("attempt", job.state.attempts);
+    let reply = match call {
+        Call::Unassign(device) => {
+            let reply = ctx.graph.unassign(&tenant.name, &token, device).await;
+            job.state.attempts += 1;
+            span.record("attempt", job.state.attempts);
+            reply
+        }
+        Call::List(url) => {
+            job.reads += 1;
+            ctx.graph.list(&tenant.name, &token, url.clone()).await
+        }
+    };
     let response = reply.response();
     if let Some(id) = response.and_then(|r| r.request_id.as_deref()) {
         span.record("graph_request_id", id);
@@ -517,6 +592,8 @@ fn invalid_outcome(invalid: Invalid, state: RetryState) -> Outcome {
         client_request_id: None,
         received_at: state.first_received_at,
         completed_at: OffsetDateTime::now_utc(),
+        devices: None,
+        message: None,
     }
 }
 
@@ -541,7 +618,9 @@ async fn settle(
             Step::Done(outcome) => {
                 publish_outcome(ctx, session, delivery, outcome, &event_id, trace).await
             }
-            Step::HandBack(state) => hand_back(ctx, session, delivery, state).await,
+            Step::HandBack(state, progress) => {
+                hand_back(ctx, session, delivery, state, progress.as_ref()).await
+            }
         };
         let error = match published {
             Ok(()) => break,
@@ -658,7 +737,11 @@ async fn publish_outcome(
     let dead_letter = async {
         match &outcome.error {
             Some(failure) => {
-                let original = delivery.properties.headers().clone().unwrap_or_default();
+                let mut original = delivery.properties.headers().clone().unwrap_or_default();
+                if outcome.devices.is_some() {
+                    // A replay must not redo the devices already unassigned.
+                    original = outcome.progress().to_headers(&original);
+                }
                 let headers = contract::dead_letter_headers(
                     &original,
                     failure,
@@ -691,12 +774,16 @@ async fn hand_back(
     session: &Session,
     delivery: &Delivery,
     state: &RetryState,
+    progress: Option<&Progress>,
 ) -> Result<(), PublishError> {
-    let original = delivery.properties.headers().clone().unwrap_or_default();
+    let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+    if let Some(progress) = progress {
+        headers = progress.to_headers(&headers);
+    }
     let properties = delivery
         .properties
         .clone()
-        .with_headers(state.to_headers(&original));
+        .with_headers(state.to_headers(&headers));
     let wait = state.retry_at.and_then(until).unwrap_or_default();
     // Straight to the queue through the default exchange: other bindings of the request
     // exchange (an audit queue, say) must not see a hand-back as a new request.

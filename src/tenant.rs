@@ -36,7 +36,10 @@ pub struct Tenant {
     pub name: TenantName,
     pub tenant_id: String,
     pub tokens: TokenSource,
+    /// The tenant's gate for writes (the unassign action)…
     pub gate: Arc<Gate>,
+    /// …and for reads (lookups), which Intune budgets apart from writes.
+    pub read_gate: Arc<Gate>,
     pause: Mutex<PauseState>,
 }
 
@@ -79,6 +82,12 @@ impl PauseState {
 }
 
 impl Tenant {
+    /// A Retry-After speaks for the whole tenant: reads and writes alike wait it out.
+    pub fn hold(&self, duration: Duration) {
+        self.gate.hold(duration);
+        self.read_gate.hold(duration);
+    }
+
     /// Fired when the tenant pauses; `None` when it is paused already.
     pub fn running_signal(&self) -> Option<CancellationToken> {
         let state = self.lock();
@@ -135,6 +144,7 @@ impl Tenants {
                         metrics.clone(),
                     ),
                     gate: Gate::new(profile.gate, name.clone(), metrics.clone()),
+                    read_gate: Gate::new(profile.read_gate, name.clone(), metrics.clone()),
                     name,
                     pause: Mutex::new(PauseState {
                         paused: None,

@@ -22,6 +22,9 @@ use crate::{config::TenantName, metrics::Metrics};
 /// Start of the adaptive budget when no limit is configured: Intune's documented write limit
 /// for one app (100 per 20 s per tenant).
 pub const INTUNE_WRITES_PER_SECOND: f64 = 5.0;
+/// The same for reads: what Intune's limit on any request (1,000 per 20 s per app per tenant)
+/// leaves beside the writes.
+pub const INTUNE_READS_PER_SECOND: f64 = 45.0;
 /// Effectively unlimited, for an adaptive budget with no configured ceiling.
 const NO_CEILING: f64 = 10_000.0;
 /// The budget never falls below this, so a tenant is always probed again.
@@ -55,6 +58,25 @@ pub struct GateConfig {
     /// Shared holds and the adaptive budget. Off only for comparison benchmarks: then each call
     /// honours its own Retry-After and nothing else, as the Graph SDKs do.
     pub adaptive: bool,
+    pub budget: Budget,
+}
+
+/// Which of the tenant's budgets a gate spends: Intune limits writes and reads apart, so a
+/// lookup never spends the unassign budget, nor an unassign the lookups'.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Budget {
+    Writes,
+    Reads,
+}
+
+impl Budget {
+    /// Intune's documented rate for one app, where an uncapped adaptive budget starts.
+    fn documented(self) -> f64 {
+        match self {
+            Self::Writes => INTUNE_WRITES_PER_SECOND,
+            Self::Reads => INTUNE_READS_PER_SECOND,
+        }
+    }
 }
 
 /// The adaptive budget: slow start (×4 a second) until the first 429, then decrease by [`DECREASE`] per
@@ -226,6 +248,7 @@ impl State {
 pub struct Gate {
     state: Mutex<State>,
     adaptive: bool,
+    budget: Budget,
     /// The tenant this gate guards, for its metrics.
     tenant: TenantName,
     metrics: Arc<Metrics>,
@@ -240,9 +263,9 @@ impl Gate {
             Some(c) => Aimd::new(c, c, c, now),
             // Without one, start at Intune's documented budget and find the real one.
             None => Aimd::new(
-                INTUNE_WRITES_PER_SECOND,
+                config.budget.documented(),
                 NO_CEILING,
-                INTUNE_WRITES_PER_SECOND,
+                config.budget.documented(),
                 now,
             ),
         });
@@ -254,13 +277,15 @@ impl Gate {
             aimd,
             fixed_interval: ceiling.map(|c| Duration::from_secs_f64(1.0 / c)),
         };
-        metrics.set_rate_limit(&tenant, state.rate());
-        Arc::new(Self {
+        let gate = Self {
             state: Mutex::new(state),
             adaptive: config.adaptive,
+            budget: config.budget,
             tenant,
             metrics,
-        })
+        };
+        gate.report_rate(gate.lock().rate());
+        Arc::new(gate)
     }
 
     /// Waits until a call may be sent now. Cancel-safe: dropping it at most wastes a slot.
@@ -299,6 +324,10 @@ impl Gate {
         }
         let until = Instant::now() + duration;
         self.lock().schedule.hold(until);
+        // A hold is the tenant's, put on both gates: the write gate alone reports it.
+        if self.budget == Budget::Reads {
+            return;
+        }
         self.metrics.set_throttled(&self.tenant, true);
         let gate = Arc::clone(self);
         tokio::spawn(async move {
@@ -327,7 +356,14 @@ impl Gate {
         let mut state = self.lock();
         if let Some(aimd) = state.aimd.as_mut() {
             f(aimd, Instant::now());
-            self.metrics.set_rate_limit(&self.tenant, aimd.rate());
+            self.report_rate(aimd.rate());
+        }
+    }
+
+    fn report_rate(&self, rate: f64) {
+        match self.budget {
+            Budget::Writes => self.metrics.set_rate_limit(&self.tenant, rate),
+            Budget::Reads => self.metrics.set_read_rate_limit(&self.tenant, rate),
         }
     }
 
@@ -561,6 +597,7 @@ mod tests {
         let config = GateConfig {
             max_per_second: 1.0,
             adaptive: true,
+            budget: Budget::Writes,
         };
         let gate = Gate::new(
             config,
@@ -587,6 +624,7 @@ mod tests {
         let config = GateConfig {
             max_per_second: 0.0,
             adaptive: false,
+            budget: Budget::Writes,
         };
         let gate = Gate::new(
             config,

@@ -54,6 +54,32 @@ async fn assert_paused_without_dead_letters(env: &Env, jobs: u32, events: usize)
     assert_eq!(env.events.len(), events);
 }
 
+/// Mid-run, the secret stops working and every token already issued is revoked: the next call's
+/// 401 finds no fresh token to be had, and the worker pauses with the rest still queued.
+#[tokio::test]
+async fn credentials_revoked_mid_run_pause_and_resume() {
+    let env = Env::start("revoked").await;
+    for i in 0..5 {
+        env.broker
+            .publish_request(&format!("early-{i}"), &device())
+            .await;
+    }
+    env.events.wait_for(5, WAIT).await;
+    env.sim.update(|b| b.client_secret = "revoked".to_owned());
+    env.sim.revoke_tokens();
+    for i in 0..10 {
+        env.broker
+            .publish_request(&format!("late-{i}"), &device())
+            .await;
+    }
+    assert_paused_without_dead_letters(&env, 10, 5).await;
+
+    env.sim.update(|b| b.client_secret = SECRET.to_owned());
+    let events = env.events.wait_for(15, WAIT).await;
+    assert!(events.iter().all(|e| e.event().data.outcome == "succeeded"));
+    env.finish().await;
+}
+
 #[tokio::test]
 async fn a_wrong_secret_pauses_and_resumes_when_the_secret_works() {
     let sim = unassign_worker::sim::SimOptions {

@@ -113,18 +113,26 @@ async fn an_unconfirmed_outcome_leaves_the_request_unacked() {
 
 #[tokio::test]
 async fn a_cut_broker_connection_is_rebuilt_and_every_job_finishes() {
-    survives_a_broken_link("cut", Relay::cut).await;
+    survives_a_broken_link("cut", Relay::cut, true).await;
 }
 
 #[tokio::test]
 async fn a_stalled_broker_connection_is_noticed_by_heartbeats() {
-    survives_a_broken_link("stall", Relay::stall).await;
+    survives_a_broken_link("stall", Relay::stall, true).await;
+}
+
+/// 100 ms more each way on every chunk: slower, but nothing breaks and nothing is lost.
+#[tokio::test]
+async fn a_slow_broker_link_loses_nothing() {
+    let slow = |relay: &Relay| relay.slow(Duration::from_millis(100));
+    survives_a_broken_link("slow", slow, false).await;
 }
 
 /// 40 jobs through a worker whose broker connection runs through a relay; after 5 outcomes
-/// `break_link` breaks it. The worker must notice (a closed socket at once, a silent one by
-/// missed heartbeats), reconnect on its own and finish every job, dead-lettering none.
-async fn survives_a_broken_link(test: &str, break_link: fn(&Relay) -> usize) {
+/// `break_link` breaks (or degrades) it. The worker must notice a broken link (a closed socket at
+/// once, a silent one by missed heartbeats), reconnect on its own and finish every job,
+/// dead-lettering none.
+async fn survives_a_broken_link(test: &str, break_link: fn(&Relay) -> usize, breaks: bool) {
     let sim_options = unassign_worker::sim::SimOptions {
         latency_ms: 50,
         ..common::sim_options()
@@ -169,7 +177,9 @@ async fn survives_a_broken_link(test: &str, break_link: fn(&Relay) -> usize) {
         ids.iter().all(|id| done.contains(id)).then_some(())
     })
     .await;
-    assert!(worker.metric("unassign_amqp_reconnects_total").await >= 1.0);
+    if breaks {
+        assert!(worker.metric("unassign_amqp_reconnects_total").await >= 1.0);
+    }
     assert_eq!(worker.metric("unassign_amqp_connected").await, 1.0);
     worker.wait_ready().await;
     assert_eq!(dead.len(), 0);

@@ -213,7 +213,8 @@ async fn invalid_messages_are_dead_lettered_and_the_worker_keeps_going() {
     env.broker
         .publish(injection.as_bytes(), BasicProperties::default())
         .await;
-    let serial = serde_json::json!({"request_id": "ser-1", "serial_number": "SN-1"}).to_string();
+    let serial =
+        serde_json::json!({"request_id": "ser-1", "serial_number": "SN\u{7}1"}).to_string();
     env.broker
         .publish(serial.as_bytes(), BasicProperties::default())
         .await;
@@ -247,7 +248,7 @@ async fn invalid_messages_are_dead_lettered_and_the_worker_keeps_going() {
             .error
             .unwrap()
             .message
-            .contains("not supported yet")
+            .contains("control characters")
     );
     assert!(by_id("inj-1").data.error.unwrap().message.contains("GUID"));
     assert_eq!(by_id("ok-1").data.outcome, "succeeded");

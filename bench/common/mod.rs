@@ -4,7 +4,7 @@
 #![allow(dead_code)] // each benchmark uses a different part
 
 use std::{
-    process::{Child, Command, Stdio},
+    process::{Child, Command, ExitStatus, Stdio},
     time::{Duration, Instant},
 };
 
@@ -14,7 +14,7 @@ use lapin::{
     BasicProperties, Channel, Connection,
     options::{
         BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions,
-        QueueDeleteOptions,
+        QueueDeclareOptions, QueueDeleteOptions,
     },
     types::FieldTable,
 };
@@ -152,6 +152,19 @@ impl Topology {
         })
     }
 
+    /// Messages ready in `queue`.
+    pub async fn ready(&self, queue: &str) -> anyhow::Result<u32> {
+        let options = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        let q = self
+            .channel
+            .queue_declare(queue.into(), options, FieldTable::default())
+            .await?;
+        Ok(q.message_count())
+    }
+
     pub async fn delete(self) {
         let a = &self.settings.amqp;
         let tiers = a.delay_tiers_secs.iter().map(|&s| delay::tier_queue(a, s));
@@ -228,13 +241,14 @@ impl WorkerProcess {
         matches!(self.child.try_wait(), Ok(None))
     }
 
-    /// SIGTERM, then wait for the exit.
-    pub fn stop(mut self) -> anyhow::Result<()> {
+    /// SIGTERM, then wait for the exit: its status, and how long it took.
+    pub fn stop(mut self) -> anyhow::Result<(ExitStatus, Duration)> {
+        let sent = Instant::now();
         Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status()?;
-        self.child.wait()?;
-        Ok(())
+        let status = self.child.wait()?;
+        Ok((status, sent.elapsed()))
     }
 }
 

@@ -8,9 +8,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 /// A `windowsAutopilotDeviceIdentity`; fields beyond the three the simulator uses are kept and echoed.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub(super) struct Device {
+pub struct Device {
     pub id: String,
     #[serde(default)]
     pub serial_number: String,
@@ -18,6 +18,17 @@ pub(super) struct Device {
     pub user_principal_name: String,
     #[serde(flatten)]
     pub extra: Map<String, Value>,
+}
+
+impl Device {
+    pub fn new(id: &str, serial_number: &str, user_principal_name: &str) -> Device {
+        Device {
+            id: id.to_owned(),
+            serial_number: serial_number.to_owned(),
+            user_principal_name: user_principal_name.to_owned(),
+            extra: Map::new(),
+        }
+    }
 }
 
 /// Devices in file order, indexed by lower-cased id (Graph ids are case-insensitive).
@@ -28,11 +39,28 @@ pub(super) struct Devices {
 }
 
 impl Devices {
-    /// Reads a JSON array or JSON Lines file.
+    /// Reads a CSV file (`.csv`: a header row naming `id`, `serialNumber`, `userPrincipalName`
+    /// and any other properties), a JSON array or JSON Lines.
     pub fn load(path: &Path) -> anyhow::Result<Devices> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read devices file {}", path.display()))?;
-        let list: Vec<Device> = if text.trim_start().starts_with('[') {
+        let csv = path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("csv"));
+        let list: Vec<Device> = if csv {
+            csv::Reader::from_reader(text.as_bytes())
+                .deserialize::<std::collections::BTreeMap<String, String>>()
+                .enumerate()
+                .map(|(n, row)| {
+                    // Every cell is text: a serial of digits stays a string.
+                    let row = row.map_err(anyhow::Error::from).and_then(|row| {
+                        let object = row.into_iter().map(|(k, v)| (k, Value::String(v)));
+                        Ok(serde_json::from_value(Value::Object(object.collect()))?)
+                    });
+                    row.with_context(|| format!("devices file row {}: not a device", n + 1))
+                })
+                .collect::<anyhow::Result<_>>()?
+        } else if text.trim_start().starts_with('[') {
             serde_json::from_str(&text).context("devices file is not a JSON array of devices")?
         } else {
             text.lines()
@@ -44,12 +72,24 @@ impl Devices {
                 })
                 .collect::<anyhow::Result<_>>()?
         };
+        Ok(Devices::from_list(list))
+    }
+
+    pub fn from_list(list: Vec<Device>) -> Devices {
         let index = list
             .iter()
             .enumerate()
             .map(|(i, d)| (d.id.to_ascii_lowercase(), i))
             .collect();
-        Ok(Devices { list, index })
+        Devices { list, index }
+    }
+
+    pub fn list(&self) -> &[Device] {
+        &self.list
+    }
+
+    pub fn contains(&self, id: &str) -> bool {
+        self.index.contains_key(&id.to_ascii_lowercase())
     }
 
     /// Takes the user off a device, as `unassignUserFromDevice` does; false if the id is unknown.

@@ -25,6 +25,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+pub use devices::Device;
 use state::Shared;
 
 pub use assertion::{FEDERATED_AUDIENCE, FEDERATED_ISSUER};
@@ -66,11 +67,23 @@ pub struct SimOptions {
     /// Send Retry-After (in --retry-after form) on outage 503s.
     #[arg(long)]
     pub outage_retry_after: bool,
-    /// JSON array (or JSON Lines) of devices {"id","serialNumber","userPrincipalName"}; when loaded, unknown ids answer 404.
+    /// Device inventory: a CSV file (`.csv`, header row `id,serialNumber,userPrincipalName,…`), a
+    /// JSON array or JSON Lines of {"id","serialNumber","userPrincipalName",…}. When loaded,
+    /// unknown ids answer 404 and the list endpoint serves these devices.
     #[arg(long)]
     pub devices: Option<PathBuf>,
+    /// The inventory given in-process (tests); used instead of `devices` when set.
+    #[arg(skip)]
+    pub inventory: Option<Vec<Device>>,
+    /// Devices per page of the list endpoint (`@odata.nextLink` leads to the next).
     #[arg(long, default_value_t = 100)]
     pub page_size: usize,
+    /// Refuse `$filter=userPrincipalName eq '…'` with Graph's 400, as Graph may.
+    #[arg(long)]
+    pub refuse_upn_filter: bool,
+    /// Throttle reads (list calls): at most this many per tenant per --throttle-window-ms (0 = off).
+    #[arg(long, default_value_t = 0)]
+    pub read_throttle_limit: u32,
     /// Answer every Graph call with 403 (app lacks permission).
     #[arg(long)]
     pub forbid: bool,
@@ -126,6 +139,22 @@ pub struct Behaviour {
     pub forbid: bool,
     /// The token endpoint answers 503.
     pub token_outage: bool,
+    /// `$filter=userPrincipalName eq '…'` answers 400 (Graph's error body).
+    #[serde(default)]
+    pub refuse_upn_filter: bool,
+    /// Read (list) calls per tenant per `throttle_window_ms`; 0 = off. Counted apart from writes.
+    #[serde(default)]
+    pub read_throttle_limit: u32,
+    /// Devices whose unassign call answers this status instead of doing it (id as sent).
+    #[serde(default)]
+    pub failing_devices: BTreeMap<String, u16>,
+    /// Origin (`scheme://host:port`) written into `@odata.nextLink` instead of the request's own.
+    #[serde(default)]
+    pub next_link_origin: Option<String>,
+    /// Unassign answers 204 but the list keeps showing the user, as Intune, which applies the
+    /// change asynchronously, may for a while.
+    #[serde(default)]
+    pub lagging_unassign: bool,
     /// PEM certificates registered on the app (`--client-certificate`, read at start).
     pub client_certificates: Vec<String>,
     pub federated_subject: String,
@@ -158,6 +187,11 @@ impl From<&SimOptions> for Behaviour {
             outage_retry_after: o.outage_retry_after,
             forbid: o.forbid,
             token_outage: false,
+            refuse_upn_filter: o.refuse_upn_filter,
+            read_throttle_limit: o.read_throttle_limit,
+            failing_devices: BTreeMap::new(),
+            next_link_origin: None,
+            lagging_unassign: false,
             client_certificates: Vec::new(),
             federated_subject: o.federated_subject.clone(),
             tenants: o.tenants.iter().cloned().collect(),
@@ -192,11 +226,21 @@ pub struct Stats {
     pub tokens_by_tenant: BTreeMap<String, u64>,
     /// Action calls per tenant (lower-case) of the bearer token they carried.
     pub calls_by_tenant: BTreeMap<String, u64>,
+    /// Reads: calls of the device list, whatever their answer.
     pub list_calls: u64,
+    /// List responses by status.
+    pub list_responses_by_status: BTreeMap<u16, u64>,
+    /// The `$filter` of each list call as received (decoded), at most 100 kept.
+    pub filters: Vec<String>,
+    /// When each list call arrived, in ms since the simulator started (at most 1,000 kept).
+    pub list_call_offsets_ms: Vec<u64>,
+    /// List calls that arrived before a Retry-After deadline this simulator had given the tenant.
+    pub early_reads: u64,
     /// Action calls that arrived before a Retry-After deadline this simulator had given to that tenant.
     pub early_calls: u64,
     /// Requests to paths/methods the simulator does not serve, "METHOD path?query", at most 100 kept.
     pub unexpected_requests: Vec<String>,
+    /// Most Graph calls (actions and reads) in flight at once.
     pub max_in_flight: u64,
 }
 
@@ -261,6 +305,16 @@ impl Sim {
     /// Queues scripted answers for the next action calls, consumed in order.
     pub fn push_script(&self, answers: impl IntoIterator<Item = Scripted>) {
         self.shared.push_script(answers);
+    }
+
+    /// Queues scripted answers for the next list (read) calls, consumed in order.
+    pub fn push_read_script(&self, answers: impl IntoIterator<Item = Scripted>) {
+        self.shared.push_read_script(answers);
+    }
+
+    /// The device inventory as it stands (an unassigned device has an empty `userPrincipalName`).
+    pub fn devices(&self) -> Vec<Device> {
+        self.shared.devices()
     }
 
     /// Invalidates every issued access token (the next Graph call with one gets 401).

@@ -109,6 +109,7 @@ async fn list(
     headers: HeaderMap,
 ) -> Response {
     let ids = Ids::new(&headers);
+    let _in_flight = sim.list_in_flight();
     let page = match sim.list(bearer(&headers), query.as_deref()) {
         Ok(page) => page,
         Err(answer) => {
@@ -126,7 +127,8 @@ async fn list(
         "value": page.devices,
     });
     if let Some(next) = page.next_query {
-        body["@odata.nextLink"] = format!("http://{host}{DEVICES}?{next}").into();
+        let origin = page.next_origin.unwrap_or_else(|| format!("http://{host}"));
+        body["@odata.nextLink"] = format!("{origin}{DEVICES}?{next}").into();
     }
     ids.stamp(Json(body).into_response())
 }

@@ -12,12 +12,15 @@ use rand::Rng;
 use rand::distr::Alphanumeric;
 
 use super::assertion::Issuer;
-use super::devices::{Device, Devices, ListQuery};
+use super::devices::{Device, Devices, Filter, ListQuery};
 use super::throttle::{self, Window};
 use super::token::{self, AadError, Form};
 use super::{Behaviour, Scripted, SimOptions, Stats};
 
 const MAX_UNEXPECTED: usize = 100;
+/// Filters and arrival times of list calls kept in the stats.
+const MAX_FILTERS_KEPT: usize = 100;
+const MAX_OFFSETS_KEPT: usize = 1000;
 /// Retry-After for the manual outage switch, whose end the simulator cannot know.
 const MANUAL_OUTAGE_WAIT: Duration = Duration::from_secs(1);
 
@@ -49,7 +52,10 @@ struct Inner {
     /// The latest client assertions received, accepted or not, for the same reason.
     assertions: VecDeque<String>,
     script: VecDeque<Scripted>,
+    read_script: VecDeque<Scripted>,
     windows: HashMap<String, Window>,
+    /// Reads are throttled in windows of their own (Intune's read and write limits differ).
+    read_windows: HashMap<String, Window>,
     /// Per tenant, the latest instant a Retry-After sent to it denoted.
     not_before: HashMap<String, SystemTime>,
     devices: Option<Devices>,
@@ -109,6 +115,8 @@ pub(super) struct Page {
     pub devices: Vec<Device>,
     /// Query string of the next page, if there is one.
     pub next_query: Option<String>,
+    /// Replaces the request's own origin in `@odata.nextLink`.
+    pub next_origin: Option<String>,
     pub delay: Duration,
 }
 
@@ -123,7 +131,10 @@ impl Drop for InFlight<'_> {
 
 impl Shared {
     pub fn new(opts: &SimOptions) -> anyhow::Result<Shared> {
-        let devices = opts.devices.as_deref().map(Devices::load).transpose()?;
+        let devices = match &opts.inventory {
+            Some(list) => Some(Devices::from_list(list.clone())),
+            None => opts.devices.as_deref().map(Devices::load).transpose()?,
+        };
         let cfg = Config {
             tenant_id: opts.tenant_id.clone(),
             client_id: opts.client_id.clone(),
@@ -148,7 +159,9 @@ impl Shared {
             issued: VecDeque::new(),
             assertions: VecDeque::new(),
             script: VecDeque::new(),
+            read_script: VecDeque::new(),
             windows: HashMap::new(),
+            read_windows: HashMap::new(),
             not_before: HashMap::new(),
             devices,
         };
@@ -185,6 +198,19 @@ impl Shared {
 
     pub fn push_script(&self, answers: impl IntoIterator<Item = Scripted>) {
         self.lock().script.extend(answers);
+    }
+
+    pub fn push_read_script(&self, answers: impl IntoIterator<Item = Scripted>) {
+        self.lock().read_script.extend(answers);
+    }
+
+    pub fn devices(&self) -> Vec<Device> {
+        let inner = self.lock();
+        inner
+            .devices
+            .as_ref()
+            .map(|d| d.list().to_vec())
+            .unwrap_or_default()
     }
 
     pub fn revoke_tokens(&self) {
@@ -242,8 +268,7 @@ impl Shared {
         request: &str,
     ) -> (Answer, InFlight<'_>) {
         let mut inner = self.lock();
-        inner.in_flight += 1;
-        inner.stats.max_in_flight = inner.stats.max_in_flight.max(inner.in_flight);
+        inner.enter();
         inner.stats.action_calls += 1;
         *inner
             .stats
@@ -260,13 +285,29 @@ impl Shared {
         (answer, InFlight(self))
     }
 
+    /// A device list call, counted in flight until the guard drops.
+    pub fn list_in_flight(&self) -> InFlight<'_> {
+        self.lock().enter();
+        InFlight(self)
+    }
+
     /// Decides the answer to a device list call.
     pub fn list(&self, bearer: Option<&str>, raw_query: Option<&str>) -> Result<Page, Answer> {
         let mut inner = self.lock();
         inner.stats.list_calls += 1;
+        let offset = u64::try_from(self.cfg.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        if inner.stats.list_call_offsets_ms.len() < MAX_OFFSETS_KEPT {
+            inner.stats.list_call_offsets_ms.push(offset);
+        }
         let latency = inner.latency();
-        inner
-            .list(self.cfg.page_size, bearer, raw_query)
+        let result = inner.list(self.cfg.page_size, bearer, raw_query);
+        let status = result.as_ref().map_or_else(|a| a.status, |_| 200);
+        *inner
+            .stats
+            .list_responses_by_status
+            .entry(status)
+            .or_default() += 1;
+        result
             .map(|page| Page {
                 delay: latency,
                 ..page
@@ -287,6 +328,11 @@ impl Stats {
 }
 
 impl Inner {
+    fn enter(&mut self) {
+        self.in_flight += 1;
+        self.stats.max_in_flight = self.stats.max_in_flight.max(self.in_flight);
+    }
+
     fn latency(&self) -> Duration {
         Duration::from_millis(self.behaviour.latency_ms)
     }
@@ -346,17 +392,22 @@ impl Inner {
             return Answer::new(400);
         }
         let now = SystemTime::now();
-        if self.not_before.get(&tenant).is_some_and(|&t| now < t) {
-            self.stats.early_calls += 1;
-        }
+        self.stats.early_calls += u64::from(self.is_early(&tenant, now));
         let answer = self
             .script
             .pop_front()
             .map(Answer::from)
             .or_else(|| self.outage(cfg, now))
-            .or_else(|| self.throttle(&tenant, now))
+            .or_else(|| self.throttle(Kind::Write, &tenant, now))
             .or_else(|| self.injected_error(now))
+            .or_else(|| self.failing_device(id))
             .unwrap_or_else(|| self.apply_unassign(id));
+        self.remember_retry_after(tenant, &answer, now);
+        answer
+    }
+
+    /// Every call to the tenant must wait out the latest Retry-After it was given.
+    fn remember_retry_after(&mut self, tenant: String, answer: &Answer, now: SystemTime) {
         let deadline = answer
             .retry_after
             .as_deref()
@@ -365,7 +416,11 @@ impl Inner {
             let latest = self.not_before.entry(tenant).or_insert(deadline);
             *latest = (*latest).max(deadline);
         }
-        answer
+    }
+
+    fn failing_device(&self, id: &str) -> Option<Answer> {
+        let status = *self.behaviour.failing_devices.get(id)?;
+        Some(Answer::new(status))
     }
 
     /// 503 during a configured outage window (Retry-After: until its end) or the manual switch.
@@ -387,20 +442,31 @@ impl Inner {
         Some(Answer::new(503).retry_after(retry_after.flatten()))
     }
 
-    fn throttle(&mut self, tenant: &str, now: SystemTime) -> Option<Answer> {
-        let limit = self
-            .behaviour
-            .tenants
-            .get(tenant)
-            .and_then(|app| app.throttle_limit)
-            .unwrap_or(self.behaviour.throttle_limit);
+    /// Whether a call to `tenant` now comes before a Retry-After it was given.
+    fn is_early(&self, tenant: &str, now: SystemTime) -> bool {
+        self.not_before.get(tenant).is_some_and(|&t| now < t)
+    }
+
+    /// 429 when the call is over its kind's limit; reads and writes count in windows apart.
+    fn throttle(&mut self, kind: Kind, tenant: &str, now: SystemTime) -> Option<Answer> {
+        let (windows, limit) = match kind {
+            Kind::Write => {
+                let own = self.behaviour.tenants.get(tenant);
+                let limit = own.and_then(|app| app.throttle_limit);
+                (
+                    &mut self.windows,
+                    limit.unwrap_or(self.behaviour.throttle_limit),
+                )
+            }
+            Kind::Read => (&mut self.read_windows, self.behaviour.read_throttle_limit),
+        };
         let limit = usize::try_from(limit).ok().filter(|&l| l > 0)?;
         let window = Duration::from_millis(self.behaviour.throttle_window_ms);
-        let wait = self.windows.entry(tenant.to_owned()).or_default().hit(
-            Instant::now(),
-            limit,
-            window,
-        )?;
+        let wait =
+            windows
+                .entry(tenant.to_owned())
+                .or_default()
+                .hit(Instant::now(), limit, window)?;
         Some(Answer::new(429).retry_after(self.retry_after(wait, now)))
     }
 
@@ -419,7 +485,14 @@ impl Inner {
     }
 
     fn apply_unassign(&mut self, id: &str) -> Answer {
-        let known = self.devices.as_mut().is_none_or(|d| d.unassign(id));
+        let lagging = self.behaviour.lagging_unassign;
+        let known = self.devices.as_mut().is_none_or(|d| {
+            if lagging {
+                d.contains(id)
+            } else {
+                d.unassign(id)
+            }
+        });
         Answer::new(if known { 204 } else { 404 })
     }
 
@@ -428,13 +501,37 @@ impl Inner {
     }
 
     fn list(
-        &self,
+        &mut self,
         page_size: usize,
         bearer: Option<&str>,
         raw: Option<&str>,
     ) -> Result<Page, Answer> {
-        self.admit(bearer)?;
-        let query = ListQuery::parse(raw).map_err(|message| Answer::with_message(400, message))?;
+        let tenant = self.admit(bearer)?;
+        let query = ListQuery::parse(raw);
+        if let Ok(ListQuery {
+            raw_filter: Some(filter),
+            ..
+        }) = &query
+            && self.stats.filters.len() < MAX_FILTERS_KEPT
+        {
+            self.stats.filters.push(filter.clone());
+        }
+        let now = SystemTime::now();
+        self.stats.early_reads += u64::from(self.is_early(&tenant, now));
+        let refused = self
+            .read_script
+            .pop_front()
+            .map(Answer::from)
+            .or_else(|| self.throttle(Kind::Read, &tenant, now));
+        if let Some(answer) = refused {
+            self.remember_retry_after(tenant, &answer, now);
+            return Err(answer);
+        }
+        let query = query.map_err(|message| Answer::with_message(400, message))?;
+        if self.behaviour.refuse_upn_filter && matches!(query.filter, Filter::UpnEquals(_)) {
+            let message = "Invalid filter clause: filtering on userPrincipalName is not supported.";
+            return Err(Answer::with_message(400, message));
+        }
         let (devices, more) = self
             .devices
             .as_ref()
@@ -442,6 +539,7 @@ impl Inner {
             .unwrap_or_default();
         Ok(Page {
             next_query: more.then(|| query.next_query(devices.len())),
+            next_origin: self.behaviour.next_link_origin.clone(),
             devices,
             delay: Duration::ZERO,
         })
@@ -453,6 +551,13 @@ fn keep_latest(kept: &mut VecDeque<String>, value: String) {
         kept.pop_front();
     }
     kept.push_back(value);
+}
+
+/// Which of a tenant's limits a call counts against.
+#[derive(Clone, Copy)]
+enum Kind {
+    Write,
+    Read,
 }
 
 /// Graph ids are GUIDs in 8-4-4-4-12 hex form.

@@ -821,3 +821,85 @@ async fn run_serves_until_cancelled() {
     shutdown.cancel();
     task.await.unwrap().unwrap();
 }
+
+#[tokio::test]
+async fn lookup_knobs_csv_inventory_refused_filter_read_throttle_failing_devices() {
+    let path = std::env::temp_dir().join(format!("graph-sim-{}.csv", Uuid::new_v4()));
+    let other = "aaaaaaaa-bbbb-cccc-dddd-000000000002";
+    std::fs::write(
+        &path,
+        format!("id,serialNumber,userPrincipalName,groupTag\n{DEVICE},0042,ann@contoso.com,x\n{other},\"A,B\",,\n"),
+    )
+    .unwrap();
+    let opts = SimOptions::parse_from([
+        "graph-sim",
+        "--devices",
+        path.to_str().unwrap(),
+        "--page-size",
+        "1",
+        "--refuse-upn-filter",
+        "--read-throttle-limit",
+        "2",
+    ]);
+    let h = Harness::start(SimOptions {
+        listen: SimOptions::default().listen,
+        ..opts
+    })
+    .await;
+    let token = h.token().await;
+    let devices = h.sim.devices();
+    assert_eq!(devices.len(), 2);
+    assert_eq!(devices[0].serial_number, "0042", "CSV cells stay text");
+    assert_eq!(devices[1].serial_number, "A,B");
+
+    let refused = h
+        .get(
+            &token,
+            &h.list_url(&format!(
+                "?$filter={}",
+                urlencode("userPrincipalName eq 'ann@contoso.com'")
+            )),
+        )
+        .await;
+    assert_eq!(refused.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(error_of(refused).await["code"], "BadRequest");
+
+    h.sim
+        .update(|b| b.next_link_origin = Some("https://elsewhere.example".into()));
+    let first: Value = h.get(&token, &h.list_url("")).await.json().await.unwrap();
+    assert_eq!(first["value"][0]["groupTag"], "x");
+    let next = first["@odata.nextLink"].as_str().unwrap();
+    assert!(
+        next.starts_with("https://elsewhere.example/beta/"),
+        "{next}"
+    );
+
+    // The third read in the window is throttled (a refused one counts, as at Graph); writes
+    // have a window of their own.
+    let throttled = h.get(&token, &h.list_url("")).await;
+    assert_eq!(throttled.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert!(retry_after(&throttled).is_some());
+
+    h.sim.update(|b| {
+        b.failing_devices.insert(other.to_owned(), 409);
+    });
+    assert_eq!(
+        h.unassign(&token, other).await.status(),
+        StatusCode::CONFLICT
+    );
+    assert_eq!(
+        h.unassign(&token, DEVICE).await.status(),
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(h.sim.devices()[0].user_principal_name, "");
+
+    let stats = h.sim.stats();
+    assert_eq!(stats.list_calls, 3);
+    assert_eq!(
+        stats.list_responses_by_status,
+        BTreeMap::from([(200, 1), (400, 1), (429, 1)])
+    );
+    assert_eq!(stats.filters, ["userPrincipalName eq 'ann@contoso.com'"]);
+    assert_eq!(stats.list_call_offsets_ms.len(), 3);
+    std::fs::remove_file(path).unwrap();
+}

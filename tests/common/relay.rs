@@ -1,13 +1,14 @@
 //! A TCP relay between the worker and the broker that the test controls, so a test can break
-//! its own worker's connection — cut it, or stall it without closing — without disturbing other
-//! tests on the same broker.
+//! its own worker's connection — cut it, stall it without closing, or slow it down — without
+//! disturbing other tests on the same broker. The chaos bench uses it too.
 
 use std::{
     net::SocketAddr,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
+    time::Duration,
 };
 
 use tokio::{
@@ -28,6 +29,8 @@ struct Link {
 pub struct Relay {
     pub addr: SocketAddr,
     links: Arc<Mutex<Vec<Link>>>,
+    /// Added before forwarding each chunk, on every connection (milliseconds).
+    delay_ms: Arc<AtomicU64>,
     accept: JoinHandle<()>,
 }
 
@@ -38,10 +41,15 @@ impl Relay {
         let addr = listener.local_addr().unwrap();
         let links: Arc<Mutex<Vec<Link>>> = Arc::default();
         let registry = links.clone();
+        let delay_ms: Arc<AtomicU64> = Arc::default();
+        let delay = delay_ms.clone();
         let accept = tokio::spawn(async move {
             while let Ok((inbound, _)) = listener.accept().await {
                 let stalled = Arc::new(AtomicBool::new(false));
-                let flag = stalled.clone();
+                let faults = Faults {
+                    stalled: stalled.clone(),
+                    delay_ms: delay.clone(),
+                };
                 let task = tokio::spawn(async move {
                     let Ok(outbound) = TcpStream::connect(upstream).await else {
                         return;
@@ -50,8 +58,8 @@ impl Relay {
                     let (out_read, out_write) = outbound.into_split();
                     // Either direction ending closes both, as a real connection would.
                     tokio::select! {
-                        _ = pump(in_read, out_write, flag.clone()) => {}
-                        _ = pump(out_read, in_write, flag) => {}
+                        _ = pump(in_read, out_write, faults.clone()) => {}
+                        _ = pump(out_read, in_write, faults) => {}
                     }
                 });
                 registry.lock().unwrap().push(Link { task, stalled });
@@ -60,6 +68,7 @@ impl Relay {
         Relay {
             addr,
             links,
+            delay_ms,
             accept,
         }
     }
@@ -83,18 +92,38 @@ impl Relay {
         open.map(|l| l.stalled.store(true, Ordering::SeqCst))
             .count()
     }
+
+    /// Delays every chunk, in both directions and on every connection, by `delay` (zero: none),
+    /// as a congested or long-distance link would. Returns the connections open now.
+    pub fn slow(&self, delay: Duration) -> usize {
+        self.delay_ms
+            .store(delay.as_millis() as u64, Ordering::SeqCst);
+        let links = self.links.lock().unwrap();
+        links.iter().filter(|l| !l.task.is_finished()).count()
+    }
 }
 
-/// Copies `from` to `to` until either ends; once `stalled`, swallows everything instead.
-async fn pump(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, stalled: Arc<AtomicBool>) {
+/// What the test has done to one connection.
+#[derive(Clone)]
+struct Faults {
+    stalled: Arc<AtomicBool>,
+    delay_ms: Arc<AtomicU64>,
+}
+
+/// Copies `from` to `to` until either ends; once stalled, swallows everything instead.
+async fn pump(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, faults: Faults) {
     let mut buf = vec![0; 16 * 1024];
     loop {
         let n = match from.read(&mut buf).await {
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
-        if stalled.load(Ordering::SeqCst) {
+        if faults.stalled.load(Ordering::SeqCst) {
             continue;
+        }
+        let delay = faults.delay_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
         }
         if to.write_all(&buf[..n]).await.is_err() {
             return;

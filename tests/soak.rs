@@ -1,0 +1,304 @@
+//! Soak: the worker binary under steady load for a while, with a fault every few seconds —
+//! a cut or stalled broker link, a Graph outage, throttling, a 5xx burst, revoked tokens. Every
+//! job must end with one success, and the process must not grow: file descriptors and Tokio
+//! tasks come back to where they were under load, and RSS is reported from start to end.
+//!
+//! One minute in the test suite; `SOAK_SECS=1800` (or `bench/run.sh soak --minutes 30`) for
+//! the long run. `SOAK_RATE` sets the jobs per second (default 40).
+
+mod common;
+
+use std::{
+    collections::BTreeMap,
+    process::{Child, Stdio},
+    time::Duration,
+};
+
+use common::{
+    Broker, Collector,
+    bin::{command, env_for},
+    device, eventually,
+    relay::Relay,
+};
+use unassign_worker::sim::{Sim, SimOptions};
+
+fn env_number(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .map(|v| {
+            v.parse()
+                .unwrap_or_else(|_| panic!("{name} must be a number"))
+        })
+        .unwrap_or(default)
+}
+
+/// What /proc and /metrics say about the worker process at one moment.
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    rss_kib: u64,
+    fds: usize,
+    /// Open TCP connections by the port they go to: the broker (through the relay), Graph.
+    broker_links: usize,
+    graph_links: usize,
+    threads: u64,
+    tasks: f64,
+}
+
+impl Sample {
+    async fn take(worker: &Child, port: u16, relay: &Relay, sim: &Sim) -> Sample {
+        let pid = worker.id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let field = |name: &str| -> u64 {
+            let line = status.lines().find(|l| l.starts_with(name)).unwrap();
+            line.split_whitespace().nth(1).unwrap().parse().unwrap()
+        };
+        let fds: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .filter_map(|e| {
+                Some(
+                    std::fs::read_link(e.ok()?.path())
+                        .ok()?
+                        .display()
+                        .to_string(),
+                )
+            })
+            .collect();
+        let remote_ports = remote_ports(pid, &fds);
+        let links = |to: u16| remote_ports.iter().filter(|p| **p == to).count();
+        Sample {
+            rss_kib: field("VmRSS:"),
+            fds: fds.len(),
+            broker_links: links(relay.addr.port()),
+            graph_links: links(sim.addr().port()),
+            threads: field("Threads:"),
+            tasks: metric(port, "unassign_runtime_alive_tasks").await,
+        }
+    }
+}
+
+/// The remote ports of the process's established TCP connections (IPv4, as on loopback here).
+fn remote_ports(pid: u32, fds: &[String]) -> Vec<u16> {
+    let table = std::fs::read_to_string(format!("/proc/{pid}/net/tcp")).unwrap();
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let (remote, state, inode) = (f[2], f[3], f[9]);
+            let established = state == "01";
+            let ours = fds.iter().any(|fd| *fd == format!("socket:[{inode}]"));
+            (established && ours)
+                .then(|| u16::from_str_radix(remote.split(':').nth(1)?, 16).ok())?
+        })
+        .collect()
+}
+
+async fn get(port: u16, path: &str) -> (u16, String) {
+    match reqwest::get(format!("http://127.0.0.1:{port}{path}")).await {
+        Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
+        Err(_) => (0, String::new()),
+    }
+}
+
+async fn metric(port: u16, name: &str) -> f64 {
+    let (_, text) = get(port, "/metrics").await;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("{name} not in /metrics"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// The faults, one after another, each undone before the next.
+const FAULTS: [&str; 6] = [
+    "cut broker link",
+    "Graph outage 3 s",
+    "throttled 5 s",
+    "tokens revoked",
+    "stalled broker link",
+    "30% 503 for 5 s",
+];
+
+async fn inject(fault: usize, sim: &Sim, relay: &Relay) {
+    let for_a_while = |secs| tokio::time::sleep(Duration::from_secs(secs));
+    match fault % FAULTS.len() {
+        0 => drop(relay.cut()),
+        1 => {
+            sim.update(|b| {
+                b.outage = true;
+                b.outage_retry_after = true;
+            });
+            for_a_while(3).await;
+            sim.update(|b| b.outage = false);
+        }
+        2 => {
+            sim.update(|b| b.throttle_limit = 10);
+            for_a_while(5).await;
+            sim.update(|b| b.throttle_limit = 0);
+        }
+        3 => sim.revoke_tokens(),
+        4 => drop(relay.stall()),
+        _ => {
+            sim.update(|b| b.error_rates = vec![(503, 0.3)]);
+            for_a_while(5).await;
+            sim.update(|b| b.error_rates.clear());
+        }
+    }
+}
+
+/// Distinct request ids with an event, and how many of them failed.
+fn tally(events: &Collector) -> (usize, usize) {
+    let mut by_id = BTreeMap::new();
+    for e in events.all() {
+        let data = e.event().data;
+        *by_id.entry(data.request_id).or_insert(false) |= data.outcome != "succeeded";
+    }
+    (by_id.len(), by_id.values().filter(|f| **f).count())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_soak_with_periodic_faults_loses_nothing_and_leaks_nothing() {
+    let secs = env_number("SOAK_SECS", 60);
+    let rate = env_number("SOAK_RATE", 40);
+    let sim = Sim::start(SimOptions {
+        latency_ms: 20,
+        ..common::sim_options()
+    })
+    .await
+    .unwrap();
+    let settings = common::settings(&sim, &common::prefix("soak"));
+    let broker = Broker::connect(&settings).await;
+    let events = broker.collect(&settings.amqp.outcomes_queue).await;
+    let dead = broker.collect(&settings.amqp.dead_letter_queue).await;
+    let upstream: url::Url = common::amqp_url().parse().unwrap();
+    let upstream = upstream.socket_addrs(|| Some(5672)).unwrap()[0];
+    let relay = Relay::start(upstream).await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut vars = env_for(&sim, &settings);
+    vars.extend(
+        [
+            ("AMQP_URL", format!("amqp://guest:guest@{}/%2f", relay.addr)),
+            ("UNASSIGN__HTTP__LISTEN", format!("127.0.0.1:{port}")),
+            ("UNASSIGN__AMQP__HEARTBEAT_SECS", "2".to_owned()),
+            ("UNASSIGN__WORKER__CONCURRENCY", "16".to_owned()),
+        ]
+        .map(|(k, v)| (k.to_owned(), v)),
+    );
+    let mut worker = command(&vars)
+        .arg("run")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    eventually(
+        "the worker to be ready",
+        Duration::from_secs(30),
+        || async { (get(port, "/readyz").await.0 == 200).then_some(()) },
+    )
+    .await;
+    let start = Sample::take(&worker, port, &relay, &sim).await;
+
+    // Steady load in 100 ms steps; beside it, a fault every period, the first after one period.
+    let total = Duration::from_secs(secs);
+    let period = Duration::from_secs((secs / 8).clamp(5, 60));
+    let began = tokio::time::Instant::now();
+    let load = async {
+        let mut published = 0u64;
+        while began.elapsed() < total {
+            let due = (began.elapsed().as_secs_f64() * rate as f64) as u64;
+            for n in published..due {
+                broker
+                    .publish_request(&format!("soak-{n}"), &device())
+                    .await;
+            }
+            published = published.max(due);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        published
+    };
+    let chaos = async {
+        let (mut faults, mut samples) = (0, Vec::new());
+        while period * (faults + 2) <= total {
+            tokio::time::sleep_until(began + period * (faults + 1)).await;
+            samples.push(Sample::take(&worker, port, &relay, &sim).await);
+            inject(faults as usize, &sim, &relay).await;
+            faults += 1;
+        }
+        (faults, samples)
+    };
+    let (published, (faults, samples)) = tokio::join!(load, chaos);
+
+    eventually(
+        "every job to have an outcome",
+        Duration::from_secs(180),
+        || async { (tally(&events).0 as u64 == published).then_some(()) },
+    )
+    .await;
+    eventually(
+        "the worker to go quiet",
+        Duration::from_secs(30),
+        || async { (metric(port, "unassign_inflight_jobs").await == 0.0).then_some(()) },
+    )
+    .await;
+    let end = Sample::take(&worker, port, &relay, &sim).await;
+
+    // The baseline is taken once the worker has been through one reconnect: the first one
+    // allocates a second I/O reactor's fds for good.
+    assert!(
+        samples.len() >= 2,
+        "the soak must be at least three periods long"
+    );
+    let warm = samples[1];
+    let peak_rss = samples
+        .iter()
+        .chain([&end])
+        .map(|s| s.rss_kib)
+        .max()
+        .unwrap();
+    let (outcomes, failed) = tally(&events);
+    let duplicates = events.len() - outcomes;
+    println!(
+        "| soak | {secs} s at {rate}/s | {faults} faults ({}) | {published} | {outcomes} | {duplicates} | {} | {failed} | RSS {} → {} → {} MiB (peak {}) | fds {} → {} (broker {} → {}, Graph {} → {}) | tasks {} → {} | threads {} → {} |",
+        FAULTS.join(", "),
+        published - outcomes as u64,
+        start.rss_kib / 1024,
+        warm.rss_kib / 1024,
+        end.rss_kib / 1024,
+        peak_rss / 1024,
+        warm.fds,
+        end.fds,
+        warm.broker_links,
+        end.broker_links,
+        warm.graph_links,
+        end.graph_links,
+        warm.tasks,
+        end.tasks,
+        warm.threads,
+        end.threads,
+    );
+    assert_eq!(failed, 0, "no fault may fail a job");
+    assert_eq!(dead.len(), 0, "no fault may dead-letter a job");
+    // One broker connection, however many were cut or stalled on the way. Graph connections
+    // are pooled (at most one per call in flight, kept while idle), each with a task: everything
+    // else must be back where it was.
+    assert_eq!(end.broker_links, 1, "broker connections leak: {end:?}");
+    assert!(end.graph_links <= 16 + 1, "Graph connections leak: {end:?}");
+    let pooled = |s: &Sample| s.graph_links as f64;
+    assert!(
+        end.fds - end.graph_links <= warm.fds - warm.graph_links,
+        "fd leak: {warm:?} → {end:?}"
+    );
+    assert!(
+        end.tasks - pooled(&end) <= warm.tasks - pooled(&warm) + 2.0,
+        "task leak: {warm:?} → {end:?}"
+    );
+    worker.kill().unwrap();
+    worker.wait().unwrap();
+    broker.cleanup().await;
+    sim.shutdown().await;
+}

@@ -494,10 +494,7 @@ async fn send(ctx: &Context, session: &Session, job: &mut Job<'_>, call: Call<'_
     if let Some(held) = gate.held_for().filter(|held| ctx.parks(*held)) {
         return Called::HandBack(job.hand_back(ctx, session, Some(held)));
     }
-    let admitted = async {
-        let permit = ctx.graph_slots.acquire().await;
-        (permit, gate.admit().await)
-    };
+    let admitted = gate.admit_with(|| ctx.graph_slots.acquire());
     let (_permit, ticket) = tokio::select! {
         biased;
         _ = session.stop.cancelled() => {

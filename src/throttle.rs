@@ -188,21 +188,30 @@ struct Schedule {
 impl Schedule {
     /// `Ok` if a call may go now (and records it), else the instant to ask again.
     fn try_admit(&mut self, now: Instant, interval: Option<Duration>) -> Result<(), Instant> {
-        if let Some(until) = self.held_until(now) {
-            return Err(until);
+        if let Some(at) = self.next_due(now, interval) {
+            return Err(at);
         }
-        let due = match (interval, self.last_sent) {
-            (Some(interval), Some(last)) => last + interval,
-            _ => now,
-        };
-        if due > now {
-            return Err(due);
-        }
+        let due = self.due(now, interval);
         // A call a little late keeps the cadence (so the average stays on budget); after an
         // idle spell the cadence restarts now, with no burst of saved-up calls.
         let late = interval.is_some_and(|i| now - due < i);
         self.last_sent = Some(if late { due } else { now });
         Ok(())
+    }
+
+    /// When a call may go, if not now: the end of the hold, or the next turn at the budget.
+    fn next_due(&self, now: Instant, interval: Option<Duration>) -> Option<Instant> {
+        if let Some(until) = self.held_until(now) {
+            return Some(until);
+        }
+        Some(self.due(now, interval)).filter(|due| *due > now)
+    }
+
+    fn due(&self, now: Instant, interval: Option<Duration>) -> Instant {
+        match (interval, self.last_sent) {
+            (Some(interval), Some(last)) => last + interval,
+            _ => now,
+        }
     }
 
     /// Extends the hold; a shorter Retry-After never shortens one already in force.
@@ -290,20 +299,45 @@ impl Gate {
 
     /// Waits until a call may be sent now. Cancel-safe: dropping it at most wastes a slot.
     pub async fn admit(&self) -> Ticket {
+        self.admit_with(|| async {}).await.1
+    }
+
+    /// Waits for the tenant's turn, then takes a concurrency slot from `slot` and the turn
+    /// together. The wait for the turn holds no slot, so a tenant held back by a Retry-After or
+    /// a low budget never keeps other tenants' calls from theirs. Cancel-safe like [`Gate::admit`].
+    pub async fn admit_with<P, F>(&self, mut slot: impl FnMut() -> F) -> (P, Ticket)
+    where
+        F: std::future::Future<Output = P>,
+    {
         loop {
+            self.turn().await;
+            let permit = slot().await;
             let admitted = {
                 let mut state = self.lock();
                 let interval = state.interval();
                 state.schedule.try_admit(Instant::now(), interval)
             };
-            match admitted {
-                Ok(()) => {
-                    return Ticket {
-                        sent_at: Instant::now(),
-                    };
-                }
-                // Waiters wake together and one takes the slot; the others wait for the next.
-                Err(at) => tokio::time::sleep_until(at).await,
+            // Waiters wake together and one takes the turn; the others give their slot back
+            // and wait for the next.
+            if admitted.is_ok() {
+                let ticket = Ticket {
+                    sent_at: Instant::now(),
+                };
+                return (permit, ticket);
+            }
+        }
+    }
+
+    /// Resolves once a call may go (without taking the turn).
+    async fn turn(&self) {
+        loop {
+            let due = {
+                let state = self.lock();
+                state.schedule.next_due(Instant::now(), state.interval())
+            };
+            match due {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => return,
             }
         }
     }

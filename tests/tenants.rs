@@ -226,6 +226,17 @@ async fn a_tenant_whose_credentials_fail_pauses_alone() {
     env.sim.update(|b| {
         b.tenants.get_mut(CONTOSO).unwrap().client_secret = "rotated".to_owned();
     });
+    // /readyz never turns red: the worker is ready while one tenant works.
+    let readyz = format!("http://{}/readyz", env.worker.http);
+    let not_ready = tokio::spawn(async move {
+        let mut not_ready = 0;
+        for _ in 0..200 {
+            let status = reqwest::get(&readyz).await.map(|r| r.status().as_u16());
+            not_ready += usize::from(status.is_ok_and(|s| s != 200));
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        not_ready
+    });
     for i in 0..5 {
         publish(&env, &format!("c-{i}"), Some(CONTOSO)).await;
         publish(&env, &format!("d-{i}"), None).await;
@@ -246,6 +257,7 @@ async fn a_tenant_whose_credentials_fail_pauses_alone() {
         outcomes(&env, "c-").is_empty(),
         "no contoso outcome while paused"
     );
+    assert_eq!(not_ready.await.unwrap(), 0, "/readyz answered 503");
     assert_eq!(env.dead.len(), 0, "credential trouble never dead-letters");
     assert_eq!(env.worker.metric(paused).await, 1.0);
     let failed_tokens = "unassign_token_requests_total{result=\"error\",tenant=\"contoso\"}";

@@ -32,6 +32,23 @@ fn env_number(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
+/// The worker process, killed however the test ends.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl std::ops::Deref for KillOnDrop {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
 /// What /proc and /metrics say about the worker process at one moment.
 #[derive(Debug, Clone, Copy)]
 struct Sample {
@@ -189,12 +206,13 @@ async fn a_soak_with_periodic_faults_loses_nothing_and_leaks_nothing() {
         ]
         .map(|(k, v)| (k.to_owned(), v)),
     );
-    let mut worker = command(&vars)
+    let worker = command(&vars)
         .arg("run")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    let worker = KillOnDrop(worker);
     eventually(
         "the worker to be ready",
         Duration::from_secs(30),
@@ -297,8 +315,7 @@ async fn a_soak_with_periodic_faults_loses_nothing_and_leaks_nothing() {
         end.tasks - pooled(&end) <= warm.tasks - pooled(&warm) + 2.0,
         "task leak: {warm:?} → {end:?}"
     );
-    worker.kill().unwrap();
-    worker.wait().unwrap();
+    drop(worker);
     broker.cleanup().await;
     sim.shutdown().await;
 }

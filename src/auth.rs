@@ -10,7 +10,10 @@ use serde::Deserialize;
 use tokio::{sync::Mutex, time::Instant};
 use url::Url;
 
-use crate::{config::Credentials, metrics::Metrics};
+use crate::{
+    config::{Credentials, TenantName},
+    metrics::Metrics,
+};
 
 const REFRESH_BEFORE_EXPIRY: Duration = Duration::from_secs(300);
 
@@ -61,6 +64,8 @@ pub struct TokenSource {
     credentials: Credentials,
     token_url: Url,
     cached: Mutex<Option<Cached>>,
+    /// The tenant profile, for its metrics.
+    tenant: TenantName,
     metrics: Arc<Metrics>,
 }
 
@@ -80,12 +85,18 @@ struct TokenErrorBody {
 }
 
 impl TokenSource {
-    pub fn new(http: reqwest::Client, credentials: Credentials, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        http: reqwest::Client,
+        credentials: Credentials,
+        tenant: TenantName,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Self {
             http,
             token_url: credentials.token_url(),
             credentials,
             cached: Mutex::new(None),
+            tenant,
             metrics,
         }
     }
@@ -133,7 +144,7 @@ impl TokenSource {
 
     async fn fetch(&self) -> Result<Cached, AuthError> {
         let result = self.request().await;
-        self.metrics.token_request(result.is_ok());
+        self.metrics.token_request(&self.tenant, result.is_ok());
         if let Err(e) = &result {
             tracing::warn!(error = %e, "token request failed");
         }

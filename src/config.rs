@@ -3,17 +3,20 @@
 //! variables (`AMQP_URL`, `AZURE_*`). Every problem is a [`ConfigError`] naming the key, which the
 //! CLI turns into exit code 2.
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use figment::{
-    Figment,
+    Figment, Source,
     providers::{Env, Format, Serialized, Toml},
 };
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use url::Url;
 
-use crate::credential::{ClientSecret, Credential};
+use crate::{
+    credential::{ClientSecret, Credential},
+    throttle::{Budget, GateConfig},
+};
 
 const DEFAULTS: &str = include_str!("../config/default.toml");
 
@@ -38,6 +41,103 @@ pub struct Settings {
     pub worker: WorkerSettings,
     pub http: HttpSettings,
     pub log: LogSettings,
+    /// Further tenant profiles by name (`[tenants.<name>]`); `auth` is the `default` one.
+    #[serde(default)]
+    pub tenants: BTreeMap<String, TenantSettings>,
+}
+
+/// One more tenant the worker serves (`[tenants.<name>]`), for requests naming its `tenant_id`.
+/// Inline secrets only from the environment (`UNASSIGN__TENANTS__<NAME>__CLIENT_SECRET`), never
+/// from a file: a config file is not a secret store.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantSettings {
+    pub tenant_id: String,
+    pub client_id: String,
+    #[serde(default)]
+    pub client_secret: Option<SecretString>,
+    #[serde(default)]
+    pub client_secret_file: Option<PathBuf>,
+    #[serde(default)]
+    pub client_certificate_path: Option<PathBuf>,
+    #[serde(default)]
+    pub client_certificate_password: Option<SecretString>,
+    #[serde(default)]
+    pub client_certificate_password_file: Option<PathBuf>,
+    #[serde(default)]
+    pub federated_token_file: Option<PathBuf>,
+    /// Defaults to `auth.authority_host`.
+    #[serde(default)]
+    pub authority_host: Option<Url>,
+    /// Defaults to `graph.max_requests_per_second`.
+    #[serde(default)]
+    pub max_requests_per_second: Option<f64>,
+    /// Defaults to `graph.max_reads_per_second`.
+    #[serde(default)]
+    pub max_reads_per_second: Option<f64>,
+    /// Defaults to `graph.adaptive_throttling`.
+    #[serde(default)]
+    pub adaptive_throttling: Option<bool>,
+}
+
+/// A tenant profile's name: `default` (the `auth` section) or a `[tenants.<name>]` key. The only
+/// values the `tenant` metric label takes, with [`TenantName::unknown`] — never a tenant id from
+/// a request.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TenantName(Arc<str>);
+
+impl TenantName {
+    /// The profile of the `auth` section: requests without a `tenant_id`.
+    pub fn default_profile() -> Self {
+        Self("default".into())
+    }
+
+    /// Requests that selected no profile (unparseable, or naming an unknown tenant).
+    pub fn unknown() -> Self {
+        Self("unknown".into())
+    }
+
+    /// Lower case, so that `UNASSIGN__TENANTS__<NAME>__…` (which figment lower-cases) reaches
+    /// the same profile; no `__`, which would split the variable name.
+    fn parse(name: &str) -> Result<Self, ConfigError> {
+        let key = format!("tenants.{name}");
+        let valid = (1..=32).contains(&name.len())
+            && name
+                .bytes()
+                .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_' | b'-'))
+            && !name.contains("__");
+        if !valid {
+            return Err(ConfigError::key(
+                &key,
+                "must be named with 1-32 of a-z 0-9 _ - (no `__`)",
+            ));
+        }
+        if ["default", "unknown"].contains(&name) {
+            return Err(ConfigError::key(&key, "is a reserved name"));
+        }
+        Ok(Self(name.into()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for TenantName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A tenant profile, validated: who it is, how it authenticates, how fast it may be called.
+#[derive(Debug, Clone)]
+pub struct TenantProfile {
+    pub name: TenantName,
+    pub credentials: Credentials,
+    /// For writes (the unassign action)…
+    pub gate: GateConfig,
+    /// …and for reads (lookups).
+    pub read_gate: GateConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -274,7 +374,40 @@ impl Settings {
         }
         let settings: Settings = figment.extract().map_err(|e| ConfigError(e.to_string()))?;
         settings.validate()?;
+        settings.refuse_secrets_in_files(&figment)?;
         Ok(settings)
+    }
+
+    /// A tenant's inline secret must come from the environment; in a file it would sit next to
+    /// settings that are shared, reviewed and committed.
+    fn refuse_secrets_in_files(&self, figment: &Figment) -> Result<(), ConfigError> {
+        for (name, tenant) in &self.tenants {
+            let inline = [
+                ("client_secret", tenant.client_secret.is_some()),
+                (
+                    "client_certificate_password",
+                    tenant.client_certificate_password.is_some(),
+                ),
+            ];
+            for (field, set) in inline {
+                let key = format!("tenants.{name}.{field}");
+                let from_file = figment
+                    .find_metadata(&key)
+                    .is_some_and(|m| matches!(m.source, Some(Source::File(_))));
+                if set && from_file {
+                    return Err(ConfigError::key(
+                        &key,
+                        format!(
+                            "is a secret in a config file: use {field}_file, or the variable \
+                             UNASSIGN__TENANTS__{}__{}",
+                            name.to_uppercase(),
+                            field.to_uppercase()
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
@@ -338,37 +471,229 @@ impl Settings {
                 "is required",
             ));
         }
-        let credentials = Credentials {
-            authority_host: auth.authority_host.clone(),
-            tenant_id: auth.tenant_id.clone(),
-            client_id: auth.client_id.clone(),
-            credential: auth.credential()?,
-            scope: auth
-                .scope
-                .clone()
-                .unwrap_or_else(|| default_scope(&self.graph.base_url)),
-        };
+        let (key, credential) = auth.credential()?;
+        self.checked_credentials(
+            Credentials {
+                authority_host: auth.authority_host.clone(),
+                tenant_id: auth.tenant_id.clone(),
+                client_id: auth.client_id.clone(),
+                credential,
+                scope: self.scope(),
+            },
+            &key,
+        )
+    }
+
+    /// Every tenant the worker serves, `default` (the `auth` section) first, each validated and
+    /// its credential read once now, so a mistake in any of them exits 2 at start.
+    pub fn tenant_profiles(&self) -> Result<Vec<TenantProfile>, ConfigError> {
+        let mut profiles = vec![TenantProfile {
+            name: TenantName::default_profile(),
+            credentials: self.credentials()?,
+            gate: self.graph.gate_config(Budget::Writes),
+            read_gate: self.graph.gate_config(Budget::Reads),
+        }];
+        for (name, tenant) in &self.tenants {
+            let profile = tenant.profile(TenantName::parse(name)?, self)?;
+            let same = profiles.iter().find(|p| {
+                p.credentials
+                    .tenant_id
+                    .eq_ignore_ascii_case(&profile.credentials.tenant_id)
+            });
+            if let Some(other) = same {
+                return Err(ConfigError::key(
+                    &format!("tenants.{name}.tenant_id"),
+                    format!("is already the tenant of profile `{}`", other.name),
+                ));
+            }
+            profiles.push(profile);
+        }
+        Ok(profiles)
+    }
+
+    fn scope(&self) -> String {
+        self.auth
+            .scope
+            .clone()
+            .unwrap_or_else(|| default_scope(&self.graph.base_url))
+    }
+
+    /// Presents the credential once, so an unreadable file or unusable certificate exits 2.
+    fn checked_credentials(
+        &self,
+        credentials: Credentials,
+        key: &str,
+    ) -> Result<Credentials, ConfigError> {
         let token_url = credentials.token_url();
         if let Err(e) = credentials
             .credential
             .fields(&credentials.client_id, token_url.as_str())
         {
-            return Err(ConfigError::key(credentials.credential.key(), e));
+            return Err(ConfigError::key(key, e));
         }
         Ok(credentials)
     }
 }
 
+impl GraphSettings {
+    fn gate_config(&self, budget: Budget) -> GateConfig {
+        GateConfig {
+            max_per_second: match budget {
+                Budget::Writes => self.max_requests_per_second,
+                Budget::Reads => self.max_reads_per_second,
+            },
+            adaptive: self.adaptive_throttling,
+            budget,
+        }
+    }
+}
+
+impl TenantSettings {
+    fn profile(&self, name: TenantName, settings: &Settings) -> Result<TenantProfile, ConfigError> {
+        let key = |field: &str| format!("tenants.{name}.{field}");
+        if !crate::contract::is_guid(&self.tenant_id) {
+            return Err(ConfigError::key(&key("tenant_id"), "must be a GUID"));
+        }
+        if self.client_id.is_empty() {
+            return Err(ConfigError::key(&key("client_id"), "is required"));
+        }
+        let authority_host = self
+            .authority_host
+            .clone()
+            .unwrap_or_else(|| settings.auth.authority_host.clone());
+        require_https_unless_loopback(&key("authority_host"), &authority_host)?;
+        let gate = |budget, own: Option<f64>, field: &str| {
+            let mut gate = settings.graph.gate_config(budget);
+            if let Some(rate) = own {
+                if !(rate >= 0.0 && rate.is_finite()) {
+                    return Err(ConfigError::key(&key(field), "must be a finite number ≥ 0"));
+                }
+                gate.max_per_second = rate;
+            }
+            gate.adaptive = self.adaptive_throttling.unwrap_or(gate.adaptive);
+            Ok(gate)
+        };
+        let write_gate = gate(
+            Budget::Writes,
+            self.max_requests_per_second,
+            "max_requests_per_second",
+        )?;
+        let read_gate = gate(
+            Budget::Reads,
+            self.max_reads_per_second,
+            "max_reads_per_second",
+        )?;
+        let (credential_key, credential) = self.credential(&key)?;
+        let credentials = Credentials {
+            authority_host,
+            tenant_id: self.tenant_id.clone(),
+            client_id: self.client_id.clone(),
+            credential,
+            scope: settings.scope(),
+        };
+        Ok(TenantProfile {
+            name,
+            credentials: settings.checked_credentials(credentials, &credential_key)?,
+            gate: write_gate,
+            read_gate,
+        })
+    }
+
+    fn credential(
+        &self,
+        key: &dyn Fn(&str) -> String,
+    ) -> Result<(String, Credential), ConfigError> {
+        let password = match (
+            &self.client_certificate_password,
+            &self.client_certificate_password_file,
+        ) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError(format!(
+                    "`{}` and `{}` are both set: configure at most one",
+                    key("client_certificate_password"),
+                    key("client_certificate_password_file")
+                )));
+            }
+            (Some(value), None) => Some(ClientSecret::Value(value.clone())),
+            (None, Some(file)) => Some(ClientSecret::File(file.clone())),
+            (None, None) => None,
+        };
+        if password.is_some() && self.client_certificate_path.is_none() {
+            return Err(ConfigError::key(
+                &key("client_certificate_password"),
+                format!("is set without {}", key("client_certificate_path")),
+            ));
+        }
+        let candidates = [
+            (
+                "client_secret",
+                self.client_secret
+                    .clone()
+                    .map(|s| Credential::Secret(ClientSecret::Value(s))),
+            ),
+            (
+                "client_secret_file",
+                self.client_secret_file
+                    .clone()
+                    .map(|p| Credential::Secret(ClientSecret::File(p))),
+            ),
+            (
+                "client_certificate_path",
+                self.client_certificate_path
+                    .clone()
+                    .map(|path| Credential::Certificate { path, password }),
+            ),
+            (
+                "federated_token_file",
+                self.federated_token_file
+                    .clone()
+                    .map(Credential::FederatedToken),
+            ),
+        ];
+        one_credential(
+            candidates
+                .into_iter()
+                .filter_map(|(field, c)| Some((key(field), c?)))
+                .collect(),
+            || {
+                ConfigError::key(
+                    &key("client_secret_file"),
+                    "or another credential is required: client_secret, client_secret_file, \
+                     client_certificate_path or federated_token_file",
+                )
+            },
+        )
+    }
+}
+
+/// The one credential configured, with the key that set it. Two would leave the choice to an
+/// order of precedence nobody remembers, so that is refused as firmly as none.
+fn one_credential(
+    candidates: Vec<(String, Credential)>,
+    missing: impl FnOnce() -> ConfigError,
+) -> Result<(String, Credential), ConfigError> {
+    let mut candidates = candidates.into_iter();
+    match (candidates.next(), candidates.next()) {
+        (Some(one), None) => Ok(one),
+        (None, _) => Err(missing()),
+        (Some((first, _)), Some((second, _))) => Err(ConfigError(format!(
+            "`{first}` and `{second}` are both set: configure exactly one credential"
+        ))),
+    }
+}
+
 impl AuthSettings {
-    /// The one credential source configured. Two would leave the choice to an order of
-    /// precedence nobody remembers, so that is refused as firmly as none.
-    fn credential(&self) -> Result<Credential, ConfigError> {
+    /// The one credential source configured, and the key (and variable) that set it.
+    fn credential(&self) -> Result<(String, Credential), ConfigError> {
         let certificate =
             self.client_certificate_path
                 .as_ref()
                 .map(|path| Credential::Certificate {
                     path: path.clone(),
-                    password: self.client_certificate_password.clone(),
+                    password: self
+                        .client_certificate_password
+                        .clone()
+                        .map(ClientSecret::Value),
                 });
         if certificate.is_none() && self.client_certificate_password.is_some() {
             return Err(ConfigError::key(
@@ -376,7 +701,7 @@ impl AuthSettings {
                 "is set without AZURE_CLIENT_CERTIFICATE_PATH",
             ));
         }
-        let sources: Vec<Credential> = [
+        let sources = [
             self.client_secret
                 .clone()
                 .map(|s| Credential::Secret(ClientSecret::Value(s))),
@@ -387,23 +712,21 @@ impl AuthSettings {
             self.federated_token_file
                 .clone()
                 .map(Credential::FederatedToken),
-        ]
-        .into_iter()
-        .flatten()
-        .collect();
-        match sources.as_slice() {
-            [one] => Ok(one.clone()),
-            [] => Err(ConfigError::key(
-                "auth.client_secret (AZURE_CLIENT_SECRET)",
-                "or another credential is required: set one of AZURE_CLIENT_SECRET, \
-                 AZURE_CLIENT_SECRET_FILE, AZURE_CLIENT_CERTIFICATE_PATH, AZURE_FEDERATED_TOKEN_FILE",
-            )),
-            [first, second, ..] => Err(ConfigError(format!(
-                "`{}` and `{}` are both set: configure exactly one credential",
-                first.key(),
-                second.key()
-            ))),
-        }
+        ];
+        one_credential(
+            sources
+                .into_iter()
+                .flatten()
+                .map(|c| (c.key().to_owned(), c))
+                .collect(),
+            || {
+                ConfigError::key(
+                    "auth.client_secret (AZURE_CLIENT_SECRET)",
+                    "or another credential is required: set one of AZURE_CLIENT_SECRET, \
+                     AZURE_CLIENT_SECRET_FILE, AZURE_CLIENT_CERTIFICATE_PATH, AZURE_FEDERATED_TOKEN_FILE",
+                )
+            },
+        )
     }
 }
 
@@ -795,6 +1118,62 @@ mod tests {
         });
     }
 
+    const CONTOSO: &str = "0a1b2c3d-0000-4000-8000-00000000c0de";
+
+    /// The default tenant from the standard variables, and a `contoso` profile from a file.
+    fn two_tenants(jail: &mut Jail, contoso: &str) -> Result<(), figment::Error> {
+        jail.set_env("AZURE_TENANT_ID", "72f988bf-86f1-41af-91ab-2d7cd011db47");
+        jail.set_env("AZURE_CLIENT_ID", "app");
+        jail.set_env("AZURE_CLIENT_SECRET", "default-secret");
+        jail.create_file("contoso.secret", "contoso-secret\n")?;
+        jail.create_file("c.toml", &format!("[tenants.contoso]\n{contoso}"))?;
+        jail.set_env("UNASSIGN_CONFIG", "c.toml");
+        Ok(())
+    }
+
+    fn profiles_err(s: &Settings) -> String {
+        s.tenant_profiles()
+            .expect_err("tenant profiles should be refused")
+            .to_string()
+    }
+
+    #[test]
+    fn tenant_profiles_have_their_own_credentials_and_limits() {
+        jailed(|jail| {
+            let contoso = format!(
+                "tenant_id = \"{CONTOSO}\"\nclient_id = \"contoso-app\"\n\
+                 client_secret_file = \"contoso.secret\"\nauthority_host = \"https://login.microsoftonline.us\"\n"
+            );
+            two_tenants(jail, &contoso)?;
+            jail.set_env("UNASSIGN__TENANTS__CONTOSO__MAX_REQUESTS_PER_SECOND", "2");
+            let s = Settings::load(None).unwrap();
+            let profiles = s.tenant_profiles().unwrap();
+            let names: Vec<&str> = profiles.iter().map(|p| p.name.as_str()).collect();
+            assert_eq!(names, ["default", "contoso"]);
+            let contoso = &profiles[1];
+            assert_eq!(contoso.credentials.client_id, "contoso-app");
+            assert_eq!(contoso.gate.max_per_second, 2.0, "the variable wins");
+            assert_eq!(
+                profiles[0].gate.max_per_second, 5.0,
+                "default keeps graph's"
+            );
+            assert_eq!(
+                contoso.credentials.token_url().as_str(),
+                format!("https://login.microsoftonline.us/{CONTOSO}/oauth2/v2.0/token")
+            );
+            let fields = contoso.credentials.credential.fields("a", "u").unwrap();
+            assert_eq!(fields[0].1.expose_secret(), "contoso-secret");
+            for shown in [format!("{s:?}"), format!("{profiles:?}")] {
+                assert!(!shown.contains("-secret\""), "secret in Debug: {shown}");
+                assert!(
+                    !shown.contains("default-secret"),
+                    "secret in Debug: {shown}"
+                );
+            }
+            Ok(())
+        });
+    }
+
     #[test]
     fn bad_amqp_urls_name_the_entry_and_hide_it() {
         for (bad, why) in [
@@ -818,6 +1197,94 @@ mod tests {
             assert!(e.contains("amqp.url"), "{e}");
             Ok(())
         });
+    }
+
+    #[test]
+    fn an_inline_tenant_secret_comes_from_the_environment_only() {
+        jailed(|jail| {
+            let contoso = format!(
+                "tenant_id = \"{CONTOSO}\"\nclient_id = \"c\"\nclient_secret = \"in-a-file\"\n"
+            );
+            two_tenants(jail, &contoso)?;
+            let e = err(Settings::load(None));
+            assert!(e.contains("tenants.contoso.client_secret"), "{e}");
+            assert!(!e.contains("in-a-file"), "{e}");
+            jail.create_file(
+                "c.toml",
+                &format!("[tenants.contoso]\ntenant_id = \"{CONTOSO}\"\nclient_id = \"c\"\n"),
+            )?;
+            jail.set_env("UNASSIGN__TENANTS__CONTOSO__CLIENT_SECRET", "from-env");
+            let profiles = Settings::load(None).unwrap().tenant_profiles().unwrap();
+            let fields = profiles[1].credentials.credential.fields("c", "u").unwrap();
+            assert_eq!(fields[0].1.expose_secret(), "from-env");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn tenant_profile_errors_name_the_key() {
+        let cases = [
+            (
+                "tenant_id = \"contoso\"\nclient_id = \"c\"\nclient_secret_file = \"contoso.secret\"",
+                "tenants.contoso.tenant_id",
+            ),
+            (
+                &format!(
+                    "tenant_id = \"{CONTOSO}\"\nclient_id = \"\"\nclient_secret_file = \"contoso.secret\""
+                ),
+                "tenants.contoso.client_id",
+            ),
+            (
+                &format!("tenant_id = \"{CONTOSO}\"\nclient_id = \"c\""),
+                "tenants.contoso.client_secret_file",
+            ),
+            (
+                &format!(
+                    "tenant_id = \"{CONTOSO}\"\nclient_id = \"c\"\nclient_secret_file = \"missing\""
+                ),
+                "tenants.contoso.client_secret_file",
+            ),
+            (
+                &format!(
+                    "tenant_id = \"{CONTOSO}\"\nclient_id = \"c\"\nclient_secret_file = \"contoso.secret\"\nfederated_token_file = \"contoso.secret\""
+                ),
+                "tenants.contoso.federated_token_file",
+            ),
+            (
+                &format!(
+                    "tenant_id = \"{CONTOSO}\"\nclient_id = \"c\"\nclient_secret_file = \"contoso.secret\"\nclient_certificate_password_file = \"contoso.secret\""
+                ),
+                "tenants.contoso.client_certificate_path",
+            ),
+            (
+                &format!(
+                    "tenant_id = \"{CONTOSO}\"\nclient_id = \"c\"\nclient_secret_file = \"contoso.secret\"\nmax_requests_per_second = -1"
+                ),
+                "tenants.contoso.max_requests_per_second",
+            ),
+            (
+                &format!(
+                    "tenant_id = \"{CONTOSO}\"\nclient_id = \"c\"\nclient_secret_file = \"contoso.secret\"\nauthority_host = \"http://login.example.com\""
+                ),
+                "tenants.contoso.authority_host",
+            ),
+            (
+                "tenant_id = \"72F988BF-86F1-41AF-91AB-2D7CD011DB47\"\nclient_id = \"c\"\nclient_secret_file = \"contoso.secret\"",
+                "tenants.contoso.tenant_id",
+            ),
+        ];
+        for (contoso, key) in cases {
+            jailed(|jail| {
+                two_tenants(jail, contoso)?;
+                let e = profiles_err(&Settings::load(None).unwrap());
+                assert!(e.contains(key), "{key} not named in: {e}");
+                Ok(())
+            });
+        }
+        for name in ["Contoso", "default", "unknown", "a__b", ""] {
+            assert!(TenantName::parse(name).is_err(), "{name:?} accepted");
+        }
+        assert!(TenantName::parse("contoso-eu_2").is_ok());
     }
 
     fn err_c(s: &Settings) -> String {

@@ -11,6 +11,7 @@ use url::Url;
 
 use crate::{
     auth::AccessToken,
+    config::TenantName,
     contract::DeviceId,
     metrics::{CallStatus, Metrics},
     retry::Answer,
@@ -128,24 +129,31 @@ impl GraphClient {
         &self.base
     }
 
-    /// Sends the action once with a fresh `client-request-id`.
-    pub async fn unassign(&self, token: &AccessToken, device: &DeviceId) -> Reply {
+    /// Sends the action once with a fresh `client-request-id`; counted for `tenant`.
+    pub async fn unassign(
+        &self,
+        tenant: &TenantName,
+        token: &AccessToken,
+        device: &DeviceId,
+    ) -> Reply {
         let request = self
             .http
             .post(self.unassign_url(device))
             .header(reqwest::header::CONTENT_LENGTH, "0");
-        self.send(request, token, 0).await
+        self.send(tenant, request, token, 0).await
     }
 
     /// Reads one page of the device list. `url` is built by [`crate::lookup`] or is a
     /// nextLink it vetted: only ever under `graph.base_url`.
-    pub async fn list(&self, token: &AccessToken, url: Url) -> Reply {
-        self.send(self.http.get(url), token, MAX_PAGE_BODY).await
+    pub async fn list(&self, tenant: &TenantName, token: &AccessToken, url: Url) -> Reply {
+        self.send(tenant, self.http.get(url), token, MAX_PAGE_BODY)
+            .await
     }
 
     /// Sends once with a fresh `client-request-id`, keeping up to `keep` bytes of a success body.
     async fn send(
         &self,
+        tenant: &TenantName,
         request: reqwest::RequestBuilder,
         token: &AccessToken,
         keep: usize,
@@ -174,7 +182,7 @@ impl GraphClient {
             CallOutcome::ConnectError(_) => CallStatus::ConnectError,
         };
         self.metrics
-            .graph_call(status, started.elapsed().as_secs_f64());
+            .graph_call(tenant, status, started.elapsed().as_secs_f64());
         Reply {
             client_request_id,
             outcome,

@@ -1,6 +1,7 @@
 //! The small HTTP server: `/metrics`, `/healthz`, `/readyz` (CONTRACT section 7).
 
 use std::{
+    collections::BTreeMap,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -30,6 +31,8 @@ pub struct Health {
     connected: AtomicBool,
     consuming: AtomicBool,
     paused: Mutex<Option<String>>,
+    /// Tenants whose jobs wait for their credentials, by profile name.
+    paused_tenants: Mutex<BTreeMap<String, String>>,
     last_tick_ms: AtomicU64,
 }
 
@@ -47,6 +50,19 @@ impl Health {
         *self.paused.lock().unwrap_or_else(|e| e.into_inner()) = reason;
     }
 
+    /// `Some(reason)` while one tenant's jobs wait for its credentials. The worker stays ready
+    /// while another tenant works; `/readyz` names the paused ones.
+    pub fn set_tenant_paused(&self, tenant: &str, reason: Option<&str>) {
+        let mut paused = self
+            .paused_tenants
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        match reason {
+            Some(reason) => paused.insert(tenant.to_owned(), reason.to_owned()),
+            None => paused.remove(tenant),
+        };
+    }
+
     /// Called by the supervisor loop each time round, including while it waits.
     pub fn tick(&self) {
         self.last_tick_ms.store(now_ms(), Ordering::Relaxed);
@@ -57,15 +73,26 @@ impl Health {
             < STALL_LIMIT.as_millis() as u64
     }
 
-    /// `Err(reason)` when not ready; credentials first, as they need a human.
-    fn readiness(&self) -> Result<(), serde_json::Value> {
+    /// The body, `Err` when not ready; credentials first, as they need a human. Paused tenants
+    /// are listed either way.
+    fn readiness(&self) -> Result<serde_json::Value, serde_json::Value> {
+        let paused_tenants = self
+            .paused_tenants
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         if let Some(reason) = self
             .paused
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
         {
-            return Err(json!({"ready": false, "reason": "credentials", "detail": reason}));
+            return Err(json!({
+                "ready": false,
+                "reason": "credentials",
+                "detail": reason,
+                "paused_tenants": paused_tenants,
+            }));
         }
         if !self.connected.load(Ordering::Relaxed) {
             return Err(json!({"ready": false, "reason": "broker_disconnected"}));
@@ -73,7 +100,10 @@ impl Health {
         if !self.consuming.load(Ordering::Relaxed) {
             return Err(json!({"ready": false, "reason": "not_consuming"}));
         }
-        Ok(())
+        Ok(match paused_tenants.is_empty() {
+            true => json!({"ready": true}),
+            false => json!({"ready": true, "paused_tenants": paused_tenants}),
+        })
     }
 }
 
@@ -132,7 +162,7 @@ async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
 
 async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     match state.health.readiness() {
-        Ok(()) => (StatusCode::OK, Json(json!({"ready": true}))),
+        Ok(body) => (StatusCode::OK, Json(body)),
         Err(body) => (StatusCode::SERVICE_UNAVAILABLE, Json(body)),
     }
 }

@@ -20,6 +20,7 @@ pub mod retry;
 pub mod shutdown;
 pub mod sim;
 pub mod telemetry;
+pub mod tenant;
 #[cfg(test)]
 mod test_pki;
 pub mod throttle;

@@ -4,7 +4,7 @@
 use std::sync::atomic::AtomicU64;
 
 use prometheus_client::{
-    encoding::{EncodeLabelSet, text::encode},
+    encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder, text::encode},
     metrics::{
         counter::Counter,
         family::Family,
@@ -14,32 +14,49 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::contract::ErrorKind;
+use crate::{config::TenantName, contract::ErrorKind};
+
+/// Profile names only: configured at start, so the label stays bounded.
+impl EncodeLabelValue for TenantName {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        EncodeLabelValue::encode(&self.as_str(), encoder)
+    }
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Outcome {
     outcome: &'static str,
+    tenant: TenantName,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Kind {
     kind: &'static str,
+    tenant: TenantName,
 }
 
 /// An HTTP code, or `timeout` / `connect_error`: a bounded set by construction.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Status {
     status: std::borrow::Cow<'static, str>,
+    tenant: TenantName,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Reason {
     reason: &'static str,
+    tenant: TenantName,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TokenResult {
     result: &'static str,
+    tenant: TenantName,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Tenant {
+    tenant: TenantName,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -92,9 +109,10 @@ pub struct Metrics {
     graph_duration: Histogram,
     job_duration: Histogram,
     retries: Family<Reason, Counter>,
-    throttled: Gauge,
-    rate_limit: Gauge<f64, AtomicU64>,
-    read_rate_limit: Gauge<f64, AtomicU64>,
+    throttled: Family<Tenant, Gauge>,
+    rate_limit: Family<Tenant, Gauge<f64, AtomicU64>>,
+    read_rate_limit: Family<Tenant, Gauge<f64, AtomicU64>>,
+    tenant_paused: Family<Tenant, Gauge>,
     inflight: Gauge,
     amqp_connected: Gauge,
     amqp_reconnects: Counter,
@@ -122,9 +140,10 @@ impl Metrics {
             // 10 ms … ~1.9 days: a throttled or retried job can legitimately take hours.
             job_duration: Histogram::new(exponential_buckets(0.01, 3.0, 18)),
             retries: Family::default(),
-            throttled: Gauge::default(),
-            rate_limit: Gauge::default(),
-            read_rate_limit: Gauge::default(),
+            throttled: Family::default(),
+            rate_limit: Family::default(),
+            read_rate_limit: Family::default(),
+            tenant_paused: Family::default(),
             inflight: Gauge::default(),
             amqp_connected: Gauge::default(),
             amqp_reconnects: Counter::default(),
@@ -133,27 +152,6 @@ impl Metrics {
             queue_messages: Family::default(),
             runtime_tasks: Gauge::default(),
         };
-        // Known label values start at zero so dashboards and alerts see series from the start.
-        for outcome in ["succeeded", "failed"] {
-            let _ = m.jobs.get_or_create(&Outcome { outcome });
-        }
-        for kind in ErrorKind::ALL {
-            let _ = m.dead_letters.get_or_create(&Kind {
-                kind: kind.as_str(),
-            });
-        }
-        for reason in [
-            RetryReason::Throttled,
-            RetryReason::ServerError,
-            RetryReason::Network,
-        ] {
-            let _ = m.retries.get_or_create(&Reason {
-                reason: reason.as_str(),
-            });
-        }
-        for result in ["ok", "error"] {
-            let _ = m.token_requests.get_or_create(&TokenResult { result });
-        }
         for queue in ["requests", "dead_letter"] {
             let _ = m.queue_messages.get_or_create(&Queue { queue });
         }
@@ -196,8 +194,13 @@ impl Metrics {
         );
         r.register(
             "unassign_throttled",
-            "1 while calls are held back by a Retry-After",
+            "1 while calls to the tenant are held back by a Retry-After",
             self.throttled.clone(),
+        );
+        r.register(
+            "unassign_tenant_paused",
+            "1 while the tenant's jobs wait for its credentials to work again",
+            self.tenant_paused.clone(),
         );
         r.register(
             "unassign_rate_limit_per_second",
@@ -265,48 +268,109 @@ impl Metrics {
         out
     }
 
-    pub fn job_finished(&self, failed: bool, seconds: f64) {
+    /// Starts a tenant's series at zero, so dashboards and alerts see them from the start.
+    pub fn register_tenant(&self, tenant: &TenantName) {
+        for outcome in ["succeeded", "failed"] {
+            let _ = self.jobs.get_or_create(&Outcome {
+                outcome,
+                tenant: tenant.clone(),
+            });
+        }
+        for kind in ErrorKind::ALL {
+            let _ = self.dead_letters.get_or_create(&Kind {
+                kind: kind.as_str(),
+                tenant: tenant.clone(),
+            });
+        }
+        for reason in [
+            RetryReason::Throttled,
+            RetryReason::ServerError,
+            RetryReason::Network,
+        ] {
+            let _ = self.retries.get_or_create(&Reason {
+                reason: reason.as_str(),
+                tenant: tenant.clone(),
+            });
+        }
+        for result in ["ok", "error"] {
+            let _ = self.token_requests.get_or_create(&TokenResult {
+                result,
+                tenant: tenant.clone(),
+            });
+        }
+        let tenant = Tenant {
+            tenant: tenant.clone(),
+        };
+        let _ = self.throttled.get_or_create(&tenant);
+        let _ = self.rate_limit.get_or_create(&tenant);
+        let _ = self.read_rate_limit.get_or_create(&tenant);
+        let _ = self.tenant_paused.get_or_create(&tenant);
+    }
+
+    pub fn job_finished(&self, tenant: &TenantName, failed: bool, seconds: f64) {
         let outcome = if failed { "failed" } else { "succeeded" };
-        self.jobs.get_or_create(&Outcome { outcome }).inc();
+        let tenant = tenant.clone();
+        self.jobs.get_or_create(&Outcome { outcome, tenant }).inc();
         self.job_duration.observe(seconds);
     }
 
-    pub fn dead_lettered(&self, kind: ErrorKind) {
+    pub fn dead_lettered(&self, tenant: &TenantName, kind: ErrorKind) {
         self.dead_letters
             .get_or_create(&Kind {
                 kind: kind.as_str(),
+                tenant: tenant.clone(),
             })
             .inc();
     }
 
-    pub fn graph_call(&self, status: CallStatus, seconds: f64) {
+    pub fn graph_call(&self, tenant: &TenantName, status: CallStatus, seconds: f64) {
         let status = match status {
             CallStatus::Http(code) => code.to_string().into(),
             CallStatus::Timeout => "timeout".into(),
             CallStatus::ConnectError => "connect_error".into(),
         };
-        self.graph_requests.get_or_create(&Status { status }).inc();
+        let tenant = tenant.clone();
+        self.graph_requests
+            .get_or_create(&Status { status, tenant })
+            .inc();
         self.graph_duration.observe(seconds);
     }
 
-    pub fn retry(&self, reason: RetryReason) {
+    pub fn retry(&self, tenant: &TenantName, reason: RetryReason) {
         self.retries
             .get_or_create(&Reason {
                 reason: reason.as_str(),
+                tenant: tenant.clone(),
             })
             .inc();
     }
 
-    pub fn set_throttled(&self, throttled: bool) {
-        self.throttled.set(throttled.into());
+    pub fn set_throttled(&self, tenant: &TenantName, throttled: bool) {
+        let tenant = tenant.clone();
+        self.throttled
+            .get_or_create(&Tenant { tenant })
+            .set(throttled.into());
     }
 
-    pub fn set_rate_limit(&self, per_second: f64) {
-        self.rate_limit.set(per_second);
+    pub fn set_rate_limit(&self, tenant: &TenantName, per_second: f64) {
+        let tenant = tenant.clone();
+        self.rate_limit
+            .get_or_create(&Tenant { tenant })
+            .set(per_second);
     }
 
-    pub fn set_read_rate_limit(&self, per_second: f64) {
-        self.read_rate_limit.set(per_second);
+    pub fn set_tenant_paused(&self, tenant: &TenantName, paused: bool) {
+        let tenant = tenant.clone();
+        self.tenant_paused
+            .get_or_create(&Tenant { tenant })
+            .set(paused.into());
+    }
+
+    pub fn set_read_rate_limit(&self, tenant: &TenantName, per_second: f64) {
+        let tenant = tenant.clone();
+        self.read_rate_limit
+            .get_or_create(&Tenant { tenant })
+            .set(per_second);
     }
 
     pub fn inflight_inc(&self) {
@@ -340,10 +404,11 @@ impl Metrics {
             .set(ready.into());
     }
 
-    pub fn token_request(&self, ok: bool) {
+    pub fn token_request(&self, tenant: &TenantName, ok: bool) {
         let result = if ok { "ok" } else { "error" };
+        let tenant = tenant.clone();
         self.token_requests
-            .get_or_create(&TokenResult { result })
+            .get_or_create(&TokenResult { result, tenant })
             .inc();
     }
 }
@@ -355,27 +420,30 @@ mod tests {
     #[test]
     fn exposes_every_contract_metric() {
         let m = Metrics::new();
-        m.graph_call(CallStatus::Http(204), 0.01);
-        m.graph_call(CallStatus::Timeout, 30.0);
+        let tenant = TenantName::default_profile();
+        m.register_tenant(&tenant);
+        m.graph_call(&tenant, CallStatus::Http(204), 0.01);
+        m.graph_call(&tenant, CallStatus::Timeout, 30.0);
         m.set_amqp_node(&["a:5701".into(), "b:5702".into()], Some(1));
         let text = m.render();
         for name in [
-            "unassign_jobs_total{outcome=\"succeeded\"}",
-            "unassign_dead_letters_total{kind=\"device_not_found\"}",
-            "unassign_graph_requests_total{status=\"204\"}",
-            "unassign_graph_requests_total{status=\"timeout\"}",
+            "unassign_jobs_total{outcome=\"succeeded\",tenant=\"default\"}",
+            "unassign_dead_letters_total{kind=\"device_not_found\",tenant=\"default\"}",
+            "unassign_graph_requests_total{status=\"204\",tenant=\"default\"}",
+            "unassign_graph_requests_total{status=\"timeout\",tenant=\"default\"}",
             "unassign_graph_request_duration_seconds_bucket",
             "unassign_job_duration_seconds_bucket",
-            "unassign_retries_total{reason=\"throttled\"}",
-            "unassign_throttled ",
-            "unassign_rate_limit_per_second ",
-            "unassign_read_rate_limit_per_second ",
+            "unassign_retries_total{reason=\"throttled\",tenant=\"default\"}",
+            "unassign_throttled{tenant=\"default\"} ",
+            "unassign_rate_limit_per_second{tenant=\"default\"} ",
+            "unassign_read_rate_limit_per_second{tenant=\"default\"} ",
+            "unassign_tenant_paused{tenant=\"default\"} ",
             "unassign_inflight_jobs ",
             "unassign_amqp_connected ",
             "unassign_amqp_reconnects_total ",
             "unassign_amqp_node{node=\"a:5701\"} 0",
             "unassign_amqp_node{node=\"b:5702\"} 1",
-            "unassign_token_requests_total{result=\"ok\"}",
+            "unassign_token_requests_total{result=\"ok\",tenant=\"default\"}",
             "unassign_build_info{version=",
             "unassign_queue_messages{queue=\"requests\"}",
         ] {

@@ -24,8 +24,8 @@ use url::Url;
 
 use crate::{
     amqp::{PublishError, Publisher, delay},
-    auth::{AccessToken, TokenSource},
-    config::AmqpSettings,
+    auth::AccessToken,
+    config::{AmqpSettings, TenantName},
     contract::{
         self, DeviceId, ErrorKind, Failure, Invalid, Outcome, Progress, Request, RetryState,
         Target, TraceContext,
@@ -34,27 +34,26 @@ use crate::{
     lookup::Lookup,
     metrics::{Metrics, RetryReason},
     retry::{self, Attempt, Decision, PauseReason, Policy},
+    tenant::{Tenant, Tenants},
     throttle::{Gate, Ticket},
 };
 
 /// Longest a delivery is held while its outcome cannot be published; well below RabbitMQ's
 /// 30-minute consumer timeout.
 const MAX_PUBLISH_HOLD: Duration = Duration::from_secs(600);
+/// Added to a paused tenant's tier-long wait, so the time it takes to hand the job back does
+/// not make it fit only the next shorter tier.
+const PARK_SLACK: Duration = Duration::from_millis(250);
 
 /// What every job shares for the life of the worker.
 pub struct Context {
     pub amqp: AmqpSettings,
     pub graph: GraphClient,
-    pub tokens: TokenSource,
-    /// The tenant's gate for writes (the unassign action)…
-    pub gate: Arc<Gate>,
-    /// …and for reads (lookups), which Intune budgets apart from writes.
-    pub read_gate: Arc<Gate>,
+    /// The tenant profiles; a request naming a tenant none of them has is invalid.
+    pub tenants: Arc<Tenants>,
     pub graph_slots: CallSlots,
     pub metrics: Arc<Metrics>,
     pub policy: Policy,
-    /// The configured tenant; a request naming another is invalid.
-    pub tenant_id: String,
     /// Waits longer than this go through the delay queues (`retry.park_after_secs`).
     pub park_after: Duration,
     /// `unassign-worker/<instance>`, the events' `source`.
@@ -90,15 +89,17 @@ impl CallSlots {
 }
 
 impl Context {
-    /// A Retry-After speaks for the whole tenant: reads and writes alike wait it out.
-    fn hold_tenant(&self, duration: Duration) {
-        self.gate.hold(duration);
-        self.read_gate.hold(duration);
-    }
-
     /// Whether a wait of `wait` goes through a delay queue rather than holding the delivery.
     fn parks(&self, wait: Duration) -> bool {
         wait > self.park_after && delay::tier_for(&self.amqp, wait).is_some()
+    }
+
+    /// What a paused tenant's job owes when handed back: at least until the tenant's next
+    /// probe, and long enough to be parked in a delay queue — rounded up to a whole tier, so the
+    /// job neither comes back to spin nor holds its delivery waiting out a remainder.
+    fn paused_wait(&self, until_probe: Duration) -> Duration {
+        let parked = self.park_after + Duration::from_millis(1);
+        delay::tier_at_least(&self.amqp, until_probe.max(parked)) + PARK_SLACK
     }
 }
 
@@ -163,45 +164,52 @@ pub async fn handle(ctx: &Context, session: &Session, delivery: Delivery) {
         "job",
         request_id = Empty,
         device_id = Empty,
+        tenant = Empty,
         attempt = state.attempts,
         graph_request_id = Empty,
         trace_id = trace.as_ref().map(|t| t.trace_id.as_str()),
         span_id = trace.as_ref().map(|t| t.span_id.as_str()),
     );
+    // Metrics name the profile the request selected, never a tenant id it sent.
+    let mut profile = TenantName::unknown();
     let step = match contract::parse_request(&delivery.data, message_id) {
         Ok(request) => {
             span.record("request_id", request.request_id.as_str());
             if let Some(id) = request.device_id() {
                 span.record("device_id", id.as_str());
             }
-            process(ctx, session, &request, state, progress)
-                .instrument(span.clone())
-                .await
+            match ctx.tenants.select(request.tenant_id.as_deref()) {
+                Some(tenant) => {
+                    span.record("tenant", tenant.name.as_str());
+                    profile = tenant.name.clone();
+                    let job = Job::new(&request, state, progress, tenant);
+                    process(ctx, session, job).instrument(span.clone()).await
+                }
+                None => unknown_tenant(&request, state),
+            }
         }
         Err(invalid) => Step::Done(Box::new(invalid_outcome(invalid, state))),
     };
-    settle(ctx, session, &delivery, step, trace.as_ref())
+    settle(ctx, session, &delivery, step, trace.as_ref(), &profile)
         .instrument(span)
         .await;
 }
 
+/// A request whose `tenant_id` no profile has: invalid, before any call.
+fn unknown_tenant(request: &Request, state: RetryState) -> Step {
+    let invalid = Invalid {
+        request_id: Some(request.request_id.clone()),
+        device_id: request.device_id().cloned(),
+        requested_by: request.requested_by.clone(),
+        reason: request.reason.clone(),
+        message: "tenant_id names no configured tenant".to_owned(),
+    };
+    Step::Done(Box::new(invalid_outcome(invalid, state)))
+}
+
 /// The Graph part of a job: call, decide, wait, call again.
-async fn process(
-    ctx: &Context,
-    session: &Session,
-    request: &Request,
-    state: RetryState,
-    progress: Progress,
-) -> Step {
-    let mut job = Job::new(request, state, progress);
-    if let Some(tenant) = &request.tenant_id
-        && !tenant.eq_ignore_ascii_case(&ctx.tenant_id)
-    {
-        return job.fail(Failure::new(
-            ErrorKind::InvalidRequest,
-            "tenant_id names no configured tenant",
-        ));
-    }
+async fn process(ctx: &Context, session: &Session, mut job: Job<'_>) -> Step {
+    let request = job.request;
     let lookup = match &request.target {
         Target::Device(id) => {
             return match call_until_decided(ctx, session, &mut job, Call::Unassign(id)).await {
@@ -216,9 +224,10 @@ async fn process(
     targets::unassign_looked_up(ctx, session, job, lookup).await
 }
 
-/// A request in progress and its durable state.
+/// A request in progress, its durable state, and the tenant profile it selected.
 struct Job<'a> {
     request: &'a Request,
+    tenant: &'a Arc<Tenant>,
     state: RetryState,
     /// Devices done and calls on the one in progress (serial and user requests).
     progress: Progress,
@@ -229,10 +238,16 @@ struct Job<'a> {
 }
 
 impl<'a> Job<'a> {
-    fn new(request: &'a Request, state: RetryState, progress: Progress) -> Self {
+    fn new(
+        request: &'a Request,
+        state: RetryState,
+        progress: Progress,
+        tenant: &'a Arc<Tenant>,
+    ) -> Self {
         let spent = progress.device_calls.unwrap_or(state.attempts);
         Self {
             request,
+            tenant,
             base: state.attempts.saturating_sub(spent),
             state,
             progress,
@@ -267,9 +282,16 @@ impl<'a> Job<'a> {
 
     /// Not finished: back to the queue with its state and the wait it still owes — at least
     /// what is left of the tenant's Retry-After hold, which lives in this process only, so that
-    /// no worker that picks the job up calls before it ends.
-    fn hand_back(&self, ctx: &Context, wait: Option<Duration>) -> Step {
-        let wait = wait.max(ctx.gate.held_for());
+    /// no worker that picks the job up calls before it ends. A paused tenant's job, while the
+    /// session goes on for the other tenants, is parked until the tenant's next probe (the
+    /// tenant is read before the session: see [`Tenants::pause`]).
+    fn hand_back(&self, ctx: &Context, session: &Session, wait: Option<Duration>) -> Step {
+        let mut wait = wait.max(self.tenant.gate.held_for());
+        if let Some(until_probe) = self.tenant.paused_for()
+            && !session.stop.is_cancelled()
+        {
+            wait = wait.max(Some(ctx.paused_wait(until_probe)));
+        }
         let retry_at = wait.map(|w| OffsetDateTime::now_utc() + w);
         let progress = self.request.device_id().is_none().then(|| Progress {
             device_calls: Some(self.state.attempts.saturating_sub(self.base)),
@@ -286,10 +308,6 @@ impl<'a> Job<'a> {
 
     fn finish(&self, error: Option<Failure>, reply: Option<&Reply>) -> Step {
         Step::Done(Box::new(self.outcome(error, reply)))
-    }
-
-    fn fail(&self, failure: Failure) -> Step {
-        self.finish(Some(failure), None)
     }
 
     fn elapsed(&self) -> Duration {
@@ -339,10 +357,10 @@ enum Call<'a> {
 
 impl Call<'_> {
     /// Writes and reads are budgeted apart.
-    fn gate(self, ctx: &Context) -> &Arc<Gate> {
+    fn gate(self, tenant: &Tenant) -> &Arc<Gate> {
         match self {
-            Call::Unassign(_) => &ctx.gate,
-            Call::List(_) => &ctx.read_gate,
+            Call::Unassign(_) => &tenant.gate,
+            Call::List(_) => &tenant.read_gate,
         }
     }
 }
@@ -382,7 +400,7 @@ async fn call_until_decided(
             return Ended::HandBack(step);
         }
     }
-    let gate = call.gate(ctx);
+    let gate = call.gate(job.tenant);
     loop {
         if job.until_deadline() == Some(Duration::ZERO) {
             let failure = job.give_up(ErrorKind::DeadlineExceeded, job.calls(call), last.as_ref());
@@ -422,25 +440,24 @@ async fn call_until_decided(
             }
             Decision::RefreshToken => {
                 tracing::info!("graph answered 401; fetching a fresh token");
-                ctx.tokens.invalidate(&token).await;
+                job.tenant.tokens.invalidate(&token).await;
                 token_refreshed = true;
             }
             Decision::Pause(reason) => {
-                tracing::error!(reason = reason.as_str(), "pausing consumption");
-                session.pause(reason);
-                return Ended::HandBack(job.hand_back(ctx, None));
+                ctx.tenants.pause(job.tenant, reason, session);
+                return Ended::HandBack(job.hand_back(ctx, session, None));
             }
             Decision::Retry {
                 delay,
                 reason,
                 hold_tenant,
             } => {
-                ctx.metrics.retry(reason);
+                ctx.metrics.retry(&job.tenant.name, reason);
                 if reason == RetryReason::Throttled {
                     gate.throttled(ticket);
                 }
                 if let Some(hold) = hold_tenant {
-                    ctx.hold_tenant(hold);
+                    job.tenant.hold(hold);
                 }
                 tracing::warn!(
                     reason = reason.as_str(),
@@ -460,50 +477,53 @@ async fn call_until_decided(
 /// How an attempt to call Graph ended.
 enum Called {
     Sent(Reply, AccessToken, Ticket),
-    /// Not sent: the session stopped, no token could be had (which pauses), or the tenant is
-    /// held back for longer than is worth waiting with the delivery in hand.
+    /// Not sent: the session stopped, the tenant is paused or no token could be had (which
+    /// pauses it), or the tenant is held back for longer than is worth waiting with the
+    /// delivery in hand.
     HandBack(Step),
 }
 
 /// One Graph call, after the concurrency slot, the tenant's gate (for writes or reads) and a
 /// token.
 async fn send(ctx: &Context, session: &Session, job: &mut Job<'_>, call: Call<'_>) -> Called {
-    let gate = call.gate(ctx);
-    if let Some(held) = gate.held_for().filter(|held| ctx.parks(*held)) {
-        return Called::HandBack(job.hand_back(ctx, Some(held)));
-    }
-    let admitted = async {
-        let permit = ctx.graph_slots.acquire().await;
-        (permit, gate.admit().await)
+    let tenant = job.tenant;
+    let Some(paused) = tenant.running_signal() else {
+        return Called::HandBack(job.hand_back(ctx, session, None));
     };
+    let gate = call.gate(tenant);
+    if let Some(held) = gate.held_for().filter(|held| ctx.parks(*held)) {
+        return Called::HandBack(job.hand_back(ctx, session, Some(held)));
+    }
+    let admitted = gate.admit_with(|| ctx.graph_slots.acquire());
     let (_permit, ticket) = tokio::select! {
         biased;
         _ = session.stop.cancelled() => {
             ctx.graph_slots.settled().await;
-            return Called::HandBack(job.hand_back(ctx, None));
+            return Called::HandBack(job.hand_back(ctx, session, None));
         }
+        _ = paused.cancelled() => return Called::HandBack(job.hand_back(ctx, session, None)),
         admitted = admitted => admitted,
     };
-    let token = match ctx.tokens.token().await {
+    let token = match tenant.tokens.token().await {
         Ok(token) => token,
         Err(e) => {
-            tracing::error!(error = %e, "no access token; pausing consumption");
-            session.pause(PauseReason::NoToken);
-            return Called::HandBack(job.hand_back(ctx, None));
+            tracing::error!(error = %e, "no access token");
+            ctx.tenants.pause(tenant, PauseReason::NoToken, session);
+            return Called::HandBack(job.hand_back(ctx, session, None));
         }
     };
     // Once sent, a call is seen through: aborting it would leave Graph's side unknown.
     let span = tracing::Span::current();
     let reply = match call {
         Call::Unassign(device) => {
-            let reply = ctx.graph.unassign(&token, device).await;
+            let reply = ctx.graph.unassign(&tenant.name, &token, device).await;
             job.state.attempts += 1;
             span.record("attempt", job.state.attempts);
             reply
         }
         Call::List(url) => {
             job.reads += 1;
-            ctx.graph.list(&token, url.clone()).await
+            ctx.graph.list(&tenant.name, &token, url.clone()).await
         }
     };
     let response = reply.response();
@@ -529,12 +549,22 @@ async fn wait_or_hand_back(
     delay: Duration,
 ) -> Option<Step> {
     if ctx.parks(delay) {
-        return Some(job.hand_back(ctx, Some(delay)));
+        return Some(job.hand_back(ctx, session, Some(delay)));
     }
     let retry_at = OffsetDateTime::now_utc() + delay;
-    if !sleep_unless_stopped(delay, &session.stop).await {
-        ctx.graph_slots.settled().await;
-        return Some(job.hand_back(ctx, until(retry_at)));
+    let Some(paused) = job.tenant.running_signal() else {
+        return Some(job.hand_back(ctx, session, until(retry_at)));
+    };
+    let slept = tokio::select! {
+        biased;
+        _ = paused.cancelled() => false,
+        slept = sleep_unless_stopped(delay, &session.stop) => slept,
+    };
+    if !slept {
+        if session.stop.is_cancelled() {
+            ctx.graph_slots.settled().await;
+        }
+        return Some(job.hand_back(ctx, session, until(retry_at)));
     }
     job.state.retry_at = None;
     None
@@ -575,6 +605,7 @@ async fn settle(
     delivery: &Delivery,
     step: Step,
     trace: Option<&TraceContext>,
+    tenant: &TenantName,
 ) {
     let event_id = uuid::Uuid::new_v4().to_string();
     let held_since = tokio::time::Instant::now();
@@ -616,9 +647,10 @@ async fn settle(
         let seconds = (outcome.completed_at - outcome.received_at)
             .as_seconds_f64()
             .max(0.0);
-        ctx.metrics.job_finished(outcome.error.is_some(), seconds);
+        ctx.metrics
+            .job_finished(tenant, outcome.error.is_some(), seconds);
         if let Some(failure) = &outcome.error {
-            ctx.metrics.dead_lettered(failure.kind);
+            ctx.metrics.dead_lettered(tenant, failure.kind);
             tracing::warn!(kind = failure.kind.as_str(), message = %failure.message, "failed; dead-lettered");
         }
     }

@@ -17,7 +17,7 @@ use std::{
 
 use tokio::time::Instant;
 
-use crate::metrics::Metrics;
+use crate::{config::TenantName, metrics::Metrics};
 
 /// Start of the adaptive budget when no limit is configured: Intune's documented write limit
 /// for one app (100 per 20 s per tenant).
@@ -50,7 +50,7 @@ const RECOVER_PER_SEC: f64 = 0.1;
 /// additive increase); a step proportional to each one's own rate would keep their ratios.
 const PROBE_PER_SEC: f64 = 0.05;
 
-/// How the gate behaves (from `[graph]` settings).
+/// How the gate behaves (from `[graph]` settings, or the tenant profile's own).
 #[derive(Debug, Clone, Copy)]
 pub struct GateConfig {
     /// Ceiling in calls per second; 0 = none.
@@ -188,21 +188,30 @@ struct Schedule {
 impl Schedule {
     /// `Ok` if a call may go now (and records it), else the instant to ask again.
     fn try_admit(&mut self, now: Instant, interval: Option<Duration>) -> Result<(), Instant> {
-        if let Some(until) = self.held_until(now) {
-            return Err(until);
+        if let Some(at) = self.next_due(now, interval) {
+            return Err(at);
         }
-        let due = match (interval, self.last_sent) {
-            (Some(interval), Some(last)) => last + interval,
-            _ => now,
-        };
-        if due > now {
-            return Err(due);
-        }
+        let due = self.due(now, interval);
         // A call a little late keeps the cadence (so the average stays on budget); after an
         // idle spell the cadence restarts now, with no burst of saved-up calls.
         let late = interval.is_some_and(|i| now - due < i);
         self.last_sent = Some(if late { due } else { now });
         Ok(())
+    }
+
+    /// When a call may go, if not now: the end of the hold, or the next turn at the budget.
+    fn next_due(&self, now: Instant, interval: Option<Duration>) -> Option<Instant> {
+        if let Some(until) = self.held_until(now) {
+            return Some(until);
+        }
+        Some(self.due(now, interval)).filter(|due| *due > now)
+    }
+
+    fn due(&self, now: Instant, interval: Option<Duration>) -> Instant {
+        match (interval, self.last_sent) {
+            (Some(interval), Some(last)) => last + interval,
+            _ => now,
+        }
     }
 
     /// Extends the hold; a shorter Retry-After never shortens one already in force.
@@ -249,11 +258,13 @@ pub struct Gate {
     state: Mutex<State>,
     adaptive: bool,
     budget: Budget,
+    /// The tenant this gate guards, for its metrics.
+    tenant: TenantName,
     metrics: Arc<Metrics>,
 }
 
 impl Gate {
-    pub fn new(config: GateConfig, metrics: Arc<Metrics>) -> Arc<Self> {
+    pub fn new(config: GateConfig, tenant: TenantName, metrics: Arc<Metrics>) -> Arc<Self> {
         let now = Instant::now();
         let ceiling = (config.max_per_second > 0.0).then_some(config.max_per_second);
         let aimd = config.adaptive.then(|| match ceiling {
@@ -279,6 +290,7 @@ impl Gate {
             state: Mutex::new(state),
             adaptive: config.adaptive,
             budget: config.budget,
+            tenant,
             metrics,
         };
         gate.report_rate(gate.lock().rate());
@@ -287,20 +299,45 @@ impl Gate {
 
     /// Waits until a call may be sent now. Cancel-safe: dropping it at most wastes a slot.
     pub async fn admit(&self) -> Ticket {
+        self.admit_with(|| async {}).await.1
+    }
+
+    /// Waits for the tenant's turn, then takes a concurrency slot from `slot` and the turn
+    /// together. The wait for the turn holds no slot, so a tenant held back by a Retry-After or
+    /// a low budget never keeps other tenants' calls from theirs. Cancel-safe like [`Gate::admit`].
+    pub async fn admit_with<P, F>(&self, mut slot: impl FnMut() -> F) -> (P, Ticket)
+    where
+        F: std::future::Future<Output = P>,
+    {
         loop {
+            self.turn().await;
+            let permit = slot().await;
             let admitted = {
                 let mut state = self.lock();
                 let interval = state.interval();
                 state.schedule.try_admit(Instant::now(), interval)
             };
-            match admitted {
-                Ok(()) => {
-                    return Ticket {
-                        sent_at: Instant::now(),
-                    };
-                }
-                // Waiters wake together and one takes the slot; the others wait for the next.
-                Err(at) => tokio::time::sleep_until(at).await,
+            // Waiters wake together and one takes the turn; the others give their slot back
+            // and wait for the next.
+            if admitted.is_ok() {
+                let ticket = Ticket {
+                    sent_at: Instant::now(),
+                };
+                return (permit, ticket);
+            }
+        }
+    }
+
+    /// Resolves once a call may go (without taking the turn).
+    async fn turn(&self) {
+        loop {
+            let due = {
+                let state = self.lock();
+                state.schedule.next_due(Instant::now(), state.interval())
+            };
+            match due {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => return,
             }
         }
     }
@@ -325,12 +362,12 @@ impl Gate {
         if self.budget == Budget::Reads {
             return;
         }
-        self.metrics.set_throttled(true);
+        self.metrics.set_throttled(&self.tenant, true);
         let gate = Arc::clone(self);
         tokio::spawn(async move {
             tokio::time::sleep_until(until).await;
             if gate.lock().schedule.held_until(Instant::now()).is_none() {
-                gate.metrics.set_throttled(false);
+                gate.metrics.set_throttled(&gate.tenant, false);
             }
         });
     }
@@ -359,8 +396,8 @@ impl Gate {
 
     fn report_rate(&self, rate: f64) {
         match self.budget {
-            Budget::Writes => self.metrics.set_rate_limit(rate),
-            Budget::Reads => self.metrics.set_read_rate_limit(rate),
+            Budget::Writes => self.metrics.set_rate_limit(&self.tenant, rate),
+            Budget::Reads => self.metrics.set_read_rate_limit(&self.tenant, rate),
         }
     }
 
@@ -596,7 +633,11 @@ mod tests {
             adaptive: true,
             budget: Budget::Writes,
         };
-        let gate = Gate::new(config, Arc::new(Metrics::new()));
+        let gate = Gate::new(
+            config,
+            TenantName::default_profile(),
+            Arc::new(Metrics::new()),
+        );
         let start = Instant::now();
         gate.admit().await;
         let waiter = {
@@ -619,7 +660,11 @@ mod tests {
             adaptive: false,
             budget: Budget::Writes,
         };
-        let gate = Gate::new(config, Arc::new(Metrics::new()));
+        let gate = Gate::new(
+            config,
+            TenantName::default_profile(),
+            Arc::new(Metrics::new()),
+        );
         gate.hold(Duration::from_secs(5));
         assert_eq!(gate.held_for(), None);
         let start = Instant::now();

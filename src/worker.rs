@@ -16,20 +16,15 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     amqp::{self, Publisher, TopologyError},
-    auth::TokenSource,
     config::{ConfigError, Settings},
     graph::{self, GraphClient},
     http::{self, Health},
     metrics::Metrics,
     pipeline::{self, CallSlots, Context, Session},
     retry::{PauseReason, Policy},
-    throttle::{Budget, Gate, GateConfig},
+    tenant::Tenants,
 };
 
-/// Probing after a credential pause backs off up to this (CONTRACT section 6, item 3).
-const MAX_PAUSE_BACKOFF: Duration = Duration::from_secs(60);
-/// A session that pauses sooner than this after resuming keeps the pause backoff growing.
-const PAUSE_RESET_AFTER: Duration = Duration::from_secs(60);
 /// How often idle loops report that they are turning.
 const TICK: Duration = Duration::from_secs(5);
 /// How often the request and dead-letter queue depths are read for `/metrics`.
@@ -75,8 +70,9 @@ enum SessionEnd {
 impl App {
     /// Validates credentials, builds the clients and binds the HTTP listener (port 0 works).
     pub async fn build(settings: Settings) -> Result<App, RunError> {
-        let credentials = settings.credentials()?;
+        let profiles = settings.tenant_profiles()?;
         let metrics = Arc::new(Metrics::new());
+        let health = Arc::new(Health::default());
         let http = graph::http_client(Duration::from_secs(settings.graph.timeout_secs));
         let name = format!(
             "unassign-worker/{}",
@@ -89,24 +85,12 @@ impl App {
                 settings.graph.base_url.clone(),
                 metrics.clone(),
             ),
-            gate: Gate::new(
-                GateConfig {
-                    max_per_second: settings.graph.max_requests_per_second,
-                    adaptive: settings.graph.adaptive_throttling,
-                    budget: Budget::Writes,
-                },
+            tenants: Arc::new(Tenants::new(
+                profiles,
+                &http,
                 metrics.clone(),
-            ),
-            read_gate: Gate::new(
-                GateConfig {
-                    max_per_second: settings.graph.max_reads_per_second,
-                    adaptive: settings.graph.adaptive_throttling,
-                    budget: Budget::Reads,
-                },
-                metrics.clone(),
-            ),
-            tenant_id: credentials.tenant_id.clone(),
-            tokens: TokenSource::new(http, credentials, metrics.clone()),
+                health.clone(),
+            )),
             graph_slots: CallSlots::new(settings.worker.concurrency),
             metrics: metrics.clone(),
             policy: Policy::from(&settings.retry),
@@ -119,7 +103,7 @@ impl App {
         Ok(App {
             settings,
             ctx: Arc::new(ctx),
-            health: Arc::new(Health::default()),
+            health,
             metrics,
             listener,
             name,
@@ -162,6 +146,7 @@ impl App {
             name,
         };
         let result = supervisor.run(&shutdown).await;
+        supervisor.ctx.tenants.stop_probing();
         http_stop.cancel();
         let _ = server.await;
         tracing::info!("worker stopped");
@@ -183,7 +168,6 @@ impl Supervisor {
     async fn run(&self, shutdown: &CancellationToken) -> Result<(), RunError> {
         let max_reconnect = Duration::from_secs(self.settings.amqp.reconnect_max_delay_secs.max(1));
         let mut reconnect_delay = Duration::from_millis(500);
-        let mut pause_backoff = Duration::from_secs(1);
         let mut connected_before = false;
         // The node to try first: after losing one, the next in the list, so a node that went
         // away is tried last rather than first.
@@ -208,7 +192,6 @@ impl Supervisor {
             reconnect_delay = Duration::from_millis(500);
             self.set_connected(Some(node));
             loop {
-                let started = Instant::now();
                 match self.session(&connection, shutdown).await {
                     SessionEnd::Shutdown => {
                         let _ = connection.close(200, "shutdown".into()).await;
@@ -221,13 +204,7 @@ impl Supervisor {
                         self.set_connected(None);
                         break;
                     }
-                    SessionEnd::Paused(reason) => {
-                        if started.elapsed() > PAUSE_RESET_AFTER {
-                            pause_backoff = Duration::from_secs(1);
-                        }
-                        self.wait_out_pause(reason, &mut pause_backoff, shutdown)
-                            .await;
-                    }
+                    SessionEnd::Paused(reason) => self.wait_out_pause(reason, shutdown).await,
                 }
             }
             first_node = node + 1;
@@ -412,28 +389,22 @@ impl Supervisor {
         jobs.spawn(async move { pipeline::handle(&ctx, &session, delivery).await });
     }
 
-    /// Credential trouble: not ready, nothing consumed, until a token can be had again.
-    async fn wait_out_pause(
-        &self,
-        reason: PauseReason,
-        backoff: &mut Duration,
-        shutdown: &CancellationToken,
-    ) {
+    /// Credential trouble in every tenant: not ready, nothing consumed, until one tenant's
+    /// probe (see [`Tenants`]) gets a token again.
+    async fn wait_out_pause(&self, reason: PauseReason, shutdown: &CancellationToken) {
         self.health.set_paused(Some(reason.as_str().to_owned()));
-        loop {
-            tracing::warn!(reason = reason.as_str(), probe_in = ?*backoff, "consumption paused");
-            if !self.sleep(*backoff, shutdown).await {
-                break;
+        tracing::warn!(reason = reason.as_str(), "consumption paused");
+        let tenants = &self.ctx.tenants;
+        while tenants.all_paused() {
+            self.health.tick();
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tenants.one_works() => {}
+                _ = tokio::time::sleep(TICK) => {}
             }
-            *backoff = (*backoff * 2).min(MAX_PAUSE_BACKOFF);
-            self.ctx.tokens.clear().await;
-            match self.ctx.tokens.token().await {
-                Ok(_) => {
-                    tracing::info!("credentials work again; resuming consumption");
-                    break;
-                }
-                Err(e) => tracing::warn!(error = %e, "still no token"),
-            }
+        }
+        if !shutdown.is_cancelled() {
+            tracing::info!("credentials work again; resuming consumption");
         }
         self.health.set_paused(None);
     }

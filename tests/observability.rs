@@ -632,7 +632,8 @@ fn as_sent(expr: &str) -> String {
         .replace("$__interval", "15s")
         .replace("$__range", "1h")
         .replace("$job", JOB)
-        .replace("$instance", ".*");
+        .replace("$instance", ".*")
+        .replace("$tenant", ".*");
     assert!(!sent.contains('$'), "an unknown variable is left in {sent}");
     sent
 }
@@ -699,6 +700,7 @@ fn the_dashboard_is_well_formed() {
         "unassign_token_requests_total",
         "unassign_queue_messages",
         "unassign_build_info",
+        "unassign_tenant_paused",
     ] {
         assert!(
             all.iter().any(|e| e.contains(metric)),
@@ -918,6 +920,7 @@ async fn every_dashboard_query_returns_data_from_prometheus_scraping_a_worker() 
     for (label, query) in [
         ("job", "unassign_build_info"),
         ("instance", "unassign_build_info"),
+        ("tenant", "unassign_jobs_total"),
     ] {
         let result = prometheus.query(query).await;
         assert!(

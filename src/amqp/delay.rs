@@ -22,6 +22,19 @@ pub fn tier_for(settings: &AmqpSettings, wait: Duration) -> Option<(String, Dura
     Some((tier_queue(settings, *secs), Duration::from_secs(*secs)))
 }
 
+/// The shortest tier of at least `wait`, else the longest: a wait that rounds up to a whole tier
+/// is parked in one piece.
+pub fn tier_at_least(settings: &AmqpSettings, wait: Duration) -> Duration {
+    let tiers = &settings.delay_tiers_secs;
+    let secs = tiers
+        .iter()
+        .find(|&&t| Duration::from_secs(t) >= wait)
+        .or(tiers.last())
+        .copied()
+        .unwrap_or_default();
+    Duration::from_secs(secs)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -44,6 +57,20 @@ mod tests {
             tier(3_600_000).as_deref(),
             Some("q.delay.16s"),
             "long waits chain"
+        );
+    }
+
+    #[test]
+    fn rounds_up_to_a_whole_tier() {
+        let s = settings();
+        let at_least = |ms| tier_at_least(&s, Duration::from_millis(ms)).as_secs();
+        assert_eq!(at_least(0), 4);
+        assert_eq!(at_least(4_000), 4);
+        assert_eq!(at_least(4_001), 8);
+        assert_eq!(
+            at_least(60_000),
+            16,
+            "the longest, when none is long enough"
         );
     }
 }

@@ -1,5 +1,5 @@
-//! `check`: configuration, broker and token, one line each, so an operator sees at once which
-//! part of a deployment is wrong.
+//! `check`: configuration, broker and a token for each tenant profile, one line each, so an
+//! operator sees at once which part of a deployment is wrong.
 
 use std::{path::PathBuf, time::Duration};
 
@@ -17,37 +17,47 @@ pub async fn check(config: Option<PathBuf>) -> Result<(), CliError> {
             return Err(e.into());
         }
     };
-    let credentials = match settings.credentials() {
-        Ok(c) => c,
+    let profiles = match settings.tenant_profiles() {
+        Ok(p) => p,
         Err(e) => {
             println!("FAIL config: {}", e.0);
             return Err(e.into());
         }
     };
-    println!(
-        "ok   config: tenant {}, client {}, {}, graph {}",
-        credentials.tenant_id,
-        credentials.client_id,
-        credentials.credential.describe(),
-        settings.graph.base_url
-    );
+    for p in &profiles {
+        let c = &p.credentials;
+        println!(
+            "ok   config: tenant {} ({}), client {}, {}, graph {}",
+            p.name,
+            c.tenant_id,
+            c.client_id,
+            c.credential.describe(),
+            settings.graph.base_url
+        );
+    }
     let broker = check_broker(&settings).await;
     match &broker {
         Ok(detail) => println!("ok   broker: {detail}"),
         Err(e) => println!("FAIL broker: {} — {e:#}", settings.amqp.redacted_url()),
     }
     let http = graph::http_client(Duration::from_secs(settings.graph.timeout_secs));
-    let scope = credentials.scope.clone();
-    let tokens = TokenSource::new(http, credentials, std::sync::Arc::new(Metrics::new()));
-    let token = tokens.token().await;
-    match &token {
-        Ok(_) => println!(
-            "ok   token: obtained for {scope} from {}",
-            settings.auth.authority_host
-        ),
-        Err(e) => println!("FAIL token: {e}"),
+    let mut tokens_ok = true;
+    for p in profiles {
+        let (scope, authority) = (p.credentials.scope.clone(), p.credentials.token_url());
+        let metrics = std::sync::Arc::new(Metrics::new());
+        let tokens = TokenSource::new(http.clone(), p.credentials, p.name.clone(), metrics);
+        match tokens.token().await {
+            Ok(_) => println!(
+                "ok   token: {} obtained for {scope} from {authority}",
+                p.name
+            ),
+            Err(e) => {
+                tokens_ok = false;
+                println!("FAIL token: {}: {e}", p.name);
+            }
+        }
     }
-    if broker.is_err() || token.is_err() {
+    if broker.is_err() || !tokens_ok {
         return Err(CliError::Runtime(anyhow::anyhow!("some checks failed")));
     }
     Ok(())

@@ -18,10 +18,11 @@ pub const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-be
 pub enum Credential {
     Secret(ClientSecret),
     /// PEM with the RSA private key and its certificate (`AZURE_CLIENT_CERTIFICATE_PATH`),
-    /// the key optionally encrypted (`AZURE_CLIENT_CERTIFICATE_PASSWORD`).
+    /// the key optionally encrypted (`AZURE_CLIENT_CERTIFICATE_PASSWORD`, or a tenant profile's
+    /// password file, read again with the certificate).
     Certificate {
         path: PathBuf,
-        password: Option<SecretString>,
+        password: Option<ClientSecret>,
     },
     /// The projected service-account token (`AZURE_FEDERATED_TOKEN_FILE`); kubelet rotates it.
     FederatedToken(PathBuf),
@@ -49,6 +50,7 @@ impl Credential {
             Self::Secret(secret) => vec![("client_secret", secret.current()?)],
             Self::Certificate { path, password } => {
                 let pem = read(path)?;
+                let password = password.as_ref().map(ClientSecret::current).transpose()?;
                 let certificate = ClientCertificate::from_pem(&pem, password.as_ref())
                     .map_err(|e| CredentialError(format!("{}: {e}", path.display())))?;
                 assertion_fields(certificate.assertion(client_id, token_url)?)
@@ -170,7 +172,7 @@ mod tests {
             Credential::Secret(ClientSecret::Value("hunter2".into())),
             Credential::Certificate {
                 path: "/c.pem".into(),
-                password: Some("hunter2".into()),
+                password: Some(ClientSecret::Value("hunter2".into())),
             },
         ];
         for c in credentials {

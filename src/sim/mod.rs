@@ -35,9 +35,13 @@ pub use assertion::{FEDERATED_AUDIENCE, FEDERATED_ISSUER};
 pub struct SimOptions {
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
-    /// Accepted tenant (GUID); any tenant GUID is accepted when absent.
+    /// Accepted tenant (GUID) of the app below; any tenant GUID is accepted when absent.
     #[arg(long)]
     pub tenant_id: Option<String>,
+    /// A further tenant with an app registration of its own, repeatable:
+    /// TENANT_ID,CLIENT_ID,SECRET (throttled like the others unless changed at run time).
+    #[arg(long = "tenant", value_parser = parse_tenant)]
+    pub tenants: Vec<(String, TenantApp)>,
     #[arg(long, default_value = "00000000-0000-0000-0000-00000000c11e")]
     pub client_id: String,
     #[arg(long, default_value = "sim-secret")]
@@ -154,6 +158,20 @@ pub struct Behaviour {
     /// PEM certificates registered on the app (`--client-certificate`, read at start).
     pub client_certificates: Vec<String>,
     pub federated_subject: String,
+    /// Tenants (lower-case GUID) with an app registration of their own; every other tenant
+    /// uses the app above.
+    #[serde(default)]
+    pub tenants: BTreeMap<String, TenantApp>,
+}
+
+/// One tenant's app registration and throttling, apart from the default app's.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TenantApp {
+    pub client_id: String,
+    pub client_secret: String,
+    /// Replaces `throttle_limit` for this tenant (`Some(0)`: never throttled).
+    #[serde(default)]
+    pub throttle_limit: Option<u32>,
 }
 
 impl From<&SimOptions> for Behaviour {
@@ -176,6 +194,7 @@ impl From<&SimOptions> for Behaviour {
             lagging_unassign: false,
             client_certificates: Vec::new(),
             federated_subject: o.federated_subject.clone(),
+            tenants: o.tenants.iter().cloned().collect(),
         }
     }
 }
@@ -203,6 +222,10 @@ pub struct Stats {
     pub token_failures: u64,
     /// Tokens issued by the credential that earned them: `secret`, `certificate`, `federated`.
     pub tokens_by_credential: BTreeMap<String, u64>,
+    /// Tokens issued per tenant (lower-case), as named in the token endpoint's path.
+    pub tokens_by_tenant: BTreeMap<String, u64>,
+    /// Action calls per tenant (lower-case) of the bearer token they carried.
+    pub calls_by_tenant: BTreeMap<String, u64>,
     /// Reads: calls of the device list, whatever their answer.
     pub list_calls: u64,
     /// List responses by status.
@@ -359,6 +382,23 @@ fn parse_error_rate(s: &str) -> Result<(u16, f64), String> {
         return Err(format!("ratio {ratio} is not between 0 and 1"));
     }
     Ok((status, ratio))
+}
+
+fn parse_tenant(s: &str) -> Result<(String, TenantApp), String> {
+    let mut parts = s.splitn(3, ',');
+    let (Some(tenant), Some(client_id), Some(secret)) = (parts.next(), parts.next(), parts.next())
+    else {
+        return Err("expected TENANT_ID,CLIENT_ID,SECRET".to_owned());
+    };
+    if !state::is_guid(tenant) {
+        return Err(format!("tenant {tenant:?} is not a GUID"));
+    }
+    let app = TenantApp {
+        client_id: client_id.to_owned(),
+        client_secret: secret.to_owned(),
+        throttle_limit: None,
+    };
+    Ok((tenant.to_ascii_lowercase(), app))
 }
 
 fn parse_outage(s: &str) -> Result<(f64, f64), String> {

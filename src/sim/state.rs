@@ -249,6 +249,11 @@ impl Shared {
                 .tokens_by_credential
                 .entry(kind.to_owned())
                 .or_default() += 1;
+            *inner
+                .stats
+                .tokens_by_tenant
+                .entry(tenant.to_ascii_lowercase())
+                .or_default() += 1;
             inner.issue_token(tenant, self.cfg.token_ttl)
         });
         inner.stats.token_failures += u64::from(result.is_err());
@@ -377,6 +382,11 @@ impl Inner {
             Ok(tenant) => tenant,
             Err(answer) => return answer,
         };
+        *self
+            .stats
+            .calls_by_tenant
+            .entry(tenant.clone())
+            .or_default() += 1;
         if !is_guid(id) {
             self.stats.record_unexpected(request.to_owned());
             return Answer::new(400);
@@ -440,7 +450,14 @@ impl Inner {
     /// 429 when the call is over its kind's limit; reads and writes count in windows apart.
     fn throttle(&mut self, kind: Kind, tenant: &str, now: SystemTime) -> Option<Answer> {
         let (windows, limit) = match kind {
-            Kind::Write => (&mut self.windows, self.behaviour.throttle_limit),
+            Kind::Write => {
+                let own = self.behaviour.tenants.get(tenant);
+                let limit = own.and_then(|app| app.throttle_limit);
+                (
+                    &mut self.windows,
+                    limit.unwrap_or(self.behaviour.throttle_limit),
+                )
+            }
             Kind::Read => (&mut self.read_windows, self.behaviour.read_throttle_limit),
         };
         let limit = usize::try_from(limit).ok().filter(|&l| l > 0)?;

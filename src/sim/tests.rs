@@ -389,6 +389,66 @@ async fn throttling_sends_retry_after_in_every_form() {
     );
 }
 
+/// A tenant with an app of its own: its client id and secret, its own throttling, its counts.
+#[tokio::test]
+async fn tenants_have_apps_and_throttling_of_their_own() {
+    let app = format!("{OTHER_TENANT},other-app,other-secret");
+    let h = Harness::start(SimOptions {
+        tenant_id: Some(TENANT.to_owned()),
+        throttle_limit: 100,
+        ..SimOptions::parse_from(["graph-sim", "--tenant", app.as_str()])
+    })
+    .await;
+    let other = [
+        ("client_id", "other-app"),
+        ("client_secret", "other-secret"),
+    ];
+    let refused = h.token_request(OTHER_TENANT, &[]).await;
+    assert_eq!(
+        refused.status(),
+        StatusCode::BAD_REQUEST,
+        "the default app is not its app"
+    );
+    let refused = h.token_request(TENANT, &other).await;
+    assert_eq!(
+        refused.status(),
+        StatusCode::BAD_REQUEST,
+        "nor the other way round"
+    );
+    let wrong = [("client_id", "other-app"), ("client_secret", "sim-secret")];
+    let refused = h.token_request(OTHER_TENANT, &wrong).await;
+    assert_eq!(refused.status(), StatusCode::UNAUTHORIZED);
+    let response = h.token_request(&OTHER_TENANT.to_uppercase(), &other).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let other_token = response.json::<Value>().await.unwrap()["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let token = h.token().await;
+
+    h.sim.update(|b| {
+        b.tenants.get_mut(OTHER_TENANT).unwrap().throttle_limit = Some(1);
+    });
+    assert_eq!(
+        h.unassign(&other_token, DEVICE).await.status(),
+        StatusCode::NO_CONTENT
+    );
+    let throttled = h.unassign(&other_token, DEVICE).await;
+    assert_eq!(throttled.status(), StatusCode::TOO_MANY_REQUESTS);
+    for _ in 0..3 {
+        assert_eq!(
+            h.unassign(&token, DEVICE).await.status(),
+            StatusCode::NO_CONTENT
+        );
+    }
+    let stats = h.sim.stats();
+    assert_eq!(stats.tokens_by_tenant.get(OTHER_TENANT), Some(&1));
+    assert_eq!(stats.tokens_by_tenant.get(TENANT), Some(&1));
+    assert_eq!(stats.calls_by_tenant.get(OTHER_TENANT), Some(&2));
+    assert_eq!(stats.calls_by_tenant.get(TENANT), Some(&3));
+    assert!(SimOptions::try_parse_from(["graph-sim", "--tenant", "nope,a,b"]).is_err());
+}
+
 #[tokio::test]
 async fn throttle_window_frees_up_after_retry_after() {
     let h = Harness::start(SimOptions {

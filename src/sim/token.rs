@@ -71,10 +71,12 @@ pub(super) fn validate(
             "A transient error has occurred. Please try again.".into(),
         ));
     }
-    let known_tenant = cfg
-        .tenant_id
-        .as_deref()
-        .map_or(is_guid(tenant), |t| t.eq_ignore_ascii_case(tenant));
+    let own_app = b.tenants.get(&tenant.to_ascii_lowercase());
+    let known_tenant = own_app.is_some()
+        || cfg
+            .tenant_id
+            .as_deref()
+            .map_or(is_guid(tenant), |t| t.eq_ignore_ascii_case(tenant));
     if !known_tenant {
         return Err(aad(
             StatusCode::BAD_REQUEST,
@@ -98,7 +100,10 @@ pub(super) fn validate(
         }
     }
     let client_id = field("client_id").ok_or_else(|| missing("client_id"))?;
-    if !client_id.eq_ignore_ascii_case(&cfg.client_id) {
+    let (app_id, app_secret) = own_app.map_or((&cfg.client_id, &b.client_secret), |app| {
+        (&app.client_id, &app.client_secret)
+    });
+    if !client_id.eq_ignore_ascii_case(app_id) {
         return Err(aad(
             StatusCode::BAD_REQUEST,
             "unauthorized_client",
@@ -143,7 +148,7 @@ pub(super) fn validate(
              'client_secret'."
                 .into(),
         ),
-        Some(secret) if secret != b.client_secret => invalid_client(
+        Some(secret) if secret != app_secret => invalid_client(
             7000215,
             format!(
                 "Invalid client secret provided. Ensure the secret being sent in the request is the \

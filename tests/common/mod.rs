@@ -327,15 +327,20 @@ impl Worker {
         (response.status().as_u16(), response.text().await.unwrap())
     }
 
-    /// The value of one sample line of `/metrics`, e.g. `unassign_jobs_total{outcome="succeeded"}`.
+    /// The sum of the `/metrics` samples named like `sample` that carry its labels (and maybe
+    /// more): `unassign_jobs_total{outcome="succeeded"}` adds up every tenant's series.
     pub async fn metric(&self, sample: &str) -> f64 {
         let (_, text) = self.get("/metrics").await;
+        let (name, wanted) = sample_labels(sample);
         text.lines()
-            .find_map(|line| {
-                line.strip_prefix(sample)
-                    .and_then(|rest| rest.trim().parse().ok())
+            .filter(|line| !line.starts_with('#'))
+            .filter_map(|line| line.rsplit_once(' '))
+            .filter(|(series, _)| {
+                let (series_name, labels) = sample_labels(series);
+                series_name == name && wanted.iter().all(|l| labels.contains(l))
             })
-            .unwrap_or(0.0)
+            .filter_map(|(_, value)| value.parse::<f64>().ok())
+            .sum()
     }
 
     pub async fn wait_ready(&self) {
@@ -343,6 +348,20 @@ impl Worker {
             (self.get("/readyz").await.0 == 200).then_some(())
         })
         .await;
+    }
+}
+
+/// A sample's metric name and its `label="value"` pairs (values hold no comma in our metrics).
+pub fn sample_labels(sample: &str) -> (&str, Vec<&str>) {
+    match sample.split_once('{') {
+        Some((name, rest)) => (
+            name,
+            rest.trim_end_matches('}')
+                .split(',')
+                .filter(|l| !l.is_empty())
+                .collect(),
+        ),
+        None => (sample.trim(), Vec::new()),
     }
 }
 

@@ -70,22 +70,22 @@ python3 - "$work" "$started" "$finished" "$total" <<'PY'
 import json, re, sys
 work, started, finished, total = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
 stats = json.load(open(f"{work}/stats.json"))
-metrics = {}
+# (name, {label: value}) -> value; series of every tenant are summed by get().
+series = []
 for line in open(f"{work}/metrics.txt"):
     m = re.match(r'^(unassign_\w+?)(?:\{(.*)\})? ([0-9.e+-]+)$', line.strip())
     if m:
-        metrics[(m[1], m[2] or "")] = float(m[3])
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', m[2] or ""))
+        series.append((m[1], labels, float(m[3])))
 def get(name, label=None, value=None):
-    labels = f'{label}="{value}"' if label else ""
-    return int(metrics.get((name, labels), 0))
+    return int(sum(v for n, l, v in series if n == name and (label is None or l.get(label) == value)))
 print()
 print(f"  jobs enqueued           {total}")
 print(f"  succeeded               {get('unassign_jobs_total', 'outcome', 'succeeded')}")
 print(f"  failed, dead-lettered   {get('unassign_jobs_total', 'outcome', 'failed')}")
-for (name, labels), value in sorted(metrics.items()):
-    if name == "unassign_dead_letters_total" and value:
-        kind = labels.split("=")[1].strip('"')
-        print(f"    {kind:<21} {int(value)}")
+kinds = sorted({l["kind"] for n, l, v in series if n == "unassign_dead_letters_total" and v})
+for kind in kinds:
+    print(f"    {kind:<21} {get('unassign_dead_letters_total', 'kind', kind)}")
 for reason in ["throttled", "server_error", "network"]:
     print(f"  retries, {reason:<14} {get('unassign_retries_total', 'reason', reason)}")
 print(f"  wall time               {finished - started:.1f} s (enqueue to last outcome)")

@@ -90,7 +90,7 @@ pub async fn sigterm_throttled(f: &Flags) -> anyhow::Result<Row> {
     stage.progress(0.2).await?;
     let deadline = Instant::now() + Duration::from_secs(60);
     let inflight = loop {
-        let throttled = metric(port, "unassign_throttled").await?;
+        let throttled = metric(port, "unassign_throttled{tenant=\"default\"}").await?;
         let inflight = metric(port, "unassign_inflight_jobs").await?;
         if throttled == 1.0 && inflight > 0.0 {
             break inflight;
@@ -272,7 +272,11 @@ pub async fn graph_slow(f: &Flags) -> anyhow::Result<Row> {
     tokio::time::sleep(Duration::from_secs(20)).await;
     stage.sim.update(|b| b.latency_ms = 20);
     faults.cleared.push(Instant::now());
-    let timeouts = metric(port, "unassign_graph_requests_total{status=\"timeout\"}").await?;
+    let timeouts = metric(
+        port,
+        "unassign_graph_requests_total{status=\"timeout\",tenant=\"default\"}",
+    )
+    .await?;
     faults
         .notes
         .push(format!("{timeouts} calls timed out and were retried"));

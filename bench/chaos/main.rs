@@ -3,7 +3,7 @@
 //! table row per scenario (for RELIABILITY.md).
 //!
 //!     bench/run.sh chaos                          # every scenario
-//!     bench/run.sh chaos --only graph-outage      # one of them (names: `--only list`)
+//!     bench/run.sh chaos --only kill,graph-outage # some of them (names: `--only list`)
 //!     bench/run.sh chaos --outage-secs 120        # length of the Graph outages
 //!
 //! The worker reaches the broker through a TCP relay of the bench's own (network faults), and the
@@ -110,12 +110,16 @@ fn flags() -> anyhow::Result<(Flags, Option<String>)> {
 async fn main() -> anyhow::Result<()> {
     let (flags, only) = flags()?;
     let names: Vec<_> = SCENARIOS.iter().map(|s| s.name).collect();
-    if let Some(only) = &only {
-        anyhow::ensure!(names.contains(&only.as_str()), "scenarios: {names:?}");
+    let only: Option<Vec<String>> = only.map(|o| o.split(',').map(str::to_owned).collect());
+    for name in only.iter().flatten() {
+        anyhow::ensure!(names.contains(&name.as_str()), "scenarios: {names:?}");
     }
     let mut rows = Vec::new();
     for scenario in SCENARIOS {
-        if only.as_deref().is_none_or(|o| o == scenario.name) {
+        if only
+            .as_ref()
+            .is_none_or(|o| o.iter().any(|n| n == scenario.name))
+        {
             eprintln!("chaos: {} …", scenario.name);
             let row = (scenario.run)(&flags).await?;
             eprintln!("{}", row.line());

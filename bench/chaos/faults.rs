@@ -3,7 +3,7 @@
 
 use std::{
     process::Command,
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::Context as _;
@@ -33,7 +33,7 @@ pub async fn kill(f: &Flags) -> anyhow::Result<Row> {
         stage.progress(share).await?;
         worker.kill()?;
         (worker, _) = stage.worker()?;
-        faults.cleared.push(Instant::now());
+        faults.cleared.push(SystemTime::now());
     }
     stage
         .finish("SIGKILL the worker", worker, faults, IDLE)
@@ -60,7 +60,7 @@ async fn sigterm_and_restart(
         GRACE.as_secs()
     ));
     let (worker, _) = stage.worker()?;
-    faults.cleared.push(Instant::now());
+    faults.cleared.push(SystemTime::now());
     Ok(worker)
 }
 
@@ -145,8 +145,7 @@ async fn broker_fault(
         let _restore = RestoreBroker;
         fault().await?;
     }
-    let back = Instant::now();
-    faults.cleared.push(back);
+    faults.cleared.push(SystemTime::now());
     stage.tracker.until(stage.tracker.done() + 1).await?;
     anyhow::ensure!(
         worker.alive(),
@@ -186,7 +185,7 @@ pub async fn net_drop(f: &Flags) -> anyhow::Result<Row> {
     for share in [0.2, 0.45, 0.7] {
         stage.progress(share).await?;
         let cut = stage.relay.cut();
-        faults.cleared.push(Instant::now());
+        faults.cleared.push(SystemTime::now());
         faults.notes.push(format!("{cut} connection(s) cut"));
     }
     stage.finish("network drop", worker, faults, IDLE).await
@@ -199,7 +198,7 @@ pub async fn net_stall(f: &Flags) -> anyhow::Result<Row> {
     stage.progress(0.3).await?;
     let stalled = stage.relay.stall();
     // Recovery counts from the stall itself: noticing it is the worker's job.
-    faults.cleared.push(Instant::now());
+    faults.cleared.push(SystemTime::now());
     faults.notes.push(format!(
         "{stalled} connection(s) stalled; recovery includes noticing the silence"
     ));
@@ -215,7 +214,7 @@ pub async fn net_slow(f: &Flags) -> anyhow::Result<Row> {
     stage.relay.slow(Duration::from_millis(200));
     tokio::time::sleep(Duration::from_secs(20)).await;
     stage.relay.slow(Duration::ZERO);
-    faults.cleared.push(Instant::now());
+    faults.cleared.push(SystemTime::now());
     faults.notes.push(format!(
         "{} outcomes during the 20 slow seconds",
         stage.tracker.done() - before
@@ -245,7 +244,7 @@ pub async fn graph_outage(f: &Flags, retry_after: bool) -> anyhow::Result<Row> {
     });
     tokio::time::sleep(f.outage).await;
     stage.sim.update(|b| b.outage = false);
-    faults.cleared.push(Instant::now());
+    faults.cleared.push(SystemTime::now());
     let answered = stage.sim.stats().responses_by_status.get(&503).copied();
     faults
         .notes
@@ -271,7 +270,7 @@ pub async fn graph_slow(f: &Flags) -> anyhow::Result<Row> {
     stage.sim.update(|b| b.latency_ms = 3000);
     tokio::time::sleep(Duration::from_secs(20)).await;
     stage.sim.update(|b| b.latency_ms = 20);
-    faults.cleared.push(Instant::now());
+    faults.cleared.push(SystemTime::now());
     let timeouts = metric(
         port,
         "unassign_graph_requests_total{status=\"timeout\",tenant=\"default\"}",
@@ -311,7 +310,7 @@ pub async fn credentials_revoked(f: &Flags) -> anyhow::Result<Row> {
         stage.tracker.done() - paused_at,
     ));
     stage.sim.update(|b| b.client_secret = secret);
-    faults.cleared.push(Instant::now());
+    faults.cleared.push(SystemTime::now());
     stage
         .finish("credentials revoked", worker, faults, IDLE)
         .await

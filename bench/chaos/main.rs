@@ -16,7 +16,6 @@ mod faults;
 #[path = "../../tests/common/relay.rs"]
 mod relay;
 mod stage;
-mod tracker;
 
 use std::time::Duration;
 

@@ -4,16 +4,18 @@
 
 use std::{
     net::SocketAddr,
-    time::{Duration, Instant},
+    time::{Duration, SystemTime},
 };
 
 use anyhow::Context as _;
 use unassign_worker::sim::{Sim, SimOptions};
 
 use crate::{
-    common::{self, Topology, WorkerProcess},
+    common::{
+        self, Topology, WorkerProcess,
+        outcomes::{Outcomes, Tally},
+    },
     relay::Relay,
-    tracker::Tracker,
 };
 
 /// How the worker runs in every scenario unless the scenario says otherwise.
@@ -29,7 +31,7 @@ pub const GRACE: Duration = Duration::from_secs(10);
 pub struct Stage {
     pub sim: Sim,
     pub topology: Topology,
-    pub tracker: Tracker,
+    pub tracker: Outcomes,
     pub relay: Relay,
     pub jobs: usize,
     /// The load column of the row.
@@ -43,7 +45,7 @@ pub struct Stage {
 #[derive(Default)]
 pub struct Faults {
     pub what: String,
-    pub cleared: Vec<Instant>,
+    pub cleared: Vec<SystemTime>,
     pub notes: Vec<String>,
 }
 
@@ -53,8 +55,8 @@ impl Stage {
         let sim = Sim::start(sim).await?;
         let topology = Topology::declare(&format!("chaos-{name}")).await?;
         topology.publish(jobs).await?;
-        let tracker = Tracker::start(
-            common::amqp_url(),
+        let tracker = Outcomes::track(
+            vec![common::amqp_url()],
             topology.settings.amqp.outcomes_queue.clone(),
         );
         let relay = Relay::start(broker_addr()?).await;
@@ -178,7 +180,7 @@ pub struct Row {
     pub load: String,
     pub jobs: usize,
     pub faults: String,
-    pub tally: crate::tracker::Tally,
+    pub tally: Tally,
     /// The longest stretch without an outcome after a fault was over (or, for a stall, began).
     pub recovery: Option<Duration>,
     /// From the last fault being over to the last outcome event.
@@ -199,9 +201,9 @@ impl Row {
             self.load,
             self.faults,
             self.jobs,
-            self.tally.outcomes,
+            self.tally.done,
             self.tally.duplicates,
-            self.jobs.saturating_sub(self.tally.outcomes),
+            self.jobs.saturating_sub(self.tally.done),
             self.tally.failed,
             secs(self.recovery),
             secs(self.drained),

@@ -118,6 +118,32 @@ impl Outcomes {
         arrived.duration_since(since).ok()
     }
 
+    /// Arrival times of every event, in order.
+    fn arrivals(&self) -> Vec<SystemTime> {
+        let seen = self.0.lock().unwrap();
+        seen.completed
+            .iter()
+            .map(|(_, _, arrived)| *arrived)
+            .collect()
+    }
+
+    /// The longest stretch without an event arriving, from `since` to the last event: how long
+    /// a fault that ended at `since` kept the work from flowing (noticing it included).
+    pub fn longest_gap_after(&self, since: SystemTime) -> Option<Duration> {
+        let arrivals = self.arrivals();
+        let after: Vec<SystemTime> = arrivals.into_iter().filter(|a| *a > since).collect();
+        let first = after.first()?.duration_since(since).ok()?;
+        let gaps = after
+            .windows(2)
+            .filter_map(|w| w[1].duration_since(w[0]).ok());
+        Some(gaps.fold(first, Duration::max))
+    }
+
+    /// From `since` to the arrival of the last event.
+    pub fn last_after(&self, since: SystemTime) -> Option<Duration> {
+        self.arrivals().last()?.duration_since(since).ok()
+    }
+
     pub fn tally(&self) -> Tally {
         let seen = self.0.lock().unwrap();
         Tally {

@@ -514,6 +514,46 @@ async fn reads_have_their_own_budget_and_their_429s_are_retried() {
     env.finish().await;
 }
 
+/// Issue 11, item 6: each page of a lookup has its own retry budget. With a budget of three
+/// calls, a throttled fourth page used to be `retries_exhausted` at once, its budget spent by
+/// the pages read before it.
+#[tokio::test]
+async fn each_page_of_a_lookup_has_its_own_retry_budget() {
+    let users = (1..=6).map(|n| Device::new(&id(n), &format!("SN{n}"), ANN));
+    let sim = SimOptions {
+        page_size: 1,
+        ..sim_with(users.collect())
+    };
+    let env = Env::start_with("page_budget", sim, |s| {
+        s.graph.max_reads_per_second = 1000.0;
+        s.retry.max_attempts = 3;
+    })
+    .await;
+    env.sim.update(|b| {
+        b.lagging_unassign = true;
+        b.read_throttle_limit = 3;
+        b.throttle_window_ms = 500;
+    });
+    publish(
+        &env,
+        json!({"request_id": "pages", "user_principal_name": ANN}),
+    )
+    .await;
+    let event = event_of(&env, "pages").await;
+    assert_eq!(event["type"], "autopilot.unassign.succeeded", "{event}");
+    assert_eq!(device_results(&event), ok(&[1, 2, 3, 4, 5, 6]));
+    let stats = env.sim.stats();
+    assert!(
+        stats
+            .list_responses_by_status
+            .get(&429)
+            .is_some_and(|n| *n > 0),
+        "a page past the third was throttled: {stats:?}"
+    );
+    assert!(env.dead.all().is_empty());
+    env.finish().await;
+}
+
 #[tokio::test]
 async fn a_next_link_to_another_host_is_not_followed() {
     let elsewhere = Sim::start(sim_options()).await.unwrap();

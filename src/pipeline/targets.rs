@@ -91,6 +91,9 @@ async fn list(
         Unlisted::Step(lookup_failed(job, failure, reply))
     };
     for _ in 0..MAX_PAGES {
+        // Each page has a retry budget of its own: a fault on page 21 of a scan is retried
+        // like one on page 1, not counted against the twenty pages read before it.
+        job.reads = 0;
         let reply = match call_until_decided(ctx, session, job, Call::List(&url)).await {
             Ended::Succeeded(reply) => reply,
             Ended::HandBack(step) => return Err(Unlisted::Step(step)),

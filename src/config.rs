@@ -14,6 +14,7 @@ use serde::Deserialize;
 use url::Url;
 
 use crate::{
+    contract::{Limits, StateKeys},
     credential::{ClientSecret, Credential},
     throttle::{Budget, GateConfig},
 };
@@ -242,6 +243,29 @@ impl BrokerUrls {
         &self.0[i]
     }
 
+    /// What the default state key is derived from: the broker user, password and vhost of the
+    /// first entry (lapin's defaults where the URL leaves them out), which every replica of a
+    /// deployment shares and producers with broker users of their own do not know.
+    pub fn state_key_material(&self) -> Vec<u8> {
+        let Some(url) = self
+            .0
+            .first()
+            .and_then(|u| Url::parse(u.expose_secret()).ok())
+        else {
+            return b"guest:guest@/".to_vec();
+        };
+        let user = match url.username() {
+            "" => "guest",
+            user => user,
+        };
+        let vhost = match url.path().trim_start_matches('/') {
+            "" => "%2f",
+            vhost => vhost,
+        };
+        let password = url.password().unwrap_or("guest");
+        format!("{user}:{password}@{vhost}").into_bytes()
+    }
+
     /// `host:port` of every node, in order: what logs and the `node` metric label show.
     pub fn labels(&self) -> Vec<String> {
         self.0
@@ -311,6 +335,10 @@ pub struct WorkerSettings {
     pub concurrency: usize,
     pub shutdown_grace_secs: u64,
     pub instance: String,
+    /// The keys that sign the state a job carries in headers, one a line (the first signs,
+    /// every one verifies). Unset: a key derived from the broker credentials.
+    #[serde(default)]
+    pub state_key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -753,6 +781,18 @@ impl Credentials {
 }
 
 impl AmqpSettings {
+    /// Whether `name` is one of the queues the worker declares: the requests, the dead
+    /// letters, the outcomes and each delay tier.
+    pub fn is_own_queue(&self, name: &str) -> bool {
+        [&self.queue, &self.dead_letter_queue, &self.outcomes_queue]
+            .iter()
+            .any(|q| q.as_str() == name)
+            || self
+                .delay_tiers_secs
+                .iter()
+                .any(|&secs| crate::amqp::delay::tier_queue(self, secs) == name)
+    }
+
     /// Deliveries held at once: configured, or twice the Graph concurrency.
     pub fn effective_prefetch(&self, concurrency: usize) -> u16 {
         match self.prefetch {
@@ -777,6 +817,65 @@ impl AmqpSettings {
             .map(|i| redact_url(self.url.get(i).expose_secret()))
             .collect();
         urls.join(",")
+    }
+}
+
+/// Shortest state key accepted: 32 characters, as `openssl rand -base64 32` gives 44.
+const MIN_STATE_KEY: usize = 32;
+
+impl Settings {
+    /// The keys that sign and verify the state a job carries in headers (CONTRACT section 2):
+    /// `worker.state_key_file`'s, else the key every replica derives from the broker
+    /// credentials and vhost of the first `amqp.url` entry, so that nothing needs configuring
+    /// for state to survive restarts and replicas, and producers that have broker users of
+    /// their own cannot forge it.
+    pub fn state_keys(&self) -> Result<StateKeys, ConfigError> {
+        const KEY: &str = "worker.state_key_file";
+        let Some(path) = &self.worker.state_key_file else {
+            return Ok(StateKeys::derived(&self.amqp.url.state_key_material()));
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::key(KEY, format!("{} cannot be read: {e}", path.display()))
+        })?;
+        let mut keys = Vec::new();
+        for (n, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            if line.len() < MIN_STATE_KEY {
+                return Err(ConfigError::key(
+                    KEY,
+                    format!(
+                        "line {} of {} is shorter than {MIN_STATE_KEY} characters; make a key \
+                         with `openssl rand -base64 32`",
+                        n + 1,
+                        path.display()
+                    ),
+                ));
+            }
+            keys.push(line);
+        }
+        StateKeys::new(&keys)
+            .ok_or_else(|| ConfigError::key(KEY, format!("{} holds no key", path.display())))
+    }
+
+    /// What a carried state is clamped to: no more attempts than the budget, no wait longer
+    /// than a job's whole retry window or the longest delay tier, whichever is longer.
+    pub fn state_limits(&self) -> Limits {
+        let longest_tier = self
+            .amqp
+            .delay_tiers_secs
+            .last()
+            .copied()
+            .unwrap_or_default();
+        Limits {
+            max_attempts: self.retry.max_attempts,
+            longest_wait: self
+                .retry
+                .max_elapsed()
+                .max(Duration::from_secs(longest_tier.saturating_add(1))),
+        }
     }
 }
 

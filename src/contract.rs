@@ -7,6 +7,12 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use serde::{Deserialize, Serialize};
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 
+mod carry;
+mod state;
+
+pub use carry::{carried_headers, carried_properties, is_directive};
+pub use state::{Carried, Limits, MAX_USER_DEVICES, Progress, Rejected, RetryState, StateKeys};
+
 /// The request's fields (section 4), as JSON keys and CSV columns.
 pub const REQUEST_FIELDS: [&str; 8] = [
     "request_id",
@@ -35,120 +41,20 @@ pub mod headers {
     pub const ATTEMPTS: &str = "x-unassign-attempts";
     pub const FAILED_AT: &str = "x-unassign-failed-at";
     pub const REPLAY_COUNT: &str = "x-unassign-replay-count";
-    /// When the first delivery of this request was received (keeps budgets honest on requeue).
-    pub const FIRST_RECEIVED_AT: &str = "x-unassign-first-received-at";
-    /// Not before this instant (RFC 3339): the wait a requeued retry still owes.
-    pub const RETRY_AT: &str = "x-unassign-retry-at";
-    /// Devices of a serial or user request already unassigned (comma-separated ids): a retry,
-    /// hand-back or replay does not redo them.
+    /// The worker's own state of the request (JSON: attempts, first received, a wait still
+    /// owed, devices done), trusted only with a valid [`STATE_MAC`] (see `contract::state`).
+    pub const STATE: &str = "x-unassign-state";
+    /// HMAC-SHA256 (hex) over the state, the body and the message-id, under the state key.
+    pub const STATE_MAC: &str = "x-unassign-state-mac";
+    /// Devices of a serial or user request already unassigned (comma-separated ids), on dead
+    /// letters: for people only, the signed state is what a replay trusts.
     pub const DEVICES_DONE: &str = "x-unassign-devices-done";
-    /// Action calls spent on the device in progress when the request was handed back, so its
-    /// retry budget survives the hand-back (the request's own count spans every device).
+    /// Plain state headers written by versions before the state was signed. Never trusted;
+    /// their presence without a MAC is counted as a rejected state, and a replay clears them.
+    pub const FIRST_RECEIVED_AT: &str = "x-unassign-first-received-at";
+    pub const RETRY_AT: &str = "x-unassign-retry-at";
     pub const DEVICE_CALLS: &str = "x-unassign-device-calls";
     pub const TRACEPARENT: &str = "traceparent";
-}
-
-/// What a request carries from one delivery to the next so budgets survive requeues and
-/// restarts: calls made, when it was first received, and a wait still owed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RetryState {
-    pub attempts: u32,
-    pub first_received_at: OffsetDateTime,
-    pub retry_at: Option<OffsetDateTime>,
-}
-
-impl RetryState {
-    /// Reads the state headers; a first delivery starts at zero attempts, received `now`.
-    pub fn from_headers(table: &FieldTable, now: OffsetDateTime) -> Self {
-        let time =
-            |name| header_str(table, name).and_then(|s| OffsetDateTime::parse(&s, &Rfc3339).ok());
-        Self {
-            attempts: header_int(table, headers::ATTEMPTS)
-                .and_then(|n| u32::try_from(n).ok())
-                .unwrap_or(0),
-            first_received_at: time(headers::FIRST_RECEIVED_AT)
-                .filter(|t| *t <= now)
-                .unwrap_or(now),
-            retry_at: time(headers::RETRY_AT),
-        }
-    }
-
-    /// `original` with this state written into it.
-    pub fn to_headers(&self, original: &FieldTable) -> FieldTable {
-        let mut map = original.inner().clone();
-        map.insert(
-            headers::ATTEMPTS.into(),
-            AMQPValue::LongLongInt(self.attempts.into()),
-        );
-        map.insert(
-            headers::FIRST_RECEIVED_AT.into(),
-            long_string(&rfc3339(self.first_received_at)),
-        );
-        match self.retry_at {
-            Some(at) => map.insert(headers::RETRY_AT.into(), long_string(&rfc3339(at))),
-            None => map.remove(headers::RETRY_AT),
-        };
-        FieldTable::from(map)
-    }
-}
-
-/// Most devices one user request unassigns; beyond it the request fails before any call, as a
-/// leaver with that many Autopilot devices is more likely a service account or a data error.
-pub const MAX_USER_DEVICES: usize = 100;
-
-/// How far a serial or user request has got, carried in headers across hand-backs and dead
-/// letters: the devices already unassigned and the calls spent on the one in progress.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Progress {
-    pub done: Vec<DeviceId>,
-    /// `None` when absent: every call of the request was spent on the device in progress.
-    pub device_calls: Option<u32>,
-}
-
-impl Progress {
-    /// Reads the headers; malformed ids are dropped, and at most [`MAX_USER_DEVICES`] are kept.
-    pub fn from_headers(table: &FieldTable) -> Self {
-        let done = header_str(table, headers::DEVICES_DONE)
-            .map(|list| {
-                list.split(',')
-                    .filter_map(|id| DeviceId::parse(id.trim()))
-                    .take(MAX_USER_DEVICES)
-                    .collect()
-            })
-            .unwrap_or_default();
-        let device_calls =
-            header_int(table, headers::DEVICE_CALLS).and_then(|n| u32::try_from(n).ok());
-        Self { done, device_calls }
-    }
-
-    /// `original` with this progress written into it; an empty list writes no header.
-    pub fn to_headers(&self, original: &FieldTable) -> FieldTable {
-        let mut map = original.inner().clone();
-        match self.done_header() {
-            Some(list) => map.insert(headers::DEVICES_DONE.into(), long_string(&list)),
-            None => map.remove(headers::DEVICES_DONE),
-        };
-        match self.device_calls {
-            Some(n) => map.insert(
-                headers::DEVICE_CALLS.into(),
-                AMQPValue::LongLongInt(n.into()),
-            ),
-            None => map.remove(headers::DEVICE_CALLS),
-        };
-        FieldTable::from(map)
-    }
-
-    fn done_header(&self) -> Option<String> {
-        let ids: Vec<&str> = self.done.iter().map(DeviceId::as_str).collect();
-        (!ids.is_empty()).then(|| ids.join(","))
-    }
-
-    /// Whether `id` was unassigned already (Graph ids compare case-insensitively).
-    pub fn is_done(&self, id: &DeviceId) -> bool {
-        self.done
-            .iter()
-            .any(|d| d.as_str().eq_ignore_ascii_case(id.as_str()))
-    }
 }
 
 /// `true` for exactly 8-4-4-4-12 hex digits: no braces, no whitespace, nothing else.
@@ -633,20 +539,20 @@ pub fn rfc3339(t: OffsetDateTime) -> String {
         .expect("every OffsetDateTime formats as RFC 3339")
 }
 
-/// Headers a worker-made dead letter carries on top of the original ones (section 6, item 2).
+/// Headers of a worker-made dead letter (section 6, item 2): the producer's own application
+/// headers (never its directives: see [`carried_headers`]), the failure, and the replay count
+/// an earlier `dlq replay` wrote. The signed state a replay needs is added by the caller.
 pub fn dead_letter_headers(
-    original: &FieldTable,
+    original: Option<&FieldTable>,
     failure: &Failure,
     attempts: u32,
     failed_at: OffsetDateTime,
 ) -> FieldTable {
-    let mut map = original.inner().clone();
-    let replays = header_int(original, headers::REPLAY_COUNT).unwrap_or(0);
-    // Retry state belongs to a live request; a dead letter moved back by any means (a shovel,
-    // the management UI) must start with fresh budgets.
-    map.remove(headers::RETRY_AT);
-    map.remove(headers::FIRST_RECEIVED_AT);
-    map.remove(headers::DEVICE_CALLS);
+    let mut map = carried_headers(original).inner().clone();
+    let replays = original
+        .and_then(|t| header_int(t, headers::REPLAY_COUNT))
+        .unwrap_or(0)
+        .max(0);
     let mut put = |name: &str, value: AMQPValue| {
         map.insert(ShortString::from(name), value);
     };
@@ -655,12 +561,8 @@ pub fn dead_letter_headers(
     put(headers::ATTEMPTS, AMQPValue::LongLongInt(attempts.into()));
     put(headers::FAILED_AT, long_string(&rfc3339(failed_at)));
     put(headers::REPLAY_COUNT, AMQPValue::LongLongInt(replays));
-    match failure.http_status {
-        Some(status) => put(headers::HTTP_STATUS, AMQPValue::LongLongInt(status.into())),
-        // A stale status from an earlier failure would mislead the operator.
-        None => {
-            map.remove(headers::HTTP_STATUS);
-        }
+    if let Some(status) = failure.http_status {
+        put(headers::HTTP_STATUS, AMQPValue::LongLongInt(status.into()));
     }
     FieldTable::from(map)
 }
@@ -895,8 +797,9 @@ mod tests {
             long_string("2026-11-28T10:00:00Z"),
         );
         let t = OffsetDateTime::from_unix_timestamp(1_795_860_000).unwrap();
+        original.insert("CC".into(), long_string("autopilot.unassign.requests"));
         let h = dead_letter_headers(
-            &original,
+            Some(&original),
             &Failure::new(ErrorKind::RetriesExhausted, "m"),
             20,
             t,
@@ -921,6 +824,7 @@ mod tests {
             header_str(&h, headers::RETRY_AT).is_none(),
             "no stale retry state"
         );
+        assert!(header_str(&h, "CC").is_none(), "no routing directive");
         assert_eq!(
             header_str(&h, headers::FAILED_AT).as_deref(),
             Some("2026-11-28T10:00:00Z")
@@ -1105,45 +1009,6 @@ mod tests {
     }
 
     #[test]
-    fn progress_round_trips_and_distrusts_its_header() {
-        let other = "8b7c4c1e-6f5a-4c39-9a43-2b1e5b0c1d2e";
-        let progress = Progress {
-            done: vec![
-                DeviceId::parse(GUID).unwrap(),
-                DeviceId::parse(other).unwrap(),
-            ],
-            device_calls: Some(3),
-        };
-        let table = progress.to_headers(&FieldTable::default());
-        assert_eq!(
-            header_str(&table, headers::DEVICES_DONE).as_deref(),
-            Some(format!("{GUID},{other}").as_str())
-        );
-        assert_eq!(Progress::from_headers(&table), progress);
-        assert!(progress.is_done(&DeviceId::parse(&other.to_uppercase()).unwrap()));
-        assert_eq!(
-            Progress::default().to_headers(&table),
-            FieldTable::default(),
-            "nothing done, no headers"
-        );
-        let mut hostile = FieldTable::default();
-        let many = vec![GUID; MAX_USER_DEVICES + 5].join(",");
-        hostile.insert(
-            headers::DEVICES_DONE.into(),
-            long_string(&format!("../../me, {other} ,x,{many}")),
-        );
-        let read = Progress::from_headers(&hostile);
-        assert_eq!(read.done[0].as_str(), other, "only GUIDs survive");
-        assert_eq!(read.done.len(), MAX_USER_DEVICES);
-        assert_eq!(read.device_calls, None);
-        // A dead letter keeps the devices done but drops the retry state of the one in progress.
-        let t = OffsetDateTime::from_unix_timestamp(1_795_860_000).unwrap();
-        let dead = dead_letter_headers(&table, &Failure::new(ErrorKind::GraphRejected, "m"), 4, t);
-        assert!(header_str(&dead, headers::DEVICES_DONE).is_some());
-        assert_eq!(header_int(&dead, headers::DEVICE_CALLS), None);
-    }
-
-    #[test]
     fn device_lists_appear_only_for_lookups() {
         let t = OffsetDateTime::from_unix_timestamp(1_795_860_000).unwrap();
         let outcome = Outcome {
@@ -1186,30 +1051,6 @@ mod tests {
             outcome.progress().done,
             [id],
             "only succeeded devices are done"
-        );
-    }
-
-    #[test]
-    fn retry_state_round_trips() {
-        let now = OffsetDateTime::from_unix_timestamp(1_795_860_000).unwrap();
-        let fresh = RetryState::from_headers(&FieldTable::default(), now);
-        assert_eq!(
-            fresh,
-            RetryState {
-                attempts: 0,
-                first_received_at: now,
-                retry_at: None
-            }
-        );
-        let state = RetryState {
-            attempts: 3,
-            first_received_at: now,
-            retry_at: Some(now + time::Duration::SECOND),
-        };
-        let later = now + time::Duration::MINUTE;
-        assert_eq!(
-            RetryState::from_headers(&state.to_headers(&FieldTable::default()), later),
-            state
         );
     }
 }

@@ -490,7 +490,7 @@ mod tests {
             ..Failure::new(ErrorKind::DeviceNotFound, "gone")
         };
         let at = OffsetDateTime::from_unix_timestamp(at).unwrap();
-        dead_letter_headers(&FieldTable::default(), &failure, 3, at)
+        dead_letter_headers(None, &failure, 3, at)
     }
 
     #[test]

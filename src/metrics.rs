@@ -14,7 +14,10 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::{config::TenantName, contract::ErrorKind};
+use crate::{
+    config::TenantName,
+    contract::{ErrorKind, Rejected},
+};
 
 /// Profile names only: configured at start, so the label stays bounded.
 impl EncodeLabelValue for TenantName {
@@ -57,6 +60,11 @@ struct TokenResult {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Tenant {
     tenant: TenantName,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateRejected {
+    reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -119,6 +127,7 @@ pub struct Metrics {
     amqp_node: Family<Node, Gauge>,
     token_requests: Family<TokenResult, Counter>,
     queue_messages: Family<Queue, Gauge>,
+    state_rejected: Family<StateRejected, Counter>,
     runtime_tasks: Gauge,
 }
 
@@ -150,10 +159,16 @@ impl Metrics {
             amqp_node: Family::default(),
             token_requests: Family::default(),
             queue_messages: Family::default(),
+            state_rejected: Family::default(),
             runtime_tasks: Gauge::default(),
         };
         for queue in ["requests", "dead_letter"] {
             let _ = m.queue_messages.get_or_create(&Queue { queue });
+        }
+        for why in Rejected::ALL {
+            let _ = m.state_rejected.get_or_create(&StateRejected {
+                reason: why.as_str(),
+            });
         }
         m.register();
         m
@@ -241,6 +256,11 @@ impl Metrics {
             "unassign_queue_messages",
             "Messages ready in the request and dead-letter queues, as last seen",
             self.queue_messages.clone(),
+        );
+        r.register(
+            "unassign_state_rejected",
+            "Deliveries whose x-unassign-state headers did not verify and were ignored, by reason",
+            self.state_rejected.clone(),
         );
         r.register(
             "unassign_runtime_alive_tasks",
@@ -402,6 +422,15 @@ impl Metrics {
         self.queue_messages
             .get_or_create(&Queue { queue })
             .set(ready.into());
+    }
+
+    /// A delivery's state headers did not verify and were ignored.
+    pub fn state_rejected(&self, why: Rejected) {
+        self.state_rejected
+            .get_or_create(&StateRejected {
+                reason: why.as_str(),
+            })
+            .inc();
     }
 
     pub fn token_request(&self, tenant: &TenantName, ok: bool) {

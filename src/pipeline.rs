@@ -27,8 +27,8 @@ use crate::{
     auth::AccessToken,
     config::{AmqpSettings, TenantName},
     contract::{
-        self, DeviceId, ErrorKind, Failure, Invalid, Outcome, Progress, Request, RetryState,
-        Target, TraceContext,
+        self, Carried, DeviceId, ErrorKind, Failure, Invalid, Limits, Outcome, Progress, Request,
+        RetryState, StateKeys, Target, TraceContext, carried_headers, carried_properties,
     },
     graph::{GraphClient, Reply},
     lookup::Lookup,
@@ -58,6 +58,10 @@ pub struct Context {
     pub park_after: Duration,
     /// `unassign-worker/<instance>`, the events' `source`.
     pub source: String,
+    /// Sign the state a job carries in headers, and tell it from a forgery.
+    pub state_keys: StateKeys,
+    /// What a carried state is clamped to.
+    pub state_limits: Limits,
 }
 
 /// Bounds Graph calls in flight (`worker.concurrency`).
@@ -149,13 +153,11 @@ pub async fn handle(ctx: &Context, session: &Session, delivery: Delivery) {
     ctx.metrics.inflight_inc();
     let _inflight = scopeguard(|| ctx.metrics.inflight_dec());
     let headers = delivery.properties.headers().clone().unwrap_or_default();
-    let state = RetryState::from_headers(&headers, OffsetDateTime::now_utc());
-    let progress = Progress::from_headers(&headers);
-    let message_id = delivery
-        .properties
-        .message_id()
-        .as_ref()
-        .map(ShortString::as_str);
+    let message_id = message_id(&delivery);
+    let Carried {
+        retry: state,
+        progress,
+    } = carried_state(ctx, &headers, &delivery.data, message_id);
     // The job is a span of its own in the producer's trace, if it sent a valid one.
     let trace = contract::header_str(&headers, contract::headers::TRACEPARENT)
         .and_then(|tp| TraceContext::parse(&tp))
@@ -193,6 +195,32 @@ pub async fn handle(ctx: &Context, session: &Session, delivery: Delivery) {
     settle(ctx, session, &delivery, step, trace.as_ref(), &profile)
         .instrument(span)
         .await;
+}
+
+/// The state the delivery carries, if it verifies (CONTRACT section 6, item 7): anything else —
+/// forged, from another body, from a retired key — is ignored, and the request starts afresh.
+fn carried_state(
+    ctx: &Context,
+    headers: &FieldTable,
+    body: &[u8],
+    message_id: Option<&str>,
+) -> Carried {
+    let now = OffsetDateTime::now_utc();
+    // An oversized body is refused unparsed; its state does not matter and is not hashed.
+    if body.len() > contract::MAX_BODY_BYTES {
+        return Carried::fresh(now);
+    }
+    let (carried, rejected) = ctx
+        .state_keys
+        .read(headers, body, message_id, now, ctx.state_limits);
+    if let Some(why) = rejected {
+        tracing::warn!(
+            reason = why.as_str(),
+            "state headers that do not verify were ignored; the request starts afresh"
+        );
+        ctx.metrics.state_rejected(why);
+    }
+    carried
 }
 
 /// A request whose `tenant_id` no profile has: invalid, before any call.
@@ -233,7 +261,7 @@ struct Job<'a> {
     progress: Progress,
     /// `state.attempts` when the device in progress was started: its own retry budget.
     base: u32,
-    /// Reads (list calls) made in this delivery.
+    /// Reads (list calls) made for the page in progress: its own retry budget.
     reads: u32,
 }
 
@@ -292,7 +320,7 @@ impl<'a> Job<'a> {
         {
             wait = wait.max(Some(ctx.paused_wait(until_probe)));
         }
-        let retry_at = wait.map(|w| OffsetDateTime::now_utc() + w);
+        let retry_at = wait.map(|w| at_most_after(OffsetDateTime::now_utc(), w));
         let progress = self.request.device_id().is_none().then(|| Progress {
             device_calls: Some(self.state.attempts.saturating_sub(self.base)),
             ..self.progress.clone()
@@ -551,7 +579,7 @@ async fn wait_or_hand_back(
     if ctx.parks(delay) {
         return Some(job.hand_back(ctx, session, Some(delay)));
     }
-    let retry_at = OffsetDateTime::now_utc() + delay;
+    let retry_at = at_most_after(OffsetDateTime::now_utc(), delay);
     let Some(paused) = job.tenant.running_signal() else {
         return Some(job.hand_back(ctx, session, until(retry_at)));
     };
@@ -568,6 +596,17 @@ async fn wait_or_hand_back(
     }
     job.state.retry_at = None;
     None
+}
+
+/// `now + wait`, saturating instead of overflowing the calendar.
+fn at_most_after(now: OffsetDateTime, wait: Duration) -> OffsetDateTime {
+    time::Duration::try_from(wait)
+        .ok()
+        .and_then(|w| now.checked_add(w))
+        .unwrap_or(OffsetDateTime::new_utc(
+            time::Date::MAX,
+            time::Time::MIDNIGHT,
+        ))
 }
 
 fn until(at: OffsetDateTime) -> Option<Duration> {
@@ -721,6 +760,7 @@ async fn publish_outcome(
             .reply_to()
             .as_ref()
             .filter(|_| has_event)
+            .filter(|queue| reply_queue_allowed(ctx, queue.as_str()))
         {
             // A reply queue that is gone must not hold the request hostage: not mandatory.
             Some(queue) => {
@@ -734,18 +774,29 @@ async fn publish_outcome(
     let dead_letter = async {
         match &outcome.error {
             Some(failure) => {
-                let mut original = delivery.properties.headers().clone().unwrap_or_default();
-                if outcome.devices.is_some() {
-                    // A replay must not redo the devices already unassigned.
-                    original = outcome.progress().to_headers(&original);
-                }
-                let headers = contract::dead_letter_headers(
-                    &original,
+                let mut headers = contract::dead_letter_headers(
+                    delivery.properties.headers().as_ref(),
                     failure,
                     outcome.attempts,
                     outcome.completed_at,
                 );
-                let properties = delivery.properties.clone().with_headers(headers);
+                if outcome.devices.is_some() {
+                    // A replay must not redo the devices already unassigned.
+                    let done = outcome.progress().done;
+                    let state = ctx.state_keys.sign_dead_letter(
+                        &done,
+                        &delivery.data,
+                        message_id(delivery),
+                    );
+                    merge(&mut headers, state);
+                    if let Some(list) = outcome.progress().done_list() {
+                        headers.insert(
+                            contract::headers::DEVICES_DONE.into(),
+                            AMQPValue::LongString(list.into()),
+                        );
+                    }
+                }
+                let properties = carried_properties(&delivery.properties).with_headers(headers);
                 let exchange = &ctx.amqp.dead_letter_exchange;
                 publisher
                     .publish(
@@ -773,14 +824,17 @@ async fn hand_back(
     state: &RetryState,
     progress: Option<&Progress>,
 ) -> Result<(), PublishError> {
-    let mut headers = delivery.properties.headers().clone().unwrap_or_default();
-    if let Some(progress) = progress {
-        headers = progress.to_headers(&headers);
-    }
-    let properties = delivery
-        .properties
-        .clone()
-        .with_headers(state.to_headers(&headers));
+    let carried = Carried {
+        retry: *state,
+        progress: progress.cloned().unwrap_or_default(),
+    };
+    let mut headers = carried_headers(delivery.properties.headers().as_ref());
+    merge(
+        &mut headers,
+        ctx.state_keys
+            .sign(&carried, &delivery.data, message_id(delivery)),
+    );
+    let properties = carried_properties(&delivery.properties).with_headers(headers);
     let wait = state.retry_at.and_then(until).unwrap_or_default();
     // Straight to the queue through the default exchange: other bindings of the request
     // exchange (an audit queue, say) must not see a hand-back as a new request.
@@ -803,6 +857,34 @@ async fn hand_back(
         .publisher
         .publish("", &queue, &delivery.data, properties, true)
         .await
+}
+
+fn message_id(delivery: &Delivery) -> Option<&str> {
+    delivery
+        .properties
+        .message_id()
+        .as_ref()
+        .map(ShortString::as_str)
+}
+
+fn merge(headers: &mut FieldTable, more: FieldTable) {
+    for (name, value) in more.inner() {
+        headers.insert(name.clone(), value.clone());
+    }
+}
+
+/// A `reply-to` names where the producer wants a copy of its event — never one of the worker's
+/// own queues (a copy there would be taken for a request, an outcome or a dead letter) nor a
+/// broker-reserved `amq.` name.
+fn reply_queue_allowed(ctx: &Context, queue: &str) -> bool {
+    let allowed = !queue.starts_with("amq.") && !ctx.amqp.is_own_queue(queue);
+    if !allowed {
+        tracing::warn!(
+            reply_to = queue,
+            "reply-to names a reserved or the worker's own queue; no copy sent there"
+        );
+    }
+    allowed
 }
 
 /// Runs `f` when dropped, so a gauge is decremented on every path out.

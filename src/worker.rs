@@ -96,6 +96,8 @@ impl App {
             policy: Policy::from(&settings.retry),
             park_after: settings.retry.park_after(),
             source: name.clone(),
+            state_keys: settings.state_keys()?,
+            state_limits: settings.state_limits(),
         };
         let listener = TcpListener::bind(settings.http.listen)
             .await

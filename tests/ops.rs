@@ -133,7 +133,7 @@ impl Ops {
     async fn manufactured_dead_letter(&self, request_id: &str) {
         let failure = Failure::new(ErrorKind::RetriesExhausted, "retry budget spent");
         let now = time::OffsetDateTime::now_utc();
-        let table = contract::dead_letter_headers(&FieldTable::default(), &failure, 20, now);
+        let table = contract::dead_letter_headers(None, &failure, 20, now);
         let body = serde_json::json!({"request_id": request_id, "device_id": device()});
         let a = &self.settings().amqp;
         self.broker

@@ -408,3 +408,20 @@ impl Env {
         self.sim.shutdown().await;
     }
 }
+
+/// Makes sure the local broker has a user `user` (password `password`) with every permission on
+/// the default vhost: a producer with a broker identity of its own. Idempotent.
+pub fn broker_user(user: &str, password: &str) {
+    let ctl = |args: &[&str]| {
+        std::process::Command::new("rabbitmqctl")
+            .args(args)
+            .output()
+            .expect("rabbitmqctl runs (the tests need the local broker)")
+    };
+    // "already exists" is fine; the password is set again either way.
+    let _ = ctl(&["add_user", user, password]);
+    let changed = ctl(&["change_password", user, password]);
+    assert!(changed.status.success(), "{changed:?}");
+    let granted = ctl(&["set_permissions", "-p", "/", user, ".*", ".*", ".*"]);
+    assert!(granted.status.success(), "{granted:?}");
+}

@@ -339,6 +339,10 @@ pub struct WorkerSettings {
     /// every one verifies). Unset: a key derived from the broker credentials.
     #[serde(default)]
     pub state_key_file: Option<PathBuf>,
+    /// The same keys inline, comma- or newline-separated: from the environment only
+    /// (`UNASSIGN__WORKER__STATE_KEYS`), never in a file.
+    #[serde(default)]
+    pub state_keys: Option<SecretString>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -409,6 +413,18 @@ impl Settings {
     /// A tenant's inline secret must come from the environment; in a file it would sit next to
     /// settings that are shared, reviewed and committed.
     fn refuse_secrets_in_files(&self, figment: &Figment) -> Result<(), ConfigError> {
+        let from_file = |key: &str| {
+            figment
+                .find_metadata(key)
+                .is_some_and(|m| matches!(m.source, Some(Source::File(_))))
+        };
+        if self.worker.state_keys.is_some() && from_file("worker.state_keys") {
+            return Err(ConfigError::key(
+                "worker.state_keys",
+                "is a secret in a config file: use worker.state_key_file, or the variable \
+                 UNASSIGN__WORKER__STATE_KEYS",
+            ));
+        }
         for (name, tenant) in &self.tenants {
             let inline = [
                 ("client_secret", tenant.client_secret.is_some()),
@@ -419,10 +435,7 @@ impl Settings {
             ];
             for (field, set) in inline {
                 let key = format!("tenants.{name}.{field}");
-                let from_file = figment
-                    .find_metadata(&key)
-                    .is_some_and(|m| matches!(m.source, Some(Source::File(_))));
-                if set && from_file {
+                if set && from_file(&key) {
                     return Err(ConfigError::key(
                         &key,
                         format!(
@@ -830,13 +843,31 @@ impl Settings {
     /// for state to survive restarts and replicas, and producers that have broker users of
     /// their own cannot forge it.
     pub fn state_keys(&self) -> Result<StateKeys, ConfigError> {
-        const KEY: &str = "worker.state_key_file";
-        let Some(path) = &self.worker.state_key_file else {
-            return Ok(StateKeys::derived(&self.amqp.url.state_key_material()));
+        let w = &self.worker;
+        // An empty variable (a template left blank) is no key source.
+        let file = w.state_key_file.as_ref().filter(|p| !p.as_os_str().is_empty());
+        let inline = w.state_keys.as_ref().filter(|k| !k.expose_secret().is_empty());
+        let (key, source, text) = match (file, inline) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError(
+                    "`worker.state_key_file` and `worker.state_keys` are both set: keep one"
+                        .to_owned(),
+                ));
+            }
+            (None, None) => return Ok(StateKeys::derived(&self.amqp.url.state_key_material())),
+            (Some(path), None) => {
+                let key = "worker.state_key_file";
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    ConfigError::key(key, format!("{} cannot be read: {e}", path.display()))
+                })?;
+                (key, path.display().to_string(), text)
+            }
+            (None, Some(inline)) => (
+                "worker.state_keys",
+                "the variable".to_owned(),
+                inline.expose_secret().replace(',', "\n"),
+            ),
         };
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            ConfigError::key(KEY, format!("{} cannot be read: {e}", path.display()))
-        })?;
         let mut keys = Vec::new();
         for (n, line) in text.lines().enumerate() {
             let line = line.trim();
@@ -844,20 +875,19 @@ impl Settings {
                 continue;
             }
             if line.len() < MIN_STATE_KEY {
+                // The key itself is never shown, only where it is.
                 return Err(ConfigError::key(
-                    KEY,
+                    key,
                     format!(
-                        "line {} of {} is shorter than {MIN_STATE_KEY} characters; make a key \
-                         with `openssl rand -base64 32`",
-                        n + 1,
-                        path.display()
+                        "entry {} of {source} is shorter than {MIN_STATE_KEY} characters; make \
+                         a key with `openssl rand -base64 32`",
+                        n + 1
                     ),
                 ));
             }
             keys.push(line);
         }
-        StateKeys::new(&keys)
-            .ok_or_else(|| ConfigError::key(KEY, format!("{} holds no key", path.display())))
+        StateKeys::new(&keys).ok_or_else(|| ConfigError::key(key, format!("{source} holds no key")))
     }
 
     /// What a carried state is clamped to: no more attempts than the budget, no wait longer
@@ -935,7 +965,9 @@ fn is_loopback(url: &Url) -> bool {
 #[allow(clippy::result_large_err)] // figment's Jail dictates the closures' error type
 mod tests {
     use super::*;
+    use crate::contract::Carried;
     use figment::Jail;
+    use lapin::types::FieldTable;
 
     /// Runs `f` with a clean, private environment (figment's Jail serialises these tests).
     fn jailed(f: impl FnOnce(&mut Jail) -> Result<(), figment::Error>) {
@@ -1003,6 +1035,78 @@ mod tests {
             jail.create_file("c.toml", "[worker]\nconcurrency = 3")?;
             jail.set_env("UNASSIGN_CONFIG", "c.toml");
             assert_eq!(Settings::load(None).unwrap().worker.concurrency, 3);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn state_keys_come_from_a_file_or_the_environment_and_errors_name_the_key() {
+        const K1: &str = "k1-0123456789abcdef0123456789abcdef";
+        const K2: &str = "k2-0123456789abcdef0123456789abcdef";
+        let state = Carried::fresh(time::OffsetDateTime::UNIX_EPOCH);
+        let signed = |s: &Settings| s.state_keys().unwrap().sign(&state, b"{}", None);
+        let verifies = |s: &Settings, table: &FieldTable| {
+            let now = time::OffsetDateTime::UNIX_EPOCH;
+            let keys = s.state_keys().unwrap();
+            keys.read(table, b"{}", None, now, s.state_limits())
+                .1
+                .is_none()
+        };
+        let key_err = || Settings::load(None).unwrap().state_keys().unwrap_err().0;
+        jailed(|jail| {
+            // Derived from the broker credentials: the same URL, the same key.
+            let table = signed(&Settings::load(None).unwrap());
+            assert!(verifies(&Settings::load(None).unwrap(), &table));
+            jail.set_env("AMQP_URL", "amqp://producer:pw@127.0.0.1:5672/%2f");
+            assert!(!verifies(&Settings::load(None).unwrap(), &table));
+
+            jail.create_file("keys", &format!("# rotated 2026-12\n{K2}\n\n{K1}\n"))?;
+            jail.set_env("UNASSIGN__WORKER__STATE_KEY_FILE", "keys");
+            let from_file = Settings::load(None).unwrap();
+            jail.set_env("UNASSIGN__WORKER__STATE_KEY_FILE", "");
+            jail.set_env("UNASSIGN__WORKER__STATE_KEYS", K1);
+            let old_only = Settings::load(None).unwrap();
+            assert!(
+                verifies(&from_file, &signed(&old_only)),
+                "every line verifies"
+            );
+            assert!(
+                !verifies(&old_only, &signed(&from_file)),
+                "the first line signs"
+            );
+            jail.set_env("UNASSIGN__WORKER__STATE_KEYS", format!("{K2},{K1}"));
+            assert!(verifies(
+                &Settings::load(None).unwrap(),
+                &signed(&from_file)
+            ));
+
+            jail.set_env("UNASSIGN__WORKER__STATE_KEYS", "too-short-a-key");
+            let e = key_err();
+            assert!(
+                e.contains("worker.state_keys") && !e.contains("too-short"),
+                "{e}"
+            );
+            jail.set_env("UNASSIGN__WORKER__STATE_KEYS", "");
+            jail.create_file("short", "short\n")?;
+            jail.set_env("UNASSIGN__WORKER__STATE_KEY_FILE", "short");
+            let e = key_err();
+            assert!(
+                e.contains("worker.state_key_file") && e.contains("entry 1"),
+                "{e}"
+            );
+            jail.create_file("empty", "# nothing yet\n")?;
+            jail.set_env("UNASSIGN__WORKER__STATE_KEY_FILE", "empty");
+            assert!(key_err().contains("holds no key"));
+            jail.set_env("UNASSIGN__WORKER__STATE_KEY_FILE", "missing");
+            assert!(key_err().contains("worker.state_key_file"));
+            jail.set_env("UNASSIGN__WORKER__STATE_KEYS", K1);
+            assert!(key_err().contains("both set"));
+            Ok(())
+        });
+        jailed(|jail| {
+            jail.create_file("c.toml", &format!("[worker]\nstate_keys = \"{K1}\"\n"))?;
+            let e = err(Settings::load(Some("c.toml".into())));
+            assert!(e.contains("worker.state_keys") && !e.contains(K1), "{e}");
             Ok(())
         });
     }

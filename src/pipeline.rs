@@ -440,7 +440,7 @@ async fn call_until_decided(
             }
             Decision::RefreshToken => {
                 tracing::info!("graph answered 401; fetching a fresh token");
-                job.tenant.tokens.invalidate(&token).await;
+                job.tenant.tokens.invalidate(&token);
                 token_refreshed = true;
             }
             Decision::Pause(reason) => {

@@ -513,17 +513,18 @@ async fn send(ctx: &Context, session: &Session, job: &mut Job<'_>, call: Call<'_
     // Once sent, a call is seen through: aborting it would leave Graph's side unknown.
     let span = tracing::Span::current();
     let reply = match call {
-        Call::Unassign(device) => {
-            let reply = ctx.graph.unassign(&tenant.name, &token, device).await;
-            job.state.attempts += 1;
-            span.record("attempt", job.state.attempts);
-            reply
-        }
-        Call::List(url) => {
-            job.reads += 1;
-            ctx.graph.list(&tenant.name, &token, url.clone()).await
-        }
+        Call::Unassign(device) => ctx.graph.unassign(&tenant.name, &token, device).await,
+        Call::List(url) => ctx.graph.list(&tenant.name, &token, url.clone()).await,
     };
+    if retry::spends_attempt(&reply.answer()) {
+        match call {
+            Call::Unassign(_) => {
+                job.state.attempts += 1;
+                span.record("attempt", job.state.attempts);
+            }
+            Call::List(_) => job.reads += 1,
+        }
+    }
     let response = reply.response();
     if let Some(id) = response.and_then(|r| r.request_id.as_deref()) {
         span.record("graph_request_id", id);

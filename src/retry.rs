@@ -144,6 +144,19 @@ pub fn decide(
     }
 }
 
+/// Whether a call answered `answer` spends the job's retry budget (and counts in `data.attempts`).
+/// A call refused for credentials (401, 403) never reached the action: it refreshes the token or
+/// pauses the tenant, and a pause and resume must not cost every job in flight an attempt.
+pub fn spends_attempt(answer: &Answer<'_>) -> bool {
+    !matches!(
+        answer,
+        Answer::Status {
+            code: 401 | 403,
+            ..
+        }
+    )
+}
+
 /// Exponential backoff with full jitter, and Graph's Retry-After as a floor that jitter only
 /// lengthens (by up to a tenth of it, at most one base delay, so waiters do not wake in one herd).
 /// The backoff applies under a Retry-After too: throttling or an outage that keeps saying "retry
@@ -297,6 +310,22 @@ mod tests {
             decide_at(status(403), attempt(99)),
             Decision::Pause(PauseReason::Forbidden)
         );
+    }
+
+    /// A pause and resume must not cost every job in flight an attempt.
+    #[test]
+    fn only_credential_refusals_spend_no_attempt() {
+        assert!(!spends_attempt(&status(401)));
+        assert!(!spends_attempt(&status(403)));
+        for answer in [
+            status(200),
+            status(404),
+            status(429),
+            status(503),
+            Answer::Timeout,
+        ] {
+            assert!(spends_attempt(&answer), "{answer:?}");
+        }
     }
 
     #[test]

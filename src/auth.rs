@@ -69,7 +69,6 @@ pub enum AuthError {
     Credential(String),
 }
 
-#[derive(Clone)]
 struct Cached {
     token: AccessToken,
     /// When a new token is fetched: five minutes before expiry, or half-way through a shorter
@@ -114,20 +113,28 @@ impl State {
     }
 
     /// The request of `flight` answered: its token is cached, or its error starts the cool-down.
-    fn land(&mut self, flight: &Flight, result: &Result<Cached, AuthError>, now: Instant) {
+    fn land(
+        &mut self,
+        flight: &Flight,
+        result: Result<Cached, AuthError>,
+        now: Instant,
+    ) -> Result<AccessToken, AuthError> {
         if self.flight.as_ref().is_some_and(|f| Arc::ptr_eq(f, flight)) {
             self.flight = None;
         }
         match result {
             Ok(fresh) => {
-                self.cached = Some(fresh.clone());
+                let token = fresh.token.clone();
+                self.cached = Some(fresh);
                 self.failed = None;
+                Ok(token)
             }
             Err(e) => {
                 if self.still_valid(now).is_some() {
                     tracing::warn!(error = %e, "token refresh failed; using the current token until it expires");
                 }
                 self.failed = Some((e.clone(), now));
+                Err(e)
             }
         }
     }
@@ -192,8 +199,7 @@ impl TokenSource {
         let fetched = flight
             .get_or_init(|| async {
                 let result = self.fetch().await;
-                self.lock().land(&flight, &result, Instant::now());
-                result.map(|fresh| fresh.token)
+                self.lock().land(&flight, result, Instant::now())
             })
             .await;
         fetched

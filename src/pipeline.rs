@@ -468,7 +468,7 @@ async fn call_until_decided(
             }
             Decision::RefreshToken => {
                 tracing::info!("graph answered 401; fetching a fresh token");
-                job.tenant.tokens.invalidate(&token).await;
+                job.tenant.tokens.invalidate(&token);
                 token_refreshed = true;
             }
             Decision::Pause(reason) => {
@@ -511,8 +511,8 @@ enum Called {
     HandBack(Step),
 }
 
-/// One Graph call, after the concurrency slot, the tenant's gate (for writes or reads) and a
-/// token.
+/// One Graph call, after a token, the tenant's gate (for writes or reads) and the concurrency
+/// slot.
 async fn send(ctx: &Context, session: &Session, job: &mut Job<'_>, call: Call<'_>) -> Called {
     let tenant = job.tenant;
     let Some(paused) = tenant.running_signal() else {
@@ -522,38 +522,37 @@ async fn send(ctx: &Context, session: &Session, job: &mut Job<'_>, call: Call<'_
     if let Some(held) = gate.held_for().filter(|held| ctx.parks(*held)) {
         return Called::HandBack(job.hand_back(ctx, session, Some(held)));
     }
-    let admitted = gate.admit_with(|| ctx.graph_slots.acquire());
-    let (_permit, ticket) = tokio::select! {
-        biased;
-        _ = session.stop.cancelled() => {
-            ctx.graph_slots.settled().await;
-            return Called::HandBack(job.hand_back(ctx, session, None));
-        }
-        _ = paused.cancelled() => return Called::HandBack(job.hand_back(ctx, session, None)),
-        admitted = admitted => admitted,
-    };
-    let token = match tenant.tokens.token().await {
-        Ok(token) => token,
-        Err(e) => {
+    // The token first, holding neither a slot nor the tenant's turn: a token endpoint that hangs
+    // (up to `graph.timeout_secs`) must not keep the other tenants' calls from their slots.
+    let token = match unless_stopped(ctx, session, job, &paused, tenant.tokens.token()).await {
+        Ok(Ok(token)) => token,
+        Ok(Err(e)) => {
             tracing::error!(error = %e, "no access token");
             ctx.tenants.pause(tenant, PauseReason::NoToken, session);
             return Called::HandBack(job.hand_back(ctx, session, None));
         }
+        Err(step) => return Called::HandBack(step),
+    };
+    let admitted = gate.admit_with(|| ctx.graph_slots.acquire());
+    let (_permit, ticket) = match unless_stopped(ctx, session, job, &paused, admitted).await {
+        Ok(admitted) => admitted,
+        Err(step) => return Called::HandBack(step),
     };
     // Once sent, a call is seen through: aborting it would leave Graph's side unknown.
     let span = tracing::Span::current();
     let reply = match call {
-        Call::Unassign(device) => {
-            let reply = ctx.graph.unassign(&tenant.name, &token, device).await;
-            job.state.attempts += 1;
-            span.record("attempt", job.state.attempts);
-            reply
-        }
-        Call::List(url) => {
-            job.reads += 1;
-            ctx.graph.list(&tenant.name, &token, url.clone()).await
-        }
+        Call::Unassign(device) => ctx.graph.unassign(&tenant.name, &token, device).await,
+        Call::List(url) => ctx.graph.list(&tenant.name, &token, url.clone()).await,
     };
+    if retry::spends_attempt(&reply.answer()) {
+        match call {
+            Call::Unassign(_) => {
+                job.state.attempts += 1;
+                span.record("attempt", job.state.attempts);
+            }
+            Call::List(_) => job.reads += 1,
+        }
+    }
     let response = reply.response();
     if let Some(id) = response.and_then(|r| r.request_id.as_deref()) {
         span.record("graph_request_id", id);
@@ -565,6 +564,27 @@ async fn send(ctx: &Context, session: &Session, job: &mut Job<'_>, call: Call<'_
         "graph call"
     );
     Called::Sent(reply, token, ticket)
+}
+
+/// Awaits `f` — a token, the tenant's turn — unless the session stops or the tenant pauses
+/// first: then the job is handed back, once the calls in flight have answered if the session
+/// stopped (an answer on its way may extend the tenant's hold the job carries away).
+async fn unless_stopped<T>(
+    ctx: &Context,
+    session: &Session,
+    job: &Job<'_>,
+    paused: &CancellationToken,
+    f: impl Future<Output = T>,
+) -> Result<T, Step> {
+    tokio::select! {
+        biased;
+        _ = session.stop.cancelled() => {
+            ctx.graph_slots.settled().await;
+            Err(job.hand_back(ctx, session, None))
+        }
+        _ = paused.cancelled() => Err(job.hand_back(ctx, session, None)),
+        out = f => Ok(out),
+    }
 }
 
 /// Waits `delay` holding the delivery — unless it is long enough to go through the delay

@@ -127,13 +127,10 @@ pub fn decide(
         Answer::Status { .. } => return Decision::Fail(ErrorKind::GraphRejected),
         Answer::Timeout | Answer::ConnectError => (RetryReason::Network, None, false),
     };
-    let mut delay = delay(attempt.calls, retry_after, policy, jitter);
-    if reason == RetryReason::ServerError {
-        // An outage that keeps answering 503 with a short Retry-After is still an outage: back
-        // off as for any 5xx, or a two-minute one would spend the attempt budget.
-        delay = delay.max(backoff(attempt.calls, policy, jitter));
-    }
-    if attempt.calls >= policy.max_attempts || attempt.elapsed + delay > policy.max_elapsed {
+    let delay = delay(attempt.calls, retry_after, policy, jitter);
+    if attempt.calls >= policy.max_attempts
+        || attempt.elapsed.saturating_add(delay) > policy.max_elapsed
+    {
         return Decision::Fail(ErrorKind::RetriesExhausted);
     }
     if attempt.until_deadline.is_some_and(|left| delay >= left) {
@@ -147,47 +144,81 @@ pub fn decide(
     }
 }
 
-/// Exponential backoff with full jitter; a Retry-After is a floor that jitter only lengthens
-/// (by up to a tenth of it, at most one base delay, so waiters do not wake in one herd).
-/// `max_delay` caps the schedule but never cuts a Retry-After short: Graph's word wins.
+/// Whether a call answered `answer` spends the job's retry budget (and counts in `data.attempts`).
+/// A call refused for credentials (401, 403) never reached the action: it refreshes the token or
+/// pauses the tenant, and a pause and resume must not cost every job in flight an attempt.
+pub fn spends_attempt(answer: &Answer<'_>) -> bool {
+    !matches!(
+        answer,
+        Answer::Status {
+            code: 401 | 403,
+            ..
+        }
+    )
+}
+
+/// Exponential backoff with full jitter, and Graph's Retry-After as a floor that jitter only
+/// lengthens (by up to a tenth of it, at most one base delay, so waiters do not wake in one herd).
+/// The backoff applies under a Retry-After too: throttling or an outage that keeps saying "retry
+/// in a second" (or `0`, or a date in the past) is still going on, and calling again at its word
+/// each time would spend the attempt budget in seconds. `max_delay` caps the schedule but never
+/// cuts a Retry-After short: Graph's word wins.
 pub fn delay(calls: u32, retry_after: Option<Duration>, policy: &Policy, jitter: f64) -> Duration {
-    let jitter = jitter.clamp(0.0, 1.0);
-    let delay = match retry_after {
-        Some(ra) => ra + (ra / 10).min(policy.base_delay).mul_f64(jitter),
-        None => backoff(calls, policy, jitter),
+    let backoff = backoff(calls, policy, jitter);
+    let Some(ra) = retry_after else {
+        return backoff;
     };
-    match retry_after {
-        Some(ra) if delay > policy.max_delay => policy.max_delay.max(ra),
-        _ => delay.min(policy.max_delay),
-    }
+    let spread = scaled((ra / 10).min(policy.base_delay), jitter);
+    let floor = ra.saturating_add(spread).min(policy.max_delay.max(ra));
+    floor.max(backoff)
 }
 
 /// `base_delay × 2^(calls − 1)`, capped at `max_delay`, scaled by `jitter` (full jitter).
 fn backoff(calls: u32, policy: &Policy, jitter: f64) -> Duration {
     let exp = 2u32.saturating_pow(calls.saturating_sub(1).min(31));
-    policy
-        .base_delay
-        .saturating_mul(exp)
-        .min(policy.max_delay)
-        .mul_f64(jitter.clamp(0.0, 1.0))
+    scaled(
+        policy.base_delay.saturating_mul(exp).min(policy.max_delay),
+        jitter,
+    )
 }
 
+/// `d × jitter`, the jitter taken as a fraction in [0, 1] (NaN as 0), never panicking, even
+/// for a `d` near `Duration::MAX` (which `Duration::mul_f64` would overflow on rounding).
+fn scaled(d: Duration, jitter: f64) -> Duration {
+    let fraction = if jitter.is_nan() {
+        0.0
+    } else {
+        jitter.clamp(0.0, 1.0)
+    };
+    Duration::try_from_secs_f64(d.as_secs_f64() * fraction).map_or(d, |scaled| scaled.min(d))
+}
+
+/// The longest Retry-After honoured: a header is a producer's data, and one saying "come back in
+/// ten years" (or 2^64 seconds) must neither park a job and hold its tenant for ever nor overflow
+/// the arithmetic on it. Graph's throttling windows are seconds to minutes; an hour is well past
+/// any of them, and a job that cannot wait that long within `retry.max_elapsed_secs` fails as
+/// `retries_exhausted`.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
 /// Parses every Retry-After form Graph sends: delta-seconds, fractional seconds (`2.128`) and
-/// an HTTP-date (RFC 9110). A date in the past means "now"; anything else is `None`.
+/// an HTTP-date (RFC 9110), capped at [`MAX_RETRY_AFTER`]. A date in the past means "now";
+/// anything else is `None`.
 pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     let value = value.trim();
     let is_number = !value.is_empty()
         && value.bytes().all(|b| b.is_ascii_digit() || b == b'.')
         && value.bytes().filter(|&b| b == b'.').count() <= 1
         && value.as_bytes()[0].is_ascii_digit();
-    if is_number {
-        return value
-            .parse::<f64>()
-            .ok()
-            .and_then(|s| Duration::try_from_secs_f64(s).ok());
-    }
-    let date = httpdate::parse_http_date(value).ok()?;
-    Some(date.duration_since(now).unwrap_or(Duration::ZERO))
+    let wait = if is_number {
+        // Digits and one dot always parse, to a finite non-negative number, or to infinity when
+        // too long for an f64 — which the cap below turns into the longest wait.
+        let seconds = value.parse::<f64>().ok()?;
+        Duration::try_from_secs_f64(seconds.min(MAX_RETRY_AFTER.as_secs_f64())).ok()?
+    } else {
+        let date = httpdate::parse_http_date(value).ok()?;
+        date.duration_since(now).unwrap_or(Duration::ZERO)
+    };
+    Some(wait.min(MAX_RETRY_AFTER))
 }
 
 #[cfg(test)]
@@ -199,6 +230,18 @@ mod tests {
         base_delay: Duration::from_secs(1),
         max_delay: Duration::from_secs(300),
         max_elapsed: Duration::from_secs(3600),
+    };
+
+    /// The defaults' attempt budget, for schedules longer than [`POLICY`] allows.
+    const POLICY_20: Policy = Policy {
+        max_attempts: 20,
+        ..POLICY
+    };
+
+    /// The defaults' elapsed budget.
+    const POLICY_DAY: Policy = Policy {
+        max_elapsed: Duration::from_secs(86_400),
+        ..POLICY
     };
 
     fn attempt(calls: u32) -> Attempt {
@@ -269,6 +312,22 @@ mod tests {
         );
     }
 
+    /// A pause and resume must not cost every job in flight an attempt.
+    #[test]
+    fn only_credential_refusals_spend_no_attempt() {
+        assert!(!spends_attempt(&status(401)));
+        assert!(!spends_attempt(&status(403)));
+        for answer in [
+            status(200),
+            status(404),
+            status(429),
+            status(503),
+            Answer::Timeout,
+        ] {
+            assert!(spends_attempt(&answer), "{answer:?}");
+        }
+    }
+
     #[test]
     fn transient_trouble_retries_with_the_right_reason() {
         let cases = [
@@ -282,33 +341,103 @@ mod tests {
             (Answer::ConnectError, RetryReason::Network),
         ];
         for (answer, want) in cases {
-            match decide_at(answer.clone(), attempt(1)) {
+            let busy = Attempt {
+                elapsed: Duration::from_secs(3000),
+                ..attempt(1)
+            };
+            match decide(&answer, busy, &POLICY_DAY, now(), 0.5) {
                 Decision::Retry { reason, .. } => assert_eq!(reason, want, "{answer:?}"),
                 other => panic!("{answer:?} gave {other:?}"),
             }
         }
     }
 
-    /// Graph down for minutes, answering 503 with `Retry-After: 1` each time: the job backs off
-    /// as for any 5xx (the tenant hold stays the Retry-After), while a 429 keeps Graph's word.
+    /// Graph down for minutes, answering 503 with `Retry-After: 1` each time, or throttling
+    /// that keeps saying "retry in a second": the job backs off as for any 5xx, while the tenant
+    /// hold stays Graph's Retry-After.
     #[test]
-    fn a_long_outage_backs_off_despite_a_short_retry_after() {
-        let answer = |code| Answer::Status {
-            code,
-            retry_after: Some("1"),
-        };
-        match decide_at(answer(503), attempt(4)) {
-            Decision::Retry {
-                delay, hold_tenant, ..
-            } => {
-                assert_eq!(delay, Duration::from_secs(4));
-                assert_eq!(hold_tenant, Some(Duration::from_secs(1)));
+    fn a_long_outage_or_throttle_backs_off_despite_a_short_retry_after() {
+        for code in [503, 429] {
+            let answer = Answer::Status {
+                code,
+                retry_after: Some("1"),
+            };
+            match decide_at(answer, attempt(4)) {
+                Decision::Retry {
+                    delay, hold_tenant, ..
+                } => {
+                    assert_eq!(delay, Duration::from_secs(4), "{code}");
+                    assert_eq!(hold_tenant, Some(Duration::from_secs(1)), "{code}");
+                }
+                other => panic!("{code}: {other:?}"),
             }
-            other => panic!("{other:?}"),
         }
-        match decide_at(answer(429), attempt(4)) {
-            Decision::Retry { delay, .. } => assert!(delay < Duration::from_secs(2), "{delay:?}"),
-            other => panic!("{other:?}"),
+    }
+
+    /// Sustained throttling that says "retry now" (`0`, or a date already past) must not spend
+    /// the 20 attempts in seconds: each retry waits at least the exponential backoff.
+    #[test]
+    fn a_429_saying_retry_now_still_backs_off_exponentially() {
+        let past = httpdate::fmt_http_date(now() - Duration::from_secs(10));
+        for retry_after in ["0", "0.0", past.as_str()] {
+            let answer = Answer::Status {
+                code: 429,
+                retry_after: Some(retry_after),
+            };
+            let delays: Vec<_> = (1..=6)
+                .map(
+                    |calls| match decide(&answer, attempt(calls), &POLICY_20, now(), 0.5) {
+                        Decision::Retry {
+                            delay, hold_tenant, ..
+                        } => {
+                            assert_eq!(hold_tenant, Some(Duration::ZERO), "Graph's word holds");
+                            delay.as_millis()
+                        }
+                        other => panic!("{retry_after:?}: {other:?}"),
+                    },
+                )
+                .collect();
+            assert_eq!(
+                delays,
+                [500, 1000, 2000, 4000, 8000, 16000],
+                "{retry_after:?}"
+            );
+        }
+    }
+
+    /// A Retry-After of 2^64 seconds (or ten years) is honoured up to the ceiling: no overflow
+    /// of `elapsed + delay`, no tenant held for ever, and a job with too little budget left
+    /// fails as retries exhausted.
+    #[test]
+    fn an_absurd_retry_after_is_capped_not_an_overflow() {
+        let ten_years = httpdate::fmt_http_date(now() + Duration::from_secs(10 * 365 * 86_400));
+        for retry_after in ["18446744073709549568", "315360000", ten_years.as_str()] {
+            let answer = Answer::Status {
+                code: 429,
+                retry_after: Some(retry_after),
+            };
+            let busy = Attempt {
+                elapsed: Duration::from_secs(3000),
+                ..attempt(1)
+            };
+            match decide(&answer, busy, &POLICY_DAY, now(), 0.5) {
+                Decision::Retry {
+                    delay, hold_tenant, ..
+                } => {
+                    assert_eq!(delay, MAX_RETRY_AFTER, "{retry_after:?}");
+                    assert_eq!(hold_tenant, Some(MAX_RETRY_AFTER), "{retry_after:?}");
+                }
+                other => panic!("{retry_after:?}: {other:?}"),
+            }
+            let late = Attempt {
+                elapsed: Duration::MAX,
+                ..attempt(1)
+            };
+            assert_eq!(
+                decide_at(answer, late),
+                Decision::Fail(ErrorKind::RetriesExhausted),
+                "{retry_after:?}"
+            );
         }
     }
 
@@ -378,11 +507,15 @@ mod tests {
         ] {
             assert_eq!(p(garbage), None, "{garbage:?}");
         }
-        assert_eq!(
-            p("99999999999999999999999"),
-            None,
-            "overflow is garbage, not a panic"
-        );
+        for huge in ["99999999999999999999999", "18446744073709549568", "3601"] {
+            assert_eq!(
+                p(huge),
+                Some(MAX_RETRY_AFTER),
+                "a long wait is capped, not garbage nor a panic"
+            );
+        }
+        let far = httpdate::fmt_http_date(now() + Duration::from_secs(86_400));
+        assert_eq!(p(&far), Some(MAX_RETRY_AFTER));
     }
 
     #[test]
@@ -473,5 +606,125 @@ mod tests {
             ..attempt(1)
         };
         assert!(matches!(decide_at(ra, far), Decision::Retry { .. }));
+    }
+
+    /// Every value in an answer is a producer's data: no status, header, attempt, budget,
+    /// clock or jitter makes the decision panic, and the delays keep their promises.
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        /// Realistic values and the extremes alike.
+        fn amount() -> impl Strategy<Value = u64> {
+            prop_oneof![0..100_000u64, any::<u64>()]
+        }
+
+        fn duration() -> impl Strategy<Value = Duration> {
+            (amount(), 0..1_000_000_000u32).prop_map(|(s, n)| Duration::new(s, n))
+        }
+
+        fn policy() -> impl Strategy<Value = Policy> {
+            (any::<u32>(), amount(), amount(), amount()).prop_map(
+                |(attempts, base, max, elapsed)| Policy {
+                    max_attempts: attempts,
+                    base_delay: Duration::from_millis(base),
+                    max_delay: Duration::from_secs(max),
+                    max_elapsed: Duration::from_secs(elapsed),
+                },
+            )
+        }
+
+        /// Any instant an HTTP-date can name, as a clock.
+        fn clock() -> impl Strategy<Value = SystemTime> {
+            (0..253_402_300_799u64).prop_map(|s| SystemTime::UNIX_EPOCH + Duration::from_secs(s))
+        }
+
+        /// Retry-After values: garbage, numbers of any length, and HTTP-dates, real or not.
+        fn retry_after() -> impl Strategy<Value = String> {
+            prop_oneof![
+                any::<String>(),
+                "[0-9]{1,30}(\\.[0-9]{0,20})?",
+                any::<u64>().prop_map(|n| n.to_string()),
+                (clock()).prop_map(httpdate::fmt_http_date),
+                "(Mon|Sun|Xyz), [0-9]{2} (Jan|Feb|Dec|Foo) [0-9]{4} [0-9]{2}:[0-9]{2}:[0-9]{2} GMT",
+            ]
+        }
+
+        fn answer() -> impl Strategy<Value = (u16, Option<String>, u8)> {
+            let code = prop_oneof![Just(429u16), Just(503), Just(401), any::<u16>()];
+            (code, proptest::option::of(retry_after()), 0..4u8)
+        }
+
+        fn attempt() -> impl Strategy<Value = Attempt> {
+            (
+                any::<u32>(),
+                duration(),
+                proptest::option::of(duration()),
+                any::<bool>(),
+            )
+                .prop_map(|(calls, elapsed, until_deadline, token_refreshed)| {
+                    Attempt {
+                        calls,
+                        elapsed,
+                        until_deadline,
+                        token_refreshed,
+                    }
+                })
+        }
+
+        proptest! {
+            #[test]
+            fn retry_after_parsing_never_panics_and_is_capped(
+                value in retry_after(),
+                now in clock(),
+            ) {
+                if let Some(wait) = parse_retry_after(&value, now) {
+                    prop_assert!(wait <= MAX_RETRY_AFTER, "{value:?}: {wait:?}");
+                }
+            }
+
+            #[test]
+            fn decide_never_panics_and_keeps_its_promises(
+                (code, header, kind) in answer(),
+                a in attempt(),
+                policy in policy(),
+                now in clock(),
+                jitter in any::<f64>(),
+            ) {
+                let answer = match kind {
+                    0 => Answer::Timeout,
+                    1 => Answer::ConnectError,
+                    _ => Answer::Status { code, retry_after: header.as_deref() },
+                };
+                let decision = decide(&answer, a, &policy, now, jitter);
+                let Decision::Retry { delay, hold_tenant, .. } = decision else {
+                    return Ok(());
+                };
+                // The header counts on a 429 and a 5xx only.
+                let ra = match answer {
+                    Answer::Status { code: 429 | 500..=599, retry_after } => {
+                        retry_after.and_then(|v| parse_retry_after(v, now))
+                    }
+                    _ => None,
+                };
+                // Graph's Retry-After is a floor…
+                if let Some(ra) = ra {
+                    prop_assert!(delay >= ra, "{delay:?} < Retry-After {ra:?}");
+                    prop_assert_eq!(hold_tenant, Some(ra));
+                }
+                // …the schedule is capped, unless Graph said to wait longer…
+                prop_assert!(delay <= policy.max_delay.max(ra.unwrap_or_default()));
+                // …a Retry-After never shortens the backoff, a 429's included…
+                prop_assert!(delay >= backoff(a.calls, &policy, jitter));
+                // …and a retry fits every budget.
+                prop_assert!(a.calls < policy.max_attempts);
+                prop_assert!(a.elapsed.saturating_add(delay) <= policy.max_elapsed);
+                prop_assert!(a.until_deadline.is_none_or(|left| delay < left));
+                if code == 429 && kind >= 2 {
+                    prop_assert!(hold_tenant.is_some(), "a 429 holds the tenant");
+                }
+            }
+        }
     }
 }

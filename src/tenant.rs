@@ -213,7 +213,7 @@ impl Tenants {
                 _ = self.probes.cancelled() => return,
                 _ = tokio::time::sleep(wait) => {}
             }
-            tenant.tokens.clear().await;
+            tenant.tokens.clear();
             match tenant.tokens.token().await {
                 Ok(_) => self.resume(&tenant),
                 Err(e) => {

@@ -17,7 +17,7 @@ use std::{
 
 use tokio::time::Instant;
 
-use crate::{config::TenantName, metrics::Metrics};
+use crate::{config::TenantName, metrics::Metrics, retry::MAX_RETRY_AFTER};
 
 /// Start of the adaptive budget when no limit is configured: Intune's documented write limit
 /// for one app (100 per 20 s per tenant).
@@ -351,12 +351,14 @@ impl Gate {
             .map(|until| until - now)
     }
 
-    /// Holds every call to this tenant back for `duration` (Graph's Retry-After).
+    /// Holds every call to this tenant back for `duration` (Graph's Retry-After), at most
+    /// [`MAX_RETRY_AFTER`]: a hold of years would stop the tenant for good, and one past what
+    /// an `Instant` can hold would panic.
     pub fn hold(self: &Arc<Self>, duration: Duration) {
         if !self.adaptive {
             return;
         }
-        let until = Instant::now() + duration;
+        let until = Instant::now() + duration.min(MAX_RETRY_AFTER);
         self.lock().schedule.hold(until);
         // A hold is the tenant's, put on both gates: the write gate alone reports it.
         if self.budget == Budget::Reads {
@@ -670,5 +672,28 @@ mod tests {
         let start = Instant::now();
         gate.admit().await;
         assert_eq!(Instant::now(), start);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_absurd_hold_is_capped_not_an_overflow() {
+        let config = GateConfig {
+            max_per_second: 0.0,
+            adaptive: true,
+            budget: Budget::Writes,
+        };
+        let gate = Gate::new(
+            config,
+            TenantName::default_profile(),
+            Arc::new(Metrics::new()),
+        );
+        gate.hold(Duration::MAX);
+        assert_eq!(gate.held_for(), Some(MAX_RETRY_AFTER));
+        let start = Instant::now();
+        gate.admit().await;
+        assert_eq!(
+            Instant::now(),
+            start + MAX_RETRY_AFTER,
+            "the tenant is not stopped for good"
+        );
     }
 }

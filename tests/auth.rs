@@ -22,9 +22,10 @@ async fn a_401_fetches_a_fresh_token_and_retries() {
         .map(|e| e.event())
         .find(|e| e.data.request_id == "after")
         .unwrap();
+    // The call refused 401 did not reach the action: it spends no attempt.
     assert_eq!(
         (after.data.outcome.as_str(), after.data.attempts),
-        ("succeeded", 2)
+        ("succeeded", 1)
     );
     assert_eq!(env.sim.stats().token_requests, 2);
     assert_eq!(env.sim.stats().responses_by_status.get(&401), Some(&1));
@@ -126,6 +127,10 @@ async fn a_403_pauses_instead_of_draining_the_queue() {
     env.sim.update(|b| b.forbid = false);
     let events = env.events.wait_for(10, WAIT).await;
     assert!(events.iter().all(|e| e.event().data.outcome == "succeeded"));
+    // The calls refused 403 spent none of their jobs' retry budgets.
+    let attempts: Vec<u32> = events.iter().map(|e| e.event().data.attempts).collect();
+    assert_eq!(attempts, [1; 10]);
+    assert!(env.sim.stats().responses_by_status.get(&403) >= Some(&1));
     assert_eq!(env.dead.len(), 0);
     env.finish().await;
 }

@@ -149,6 +149,52 @@ async fn a_throttled_tenant_does_not_slow_the_other() {
     env.finish().await;
 }
 
+/// Contoso's token endpoint hangs for 10 s: its jobs wait for their token holding no Graph
+/// slot, so the default tenant's jobs go through at once (with the token fetched after taking a
+/// slot, 8 contoso jobs held all 8 slots until the token endpoint answered).
+#[tokio::test]
+async fn a_hanging_token_endpoint_holds_no_graph_slot() {
+    let hanging = wiremock::MockServer::start().await;
+    wiremock::Mock::given(wiremock::matchers::method("POST"))
+        .respond_with(wiremock::ResponseTemplate::new(503).set_delay(Duration::from_secs(10)))
+        .mount(&hanging)
+        .await;
+    let env = Env::start_with("tokenhang", sim_with_contoso(None), |s| {
+        with_contoso(s);
+        let contoso = s.tenants.get_mut("contoso").unwrap();
+        contoso.authority_host = Some(hanging.uri().parse().unwrap());
+    })
+    .await;
+    // More contoso jobs than the worker has Graph slots (8).
+    for i in 0..12 {
+        publish(&env, &format!("c-{i}"), Some(CONTOSO)).await;
+    }
+    eventually("contoso's token request in flight", WAIT, || async {
+        let sent = hanging.received_requests().await.unwrap_or_default();
+        (!sent.is_empty()).then_some(())
+    })
+    .await;
+
+    let started = Instant::now();
+    for i in 0..20 {
+        publish(&env, &format!("d-{i}"), None).await;
+    }
+    let done = wait_for_outcomes(&env, "d-", 20).await;
+    let elapsed = started.elapsed();
+    eprintln!("20 default jobs in {elapsed:.2?} while contoso's token endpoint hung");
+    assert!(done.iter().all(|(_, outcome)| outcome == "succeeded"));
+    assert!(
+        elapsed < Duration::from_secs(3),
+        "default waited on contoso's token request: {elapsed:?}"
+    );
+    assert_eq!(
+        hanging.received_requests().await.unwrap().len(),
+        1,
+        "contoso's jobs share one token request"
+    );
+    env.finish().await;
+}
+
 #[tokio::test]
 async fn each_tenant_gets_its_own_token_and_metrics_name_only_profiles() {
     let env = Env::start_with("tenanttokens", sim_with_contoso(None), with_contoso).await;

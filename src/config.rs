@@ -845,8 +845,14 @@ impl Settings {
     pub fn state_keys(&self) -> Result<StateKeys, ConfigError> {
         let w = &self.worker;
         // An empty variable (a template left blank) is no key source.
-        let file = w.state_key_file.as_ref().filter(|p| !p.as_os_str().is_empty());
-        let inline = w.state_keys.as_ref().filter(|k| !k.expose_secret().is_empty());
+        let file = w
+            .state_key_file
+            .as_ref()
+            .filter(|p| !p.as_os_str().is_empty());
+        let inline = w
+            .state_keys
+            .as_ref()
+            .filter(|k| !k.expose_secret().is_empty());
         let (key, source, text) = match (file, inline) {
             (Some(_), Some(_)) => {
                 return Err(ConfigError(
@@ -891,7 +897,7 @@ impl Settings {
     }
 
     /// What a carried state is clamped to: no more attempts than the budget, no wait longer
-    /// than a job's whole retry window or the longest delay tier, whichever is longer.
+    /// than any the worker writes — a Retry-After (capped), a backoff, a paused tenant's tier.
     pub fn state_limits(&self) -> Limits {
         let longest_tier = self
             .amqp
@@ -901,9 +907,8 @@ impl Settings {
             .unwrap_or_default();
         Limits {
             max_attempts: self.retry.max_attempts,
-            longest_wait: self
-                .retry
-                .max_elapsed()
+            longest_wait: crate::retry::MAX_RETRY_AFTER
+                .max(Duration::from_secs(self.retry.max_delay_secs))
                 .max(Duration::from_secs(longest_tier.saturating_add(1))),
         }
     }

@@ -621,12 +621,14 @@ async fn settle(
         };
         let error = match published {
             Ok(()) => break,
-            Err(PublishError::Broker(e)) => {
-                tracing::warn!(error = %e, "broker channel failed; the broker will redeliver");
-                return;
-            }
             Err(e) => e,
         };
+        // Only the delivery's own channel going (the connection's, or the consume channel's)
+        // hands it back to the broker; a failed publish channel is reopened by the next try.
+        if delivery.acker.poisoned() {
+            tracing::warn!(error = %error, "the delivery's channel is gone; the broker will redeliver");
+            return;
+        }
         tracing::warn!(error = %error, retry_in = ?backoff, "publish not confirmed; holding the request");
         let give_back = held_since.elapsed() + backoff > MAX_PUBLISH_HOLD;
         if give_back || !sleep_unless_stopped(backoff, &session.stop).await {

@@ -10,7 +10,7 @@ use lapin::{
     options::{QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions},
     types::{AMQPValue, FieldTable},
 };
-use unassign_worker::{sim::Sim, worker::App};
+use unassign_worker::{amqp, sim::Sim, worker::App};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -229,4 +229,89 @@ async fn a_conflicting_queue_is_a_configuration_error_naming_it() {
         .await
         .unwrap();
     sim.shutdown().await;
+}
+
+const RECONNECTS: &str = "unassign_amqp_reconnects_total";
+
+/// Waits until the worker has counted a channel error of `reason` — or reconnected instead,
+/// which the caller then reports as the failure it is.
+async fn channel_error_or_reconnect(worker: &Worker, reason: &str, at_least: f64) {
+    let errors = format!("unassign_amqp_channel_errors_total{{reason=\"{reason}\"}}");
+    eventually(
+        &format!("{at_least} {reason} channel error(s)"),
+        WAIT,
+        || async {
+            let reconnected = worker.metric(RECONNECTS).await > 0.0;
+            (reconnected || worker.metric(&errors).await >= at_least).then_some(())
+        },
+    )
+    .await;
+}
+
+/// The queue-depth poll against a queue that is gone closes its own channel, not the session:
+/// no reconnect, nothing redelivered, jobs keep flowing.
+#[tokio::test]
+async fn a_missing_queue_in_the_depth_poll_does_not_end_the_session() {
+    let env = Env::start_with("pollgone", common::sim_options(), |s| {
+        s.amqp.queue_poll_secs = 1;
+    })
+    .await;
+    let a = env.settings().amqp.clone();
+    env.broker
+        .channel
+        .queue_delete(
+            a.dead_letter_queue.as_str().into(),
+            QueueDeleteOptions::default(),
+        )
+        .await
+        .unwrap();
+    channel_error_or_reconnect(&env.worker, "queue_poll", 2.0).await;
+    assert_eq!(env.worker.metric(RECONNECTS).await, 0.0, "no reconnect");
+
+    for i in 0..3 {
+        env.broker
+            .publish_request(&format!("pollgone-{i}"), &device())
+            .await;
+    }
+    env.events.wait_for(3, WAIT).await;
+    assert_eq!(env.worker.metric(RECONNECTS).await, 0.0, "no reconnect");
+    assert_eq!(env.sim.stats().action_calls, 3, "nothing redelivered");
+    amqp::declare(&env.broker.channel, &a).await.unwrap();
+    env.finish().await;
+}
+
+/// A publish the broker refuses at channel level (its exchange is gone) closes the publish
+/// channel only: the worker reopens it and retries while holding the delivery — no reconnect,
+/// no redelivery loop — and once the exchange is back, publishes the outcome and acks once.
+#[tokio::test]
+async fn a_refused_publish_reopens_its_channel_and_settles_once() {
+    let env = Env::start("xgone").await;
+    let a = env.settings().amqp.clone();
+    env.broker
+        .channel
+        .exchange_delete(a.events_exchange.as_str().into(), Default::default())
+        .await
+        .unwrap();
+    let dev = device();
+    env.broker.publish_request("xgone-1", &dev).await;
+    channel_error_or_reconnect(&env.worker, "publish", 2.0).await;
+    assert_eq!(env.worker.metric(RECONNECTS).await, 0.0, "no reconnect");
+    assert_eq!(env.broker.depth(&a.queue).await, 0, "held, not requeued");
+    assert_eq!(env.sim.stats().action_calls, 1, "not redelivered");
+
+    amqp::declare(&env.broker.channel, &a).await.unwrap();
+    let succeeded = "unassign_jobs_total{outcome=\"succeeded\"}";
+    eventually("the outcome to be published and acked", WAIT, || async {
+        (env.worker.metric(succeeded).await == 1.0).then_some(())
+    })
+    .await;
+    env.events.wait_for(1, WAIT).await;
+    assert_eq!(env.broker.depth(&a.queue).await, 0, "acked");
+    assert_eq!(env.worker.metric(RECONNECTS).await, 0.0, "no reconnect");
+    assert_eq!(env.sim.stats().calls_by_device.get(&dev), Some(&1));
+    // Settled for good: nothing comes back for a second outcome.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(env.events.len(), 1, "one outcome");
+    assert_eq!(env.worker.metric(succeeded).await, 1.0);
+    env.finish().await;
 }

@@ -1,10 +1,19 @@
 //! Publishing with publisher confirms. Each publish resolves only when the broker has taken
 //! responsibility for the message; callers await several concurrently.
+//!
+//! The broker may close the publish channel while the connection lives on (a publish it
+//! refuses: an exchange that is gone, say). That is the one channel's end, not the session's:
+//! the next publish finds the channel closed and opens a fresh one in its place.
+
+use std::sync::Arc;
 
 use lapin::{
-    BasicProperties, Channel, Confirmation,
+    BasicProperties, Channel, Confirmation, Connection,
     options::{BasicPublishOptions, ConfirmSelectOptions},
 };
+use tokio::sync::Mutex;
+
+use crate::metrics::{ChannelErrorReason, Metrics};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
@@ -18,23 +27,72 @@ pub enum PublishError {
     Unroutable(String),
 }
 
-/// A confirm-mode channel. Cheap to clone (lapin channels are handles).
+/// A confirm-mode channel. Cheap to clone: clones share the channel.
 #[derive(Clone)]
 pub struct Publisher {
-    channel: Channel,
+    /// Locked only to read or replace the channel, never across a publish: the lock makes a
+    /// reopen single-flight, so concurrent publishers that all find the channel closed open
+    /// one channel between them.
+    channel: Arc<Mutex<Channel>>,
+    /// The worker's publisher reopens its channel; the commands' do not, since a refused
+    /// publish ends the command anyway.
+    reopen: Option<Reopen>,
+}
+
+/// Where a closed channel is replaced, and where that is counted.
+#[derive(Clone)]
+struct Reopen {
+    connection: Arc<Connection>,
+    metrics: Arc<Metrics>,
 }
 
 impl Publisher {
-    pub async fn open(connection: &lapin::Connection) -> Result<Self, lapin::Error> {
-        let channel = connection.create_channel().await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
-        Ok(Self { channel })
+    pub async fn open(connection: &Connection) -> Result<Self, lapin::Error> {
+        Ok(Self {
+            channel: Arc::new(Mutex::new(confirm_channel(connection).await?)),
+            reopen: None,
+        })
     }
 
-    pub fn channel(&self) -> &Channel {
-        &self.channel
+    /// A publisher that reopens its channel when the broker has closed it, counting each time
+    /// as `unassign_amqp_channel_errors_total{reason="publish"}`.
+    pub async fn reopening(
+        connection: &Arc<Connection>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, lapin::Error> {
+        let reopen = Reopen {
+            connection: connection.clone(),
+            metrics,
+        };
+        Ok(Self {
+            reopen: Some(reopen),
+            ..Self::open(connection).await?
+        })
+    }
+
+    /// Closes the channel in use; done explicitly, since a close on drop would race the
+    /// connection's close.
+    pub async fn close(&self) {
+        let channel = self.channel.lock().await.clone();
+        let _ = channel.close(200, "done".into()).await;
+    }
+
+    /// The channel to publish on: the current one, or a fresh one if the broker closed it.
+    async fn channel(&self) -> Result<Channel, lapin::Error> {
+        let mut channel = self.channel.lock().await;
+        if let Some(reopen) = &self.reopen
+            && !channel.status().connected()
+        {
+            tracing::warn!(
+                channel = channel.id(),
+                "the publish channel was closed; reopening it"
+            );
+            reopen
+                .metrics
+                .amqp_channel_error(ChannelErrorReason::Publish);
+            *channel = confirm_channel(&reopen.connection).await?;
+        }
+        Ok(channel.clone())
     }
 
     /// Publishes and waits for the confirm. With `mandatory`, a message no queue takes is an
@@ -52,7 +110,8 @@ impl Publisher {
             ..Default::default()
         };
         let confirm = self
-            .channel
+            .channel()
+            .await?
             .basic_publish(
                 exchange.into(),
                 routing_key.into(),
@@ -71,4 +130,12 @@ impl Publisher {
             Confirmation::Nack(_) => Err(PublishError::Nacked),
         }
     }
+}
+
+async fn confirm_channel(connection: &Connection) -> Result<Channel, lapin::Error> {
+    let channel = connection.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    Ok(channel)
 }

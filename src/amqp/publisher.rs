@@ -5,7 +5,7 @@
 //! refuses: an exchange that is gone, say). That is the one channel's end, not the session's:
 //! the next publish finds the channel closed and opens a fresh one in its place.
 
-use std::sync::Arc;
+use std::{future::Future, sync::Arc, time::Duration};
 
 use lapin::{
     BasicProperties, Channel, Confirmation, Connection,
@@ -14,6 +14,11 @@ use lapin::{
 use tokio::sync::Mutex;
 
 use crate::metrics::{ChannelErrorReason, Metrics};
+
+/// Longest wait for a publisher confirm. The broker confirms in milliseconds, or closes the
+/// channel; a confirm that never comes (a wedged channel, a queue stuck without its quorum) must
+/// not hold the delivery for ever: the caller retries, and in the end hands the delivery back.
+pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
@@ -25,6 +30,8 @@ pub enum PublishError {
     NotConfirmed,
     #[error("no queue is bound for it (returned: {0})")]
     Unroutable(String),
+    #[error("no confirm within {CONFIRM_TIMEOUT:?}")]
+    ConfirmTimeout,
 }
 
 /// A confirm-mode channel. Cheap to clone: clones share the channel.
@@ -119,16 +126,25 @@ impl Publisher {
                 body,
                 properties,
             )
-            .await?
             .await?;
-        match confirm {
-            Confirmation::Ack(None) => Ok(()),
-            Confirmation::NotRequested => Err(PublishError::NotConfirmed),
-            Confirmation::Ack(Some(returned)) => {
-                Err(PublishError::Unroutable(returned.reply_text.to_string()))
-            }
-            Confirmation::Nack(_) => Err(PublishError::Nacked),
+        confirmed(confirm).await
+    }
+}
+
+/// What the broker said about a publish, waited for at most [`CONFIRM_TIMEOUT`].
+async fn confirmed(
+    confirm: impl Future<Output = Result<Confirmation, lapin::Error>>,
+) -> Result<(), PublishError> {
+    let confirm = tokio::time::timeout(CONFIRM_TIMEOUT, confirm)
+        .await
+        .map_err(|_| PublishError::ConfirmTimeout)??;
+    match confirm {
+        Confirmation::Ack(None) => Ok(()),
+        Confirmation::NotRequested => Err(PublishError::NotConfirmed),
+        Confirmation::Ack(Some(returned)) => {
+            Err(PublishError::Unroutable(returned.reply_text.to_string()))
         }
+        Confirmation::Nack(_) => Err(PublishError::Nacked),
     }
 }
 
@@ -138,4 +154,19 @@ async fn confirm_channel(connection: &Connection) -> Result<Channel, lapin::Erro
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
     Ok(channel)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_confirm_that_never_comes_is_an_error() {
+        let never = std::future::pending::<Result<Confirmation, lapin::Error>>();
+        let waited = tokio::time::timeout(Duration::from_secs(3600), confirmed(never)).await;
+        assert!(
+            matches!(waited, Ok(Err(PublishError::ConfirmTimeout))),
+            "{waited:?}"
+        );
+    }
 }

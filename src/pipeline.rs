@@ -641,8 +641,7 @@ async fn settle(
         }
         backoff = (backoff * 2).min(Duration::from_secs(30));
     }
-    if let Err(e) = delivery.acker.ack(BasicAckOptions::default()).await {
-        tracing::warn!(error = %e, "ack failed; the broker will redeliver");
+    if !acked(delivery.acker.ack(BasicAckOptions::default()).await) {
         return;
     }
     if let Step::Done(outcome) = step {
@@ -654,6 +653,24 @@ async fn settle(
         if let Some(failure) = &outcome.error {
             ctx.metrics.dead_lettered(tenant, failure.kind);
             tracing::warn!(kind = failure.kind.as_str(), message = %failure.message, "failed; dead-lettered");
+        }
+    }
+}
+
+/// Whether an ack reached the broker. lapin answers `Ok(false)` for one it could not even send
+/// (the delivery's channel is gone): the broker redelivers, so nothing is finished yet.
+fn acked(ack: Result<bool, lapin::Error>) -> bool {
+    match ack {
+        Ok(true) => true,
+        Ok(false) => {
+            tracing::warn!(
+                "ack not sent: the delivery's channel is gone; the broker will redeliver"
+            );
+            false
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "ack failed; the broker will redeliver");
+            false
         }
     }
 }
@@ -818,4 +835,20 @@ fn scopeguard(f: impl FnOnce()) -> impl Drop {
         }
     }
     Guard(Some(f))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::acked;
+
+    #[test]
+    fn an_ack_lapin_could_not_send_is_not_a_settlement() {
+        assert!(acked(Ok(true)));
+        assert!(!acked(Ok(false)), "the channel was gone: not acked");
+        let gone = lapin::ErrorKind::InvalidChannelState(
+            lapin::ChannelState::Closed,
+            "the delivery's channel is closed",
+        );
+        assert!(!acked(Err(gone.into())));
+    }
 }

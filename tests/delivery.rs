@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::{collections::BTreeSet, net::SocketAddr, time::Duration};
+use std::{collections::BTreeSet, time::Duration};
 
 use common::{Broker, Env, Worker, device, eventually, relay::Relay};
 use lapin::{
@@ -128,20 +128,12 @@ async fn a_slow_broker_link_loses_nothing() {
     survives_a_broken_link("slow", slow, false).await;
 }
 
-/// The test broker's socket address, for a relay to forward to.
-async fn broker_addr() -> SocketAddr {
-    let url: url::Url = common::amqp_url().parse().unwrap();
-    let host = url.host_str().unwrap();
-    let addr = format!("{host}:{}", url.port().unwrap_or(5672));
-    tokio::net::lookup_host(addr).await.unwrap().next().unwrap()
-}
-
 /// A broker URL may name its host by IP address, v4 or v6: the worker connects there, not to
 /// `localhost` (which lapin's own URL parsing falls back to for any IP address).
 #[tokio::test]
 async fn a_broker_url_may_name_an_ip_address() {
     for listen in ["127.0.0.2:0", "[::1]:0"] {
-        let relay = Relay::start_on(listen, broker_addr().await).await;
+        let relay = Relay::start_on(listen, common::broker_addr().await).await;
         let mut settings = unassign_worker::config::Settings::load(None).unwrap();
         settings.amqp.url = format!("amqp://guest:guest@{}/%2f", relay.addr).into();
         assert_eq!(settings.amqp.url.labels(), [relay.addr.to_string()]);
@@ -168,7 +160,7 @@ async fn survives_a_broken_link(test: &str, break_link: fn(&Relay) -> usize, bre
     let broker = Broker::connect(&settings).await;
     let events = broker.collect(&settings.amqp.outcomes_queue).await;
     let dead = broker.collect(&settings.amqp.dead_letter_queue).await;
-    let relay = Relay::start(broker_addr().await).await;
+    let relay = Relay::start(common::broker_addr().await).await;
     let mut worker_settings = settings.clone();
     worker_settings.amqp.url = format!("amqp://guest:guest@{}/%2f", relay.addr).into();
     let worker = Worker::start(worker_settings).await;

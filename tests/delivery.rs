@@ -323,3 +323,45 @@ async fn a_refused_publish_reopens_its_channel_and_settles_once() {
     assert_eq!(env.worker.metric(succeeded).await, 1.0);
     env.finish().await;
 }
+
+/// Publishes that all find the publish channel closed open one fresh channel between them.
+#[tokio::test]
+async fn concurrent_publishes_reopen_a_closed_channel_once() {
+    let sim = Sim::start(common::sim_options()).await.unwrap();
+    let settings = common::settings(&sim, &common::prefix("reopen"));
+    let broker = Broker::connect(&settings).await;
+    let connection = std::sync::Arc::new(
+        lapin::Connection::connect(&common::amqp_url(), Default::default())
+            .await
+            .unwrap(),
+    );
+    let metrics = std::sync::Arc::new(unassign_worker::metrics::Metrics::new());
+    let publisher = amqp::Publisher::reopening(&connection, metrics.clone())
+        .await
+        .unwrap();
+    let publish = |exchange: &'static str, key: String| {
+        let publisher = publisher.clone();
+        async move {
+            let properties = lapin::BasicProperties::default();
+            publisher
+                .publish(exchange, &key, b"{}", properties, true)
+                .await
+        }
+    };
+    let refused = publish("no-such-exchange", String::new()).await;
+    assert!(
+        matches!(refused, Err(amqp::PublishError::Broker(_))),
+        "{refused:?}"
+    );
+
+    let outcomes = &settings.amqp.outcomes_queue;
+    let published = futures_util::future::join_all((0..10).map(|_| publish("", outcomes.clone())));
+    for result in published.await {
+        result.expect("published on the reopened channel");
+    }
+    let reopened = "unassign_amqp_channel_errors_total{reason=\"publish\"} 1\n";
+    assert!(metrics.render().contains(reopened), "{}", metrics.render());
+    publisher.close().await;
+    broker.cleanup().await;
+    sim.shutdown().await;
+}

@@ -84,11 +84,13 @@ impl Publisher {
         let _ = channel.close(200, "done".into()).await;
     }
 
-    /// The channel to publish on: the current one, or a fresh one if the broker closed it.
+    /// The channel to publish on: the current one, or a fresh one if the broker closed it while
+    /// the connection lives on (on a dead connection, the old one fails the publish).
     async fn channel(&self) -> Result<Channel, lapin::Error> {
         let mut channel = self.channel.lock().await;
         if let Some(reopen) = &self.reopen
             && !channel.status().connected()
+            && reopen.connection.status().connected()
         {
             tracing::warn!(
                 channel = channel.id(),

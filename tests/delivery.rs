@@ -129,7 +129,7 @@ async fn a_slow_broker_link_loses_nothing() {
 }
 
 /// A broker URL may name its host by IP address, v4 or v6: the worker connects there, not to
-/// `localhost` (which lapin's own URL parsing falls back to for any IP address).
+/// `localhost` (which lapin's own URL parsing falls back to for an IPv6 address).
 #[tokio::test]
 async fn a_broker_url_may_name_an_ip_address() {
     for listen in ["127.0.0.2:0", "[::1]:0"] {

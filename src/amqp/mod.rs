@@ -52,16 +52,15 @@ pub async fn connect(
     Err(anyhow::anyhow!(failures.join("; "))).context("no broker node answered")
 }
 
-/// A broker URL as lapin takes it. lapin's parser reads the host with `Url::domain`, which has
-/// none for an IP address, and falls back to `localhost`: `amqp://10.0.0.5` or `amqp://[::1]`
-/// would silently connect to this machine. The host is taken from the URL here instead — an
-/// IPv6 address without its brackets, as a socket address is looked up.
+/// A broker URL as lapin takes it. lapin's parser reads the host with `Url::domain`, which is
+/// `None` for an IPv6 address, and falls back to `localhost`: `amqp://[fd00::5]` would silently
+/// connect to this machine. (In an `amqp:` URL an IPv4 address is an opaque host name to the
+/// `url` crate, so it comes through.) The host is set here instead, without its brackets, as a
+/// socket address is looked up.
 fn broker_uri(url: &str) -> Result<AMQPUri, String> {
     let mut uri: AMQPUri = url.parse()?;
-    match Url::parse(url).map_err(|e| e.to_string())?.host() {
-        Some(Host::Ipv4(ip)) => uri.authority.host = ip.to_string(),
-        Some(Host::Ipv6(ip)) => uri.authority.host = ip.to_string(),
-        Some(Host::Domain(_)) | None => {}
+    if let Some(Host::Ipv6(ip)) = Url::parse(url).map_err(|e| e.to_string())?.host() {
+        uri.authority.host = ip.to_string();
     }
     Ok(uri)
 }

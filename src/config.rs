@@ -150,6 +150,8 @@ pub struct AmqpSettings {
     pub heartbeat_secs: u16,
     pub declare_topology: bool,
     pub reconnect_max_delay_secs: u64,
+    /// How often the request and dead-letter queue depths are read for `/metrics`.
+    pub queue_poll_secs: u64,
     pub exchange: String,
     pub routing_key: String,
     pub queue: String,

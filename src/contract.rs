@@ -261,9 +261,7 @@ fn target(raw: &Raw, device_id: Option<DeviceId>) -> Result<Target, String> {
         (Some(_), None, None) => device_id.map(Target::Device).ok_or_else(|| {
             "device_id must be a GUID (8-4-4-4-12 hex digits, nothing else)".to_owned()
         }),
-        (None, Some(serial), None) => {
-            text("serial_number", serial, MAX_SERIAL).map(|s| Target::Serial(s.to_owned()))
-        }
+        (None, Some(serial), None) => serial_number(serial).map(|s| Target::Serial(s.to_owned())),
         (None, None, Some(upn)) => {
             let upn = text("user_principal_name", upn, MAX_UPN)?;
             if upn.split('@').count() != 2 || upn.starts_with('@') || upn.ends_with('@') {
@@ -275,6 +273,16 @@ fn target(raw: &Raw, device_id: Option<DeviceId>) -> Result<Target, String> {
             "exactly one of device_id, serial_number, user_principal_name is required".to_owned(),
         ),
     }
+}
+
+/// A serial is searched by its longest hyphen-free run: one of only hyphens and blanks would
+/// search for nothing, which matches every device of the tenant.
+fn serial_number(serial: &str) -> Result<&str, String> {
+    let serial = text("serial_number", serial, MAX_SERIAL)?;
+    if serial.chars().all(|c| c == '-' || c.is_whitespace()) {
+        return Err("serial_number must contain more than hyphens and blanks".to_owned());
+    }
+    Ok(serial)
 }
 
 /// Non-empty, at most `max` characters, no control characters.
@@ -693,6 +701,19 @@ mod tests {
             Target::User(_)
         ));
         invalid(json!({"request_id": "r", "user_principal_name": "nobody"}));
+    }
+
+    #[test]
+    fn a_serial_of_only_hyphens_and_blanks_is_invalid() {
+        for serial in ["-", "---", " - ", "\u{a0}-"] {
+            let e = invalid(json!({"request_id": "r", "serial_number": serial}));
+            assert!(
+                e.message.contains("serial_number"),
+                "{serial:?}: {}",
+                e.message
+            );
+        }
+        parse(json!({"request_id": "r", "serial_number": "-A-"})).unwrap();
     }
 
     #[test]

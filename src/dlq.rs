@@ -406,7 +406,7 @@ pub async fn replay(
         })
         .await;
     close(&channel).await;
-    close(publisher.channel()).await;
+    publisher.close().await;
     result.map(|()| ReplaySummary {
         total,
         examined,

@@ -79,6 +79,11 @@ struct Node {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ChannelError {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Version {
     version: &'static str,
 }
@@ -97,6 +102,30 @@ impl RetryReason {
             Self::Throttled => "throttled",
             Self::ServerError => "server_error",
             Self::Network => "network",
+        }
+    }
+}
+
+/// Which channel the broker closed while the connection lived on
+/// (`unassign_amqp_channel_errors_total{reason}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChannelErrorReason {
+    /// The publish channel (a publish the broker refused), found closed and reopened.
+    Publish,
+    /// The throwaway channel of the queue-depth poll (a queue that is gone).
+    QueuePoll,
+    /// The consume channel: the session ends and its deliveries go back to the queue.
+    Consume,
+}
+
+impl ChannelErrorReason {
+    const ALL: [Self; 3] = [Self::Publish, Self::QueuePoll, Self::Consume];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Publish => "publish",
+            Self::QueuePoll => "queue_poll",
+            Self::Consume => "consume",
         }
     }
 }
@@ -124,6 +153,7 @@ pub struct Metrics {
     inflight: Gauge,
     amqp_connected: Gauge,
     amqp_reconnects: Counter,
+    amqp_channel_errors: Family<ChannelError, Counter>,
     amqp_node: Family<Node, Gauge>,
     token_requests: Family<TokenResult, Counter>,
     queue_messages: Family<Queue, Gauge>,
@@ -156,6 +186,7 @@ impl Metrics {
             inflight: Gauge::default(),
             amqp_connected: Gauge::default(),
             amqp_reconnects: Counter::default(),
+            amqp_channel_errors: Family::default(),
             amqp_node: Family::default(),
             token_requests: Family::default(),
             queue_messages: Family::default(),
@@ -169,6 +200,12 @@ impl Metrics {
             let _ = m.state_rejected.get_or_create(&StateRejected {
                 reason: why.as_str(),
             });
+        }
+        for reason in ChannelErrorReason::ALL {
+            let reason = reason.as_str();
+            let _ = m
+                .amqp_channel_errors
+                .get_or_create(&ChannelError { reason });
         }
         m.register();
         m
@@ -241,6 +278,11 @@ impl Metrics {
             "unassign_amqp_reconnects",
             "Broker reconnections",
             self.amqp_reconnects.clone(),
+        );
+        r.register(
+            "unassign_amqp_channel_errors",
+            "Broker channels closed by the broker while the connection stayed up, by channel",
+            self.amqp_channel_errors.clone(),
         );
         r.register(
             "unassign_amqp_node",
@@ -417,6 +459,13 @@ impl Metrics {
         self.amqp_reconnects.inc();
     }
 
+    pub fn amqp_channel_error(&self, reason: ChannelErrorReason) {
+        let reason = reason.as_str();
+        self.amqp_channel_errors
+            .get_or_create(&ChannelError { reason })
+            .inc();
+    }
+
     /// `queue` is `requests` or `dead_letter`: the configured names stay out of the labels.
     pub fn set_queue_messages(&self, queue: &'static str, ready: u32) {
         self.queue_messages
@@ -470,6 +519,9 @@ mod tests {
             "unassign_inflight_jobs ",
             "unassign_amqp_connected ",
             "unassign_amqp_reconnects_total ",
+            "unassign_amqp_channel_errors_total{reason=\"publish\"} 0",
+            "unassign_amqp_channel_errors_total{reason=\"queue_poll\"} 0",
+            "unassign_amqp_channel_errors_total{reason=\"consume\"} 0",
             "unassign_amqp_node{node=\"a:5701\"} 0",
             "unassign_amqp_node{node=\"b:5702\"} 1",
             "unassign_token_requests_total{result=\"ok\",tenant=\"default\"}",

@@ -680,12 +680,14 @@ async fn settle(
         };
         let error = match published {
             Ok(()) => break,
-            Err(PublishError::Broker(e)) => {
-                tracing::warn!(error = %e, "broker channel failed; the broker will redeliver");
-                return;
-            }
             Err(e) => e,
         };
+        // Only the delivery's own channel going (the connection's, or the consume channel's)
+        // hands it back to the broker; a failed publish channel is reopened by the next try.
+        if delivery.acker.poisoned() {
+            tracing::warn!(error = %error, "the delivery's channel is gone; the broker will redeliver");
+            return;
+        }
         tracing::warn!(error = %error, retry_in = ?backoff, "publish not confirmed; holding the request");
         let give_back = held_since.elapsed() + backoff > MAX_PUBLISH_HOLD;
         if give_back || !sleep_unless_stopped(backoff, &session.stop).await {
@@ -698,8 +700,7 @@ async fn settle(
         }
         backoff = (backoff * 2).min(Duration::from_secs(30));
     }
-    if let Err(e) = delivery.acker.ack(BasicAckOptions::default()).await {
-        tracing::warn!(error = %e, "ack failed; the broker will redeliver");
+    if !acked(delivery.acker.ack(BasicAckOptions::default()).await) {
         return;
     }
     if let Step::Done(outcome) = step {
@@ -711,6 +712,24 @@ async fn settle(
         if let Some(failure) = &outcome.error {
             ctx.metrics.dead_lettered(tenant, failure.kind);
             tracing::warn!(kind = failure.kind.as_str(), message = %failure.message, "failed; dead-lettered");
+        }
+    }
+}
+
+/// Whether an ack reached the broker. lapin answers `Ok(false)` for one it could not even send
+/// (the delivery's channel is gone): the broker redelivers, so nothing is finished yet.
+fn acked(ack: Result<bool, lapin::Error>) -> bool {
+    match ack {
+        Ok(true) => true,
+        Ok(false) => {
+            tracing::warn!(
+                "ack not sent: the delivery's channel is gone; the broker will redeliver"
+            );
+            false
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "ack failed; the broker will redeliver");
+            false
         }
     }
 }
@@ -918,4 +937,20 @@ fn scopeguard(f: impl FnOnce()) -> impl Drop {
         }
     }
     Guard(Some(f))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::acked;
+
+    #[test]
+    fn an_ack_lapin_could_not_send_is_not_a_settlement() {
+        assert!(acked(Ok(true)));
+        assert!(!acked(Ok(false)), "the channel was gone: not acked");
+        let gone = lapin::ErrorKind::InvalidChannelState(
+            lapin::ChannelState::Closed,
+            "the delivery's channel is closed",
+        );
+        assert!(!acked(Err(gone.into())));
+    }
 }

@@ -5,6 +5,10 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+/// The exit code of a shutdown the watchdog forced. Not 0: the process did not stop in order
+/// (something hung), and the orchestrator's record should say so.
+const FORCED_EXIT: i32 = 1;
+
 /// Cancels `token` on SIGTERM or SIGINT. After the signal, a watchdog ends the process once
 /// `grace` + 4 s have passed, so an orchestrator never has to SIGKILL us: whatever is still
 /// unacked then is requeued by the broker, so exiting loses nothing.
@@ -15,8 +19,11 @@ pub fn on_signal(token: CancellationToken, grace: Duration) {
         token.cancel();
         std::thread::spawn(move || {
             std::thread::sleep(grace + Duration::from_secs(4));
-            eprintln!("unassign-worker: grace period exceeded; exiting");
-            std::process::exit(0);
+            tracing::error!(
+                exit_code = FORCED_EXIT,
+                "grace period exceeded; exiting without a clean shutdown"
+            );
+            std::process::exit(FORCED_EXIT);
         });
     });
 }

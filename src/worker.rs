@@ -19,7 +19,7 @@ use crate::{
     config::{ConfigError, Settings},
     graph::{self, GraphClient},
     http::{self, Health},
-    metrics::Metrics,
+    metrics::{ChannelErrorReason, Metrics},
     pipeline::{self, CallSlots, Context, Session},
     retry::{PauseReason, Policy},
     tenant::Tenants,
@@ -27,8 +27,8 @@ use crate::{
 
 /// How often idle loops report that they are turning.
 const TICK: Duration = Duration::from_secs(5);
-/// How often the request and dead-letter queue depths are read for `/metrics`.
-const QUEUE_POLL: Duration = Duration::from_secs(15);
+/// How long closing a connection the worker is leaving may take before it is abandoned.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -187,6 +187,8 @@ impl Supervisor {
                 }
                 Err(fatal) => return Err(fatal),
             };
+            // Shared with the session's publisher, which opens channels on it.
+            let connection = Arc::new(connection);
             if connected_before {
                 self.metrics.amqp_reconnected();
             }
@@ -204,6 +206,10 @@ impl Supervisor {
                         let node = &self.nodes[node];
                         tracing::warn!(error = %why, %node, "broker connection lost; reconnecting");
                         self.set_connected(None);
+                        // Still open if only the consume channel died: closed, so the broker
+                        // requeues what the session held (an error at once if already gone).
+                        let closing = connection.close(200, "reconnecting".into());
+                        let _ = tokio::time::timeout(CLOSE_TIMEOUT, closing).await;
                         break;
                     }
                     SessionEnd::Paused(reason) => self.wait_out_pause(reason, shutdown).await,
@@ -246,7 +252,11 @@ impl Supervisor {
     }
 
     /// One consume session: deliveries become jobs until shutdown, pause or connection loss.
-    async fn session(&self, connection: &Connection, shutdown: &CancellationToken) -> SessionEnd {
+    async fn session(
+        &self,
+        connection: &Arc<Connection>,
+        shutdown: &CancellationToken,
+    ) -> SessionEnd {
         let (channel, mut consumer, publisher) = match self.open_session(connection).await {
             Ok(parts) => parts,
             Err(e) => return SessionEnd::Lost(format!("{e:#}")),
@@ -255,7 +265,8 @@ impl Supervisor {
         let session = Arc::new(Session::new(publisher, stop.clone()));
         let jobs = TaskTracker::new();
         let mut events = connection.events_listener();
-        let mut queue_poll = tokio::time::interval(QUEUE_POLL);
+        let poll_every = Duration::from_secs(self.settings.amqp.queue_poll_secs.max(1));
+        let mut queue_poll = tokio::time::interval(poll_every);
         self.health.set_consuming(true);
         tracing::info!(queue = %self.settings.amqp.queue, "consuming");
         let end = loop {
@@ -267,13 +278,21 @@ impl Supervisor {
                     None => SessionEnd::Shutdown,
                 },
                 event = events.next() => match event {
-                    Some(Event::Error(e)) => break SessionEnd::Lost(e.to_string()),
+                    // lapin reports a channel the broker closed here too. Only the connection's
+                    // end or the consume channel's ends the session; the others' owners reopen
+                    // them (the publisher) or open a fresh one each time (the queue poll).
+                    Some(Event::Error(e))
+                        if connection.status().connected() && channel.status().connected() =>
+                    {
+                        tracing::info!(error = %e, "the broker closed a channel; carrying on");
+                    }
+                    Some(Event::Error(e)) => break self.lost(connection, e.to_string()),
                     Some(_) => {}
                     None => break SessionEnd::Lost("connection events ended".to_owned()),
                 },
                 delivery = consumer.next() => match delivery {
                     Some(Ok(delivery)) => self.spawn_job(&jobs, &session, delivery),
-                    Some(Err(e)) => break SessionEnd::Lost(e.to_string()),
+                    Some(Err(e)) => break self.lost(connection, e.to_string()),
                     None => break SessionEnd::Lost("the broker cancelled the consumer".to_owned()),
                 },
                 _ = queue_poll.tick() => self.poll_queue_depths(connection).await,
@@ -314,17 +333,22 @@ impl Supervisor {
         // Closed here, not on drop: a drop-time close racing the connection's close makes
         // lapin report a spurious connection error.
         let _ = channel.close(200, "session over".into()).await;
-        let _ = session
-            .publisher
-            .channel()
-            .close(200, "session over".into())
-            .await;
+        session.publisher.close().await;
         end
+    }
+
+    /// The session's end on an error: the connection's, or — while the connection lives on —
+    /// the consume channel's (counted), whose deliveries the broker requeues either way.
+    fn lost(&self, connection: &Connection, why: String) -> SessionEnd {
+        if connection.status().connected() {
+            self.metrics.amqp_channel_error(ChannelErrorReason::Consume);
+        }
+        SessionEnd::Lost(why)
     }
 
     async fn open_session(
         &self,
-        connection: &Connection,
+        connection: &Arc<Connection>,
     ) -> anyhow::Result<(lapin::Channel, Consumer, Publisher)> {
         let amqp = &self.settings.amqp;
         let channel = connection
@@ -336,7 +360,7 @@ impl Supervisor {
             .basic_qos(prefetch, BasicQosOptions::default())
             .await
             .context("setting prefetch")?;
-        let publisher = Publisher::open(connection)
+        let publisher = Publisher::reopening(connection, self.metrics.clone())
             .await
             .context("opening the publish channel")?;
         let tag = format!("{}/{}", self.name, uuid::Uuid::new_v4().simple());
@@ -353,7 +377,8 @@ impl Supervisor {
     }
 
     /// Reads the ready counts of the request and dead-letter queues (passive declares on a
-    /// throwaway channel, since a missing queue closes the channel it was asked on).
+    /// throwaway channel, since a missing queue closes the channel it was asked on — counted,
+    /// and nothing more: the session goes on).
     async fn poll_queue_depths(&self, connection: &Connection) {
         let Ok(channel) = connection.create_channel().await else {
             return;
@@ -373,7 +398,11 @@ impl Supervisor {
             match declared.await {
                 Ok(q) => self.metrics.set_queue_messages(label, q.message_count()),
                 Err(e) => {
-                    tracing::debug!(queue = %queue, error = %e, "queue depth unavailable");
+                    tracing::warn!(queue = %queue, error = %e, "queue depth unavailable");
+                    if connection.status().connected() {
+                        self.metrics
+                            .amqp_channel_error(ChannelErrorReason::QueuePoll);
+                    }
                     return;
                 }
             }

@@ -13,6 +13,7 @@ use common::{
     bin::{command, env_for, output},
     device, eventually,
     pki::TestCertificate,
+    relay::Relay,
 };
 use unassign_worker::sim::{Scripted, Sim};
 
@@ -193,6 +194,47 @@ async fn sigterm_drains_within_the_grace_period_and_loses_nothing() {
     assert!(
         !queued.is_empty(),
         "the test should interrupt work in progress"
+    );
+    broker.cleanup().await;
+    sim.shutdown().await;
+}
+
+/// A shutdown that hangs (here: the broker link goes silent, so the consumer's cancel is never
+/// answered) is ended by the watchdog after the grace period — with a non-zero exit code, since
+/// it was not a clean stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_the_watchdog_forces_exits_non_zero() {
+    let sim = Sim::start(common::sim_options()).await.unwrap();
+    let settings = common::settings(&sim, &common::prefix("forced"));
+    let broker = Broker::connect(&settings).await;
+    let events = broker.collect(&settings.amqp.outcomes_queue).await;
+    let relay = Relay::start(common::broker_addr().await).await;
+    let mut vars = env_for(&sim, &settings);
+    vars.retain(|(k, _)| k != "AMQP_URL");
+    vars.extend([
+        (
+            "AMQP_URL".into(),
+            format!("amqp://guest:guest@{}/%2f", relay.addr),
+        ),
+        ("UNASSIGN__WORKER__SHUTDOWN_GRACE_SECS".into(), "1".into()),
+        // Heartbeats must not notice the silent link before the watchdog fires.
+        ("UNASSIGN__AMQP__HEARTBEAT_SECS".into(), "60".into()),
+    ]);
+    let child = spawn_worker(&vars);
+    broker.publish_request("forced-1", &device()).await;
+    events.wait_for(1, WAIT).await;
+    assert_eq!(
+        relay.stall(),
+        1,
+        "the worker's connection went through the relay"
+    );
+    sigterm(&child);
+    let (code, took, logs) = wait_exit(child, Duration::from_secs(15)).await;
+    assert_eq!(code, 1, "a forced exit is not a clean one: {logs}");
+    assert!(logs.contains("grace period exceeded"), "{logs}");
+    assert!(
+        took >= Duration::from_secs(5),
+        "after grace + 4 s, took {took:?}"
     );
     broker.cleanup().await;
     sim.shutdown().await;

@@ -10,7 +10,7 @@ use lapin::{
     options::{QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions},
     types::{AMQPValue, FieldTable},
 };
-use unassign_worker::{sim::Sim, worker::App};
+use unassign_worker::{amqp, sim::Sim, worker::App};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -128,6 +128,22 @@ async fn a_slow_broker_link_loses_nothing() {
     survives_a_broken_link("slow", slow, false).await;
 }
 
+/// A broker URL may name its host by IP address, v4 or v6: the worker connects there, not to
+/// `localhost` (which lapin's own URL parsing falls back to for an IPv6 address).
+#[tokio::test]
+async fn a_broker_url_may_name_an_ip_address() {
+    for listen in ["127.0.0.2:0", "[::1]:0"] {
+        let relay = Relay::start_on(listen, common::broker_addr().await).await;
+        let mut settings = unassign_worker::config::Settings::load(None).unwrap();
+        settings.amqp.url = format!("amqp://guest:guest@{}/%2f", relay.addr).into();
+        assert_eq!(settings.amqp.url.labels(), [relay.addr.to_string()]);
+        let connected = amqp::connect(&settings.amqp, "unassign-worker/test", 0).await;
+        let (connection, _) = connected.unwrap_or_else(|e| panic!("{listen}: {e:#}"));
+        assert_eq!(relay.cut(), 1, "{listen}: connected through the relay");
+        drop(connection);
+    }
+}
+
 /// 40 jobs through a worker whose broker connection runs through a relay; after 5 outcomes
 /// `break_link` breaks (or degrades) it. The worker must notice a broken link (a closed socket at
 /// once, a silent one by missed heartbeats), reconnect on its own and finish every job,
@@ -144,15 +160,7 @@ async fn survives_a_broken_link(test: &str, break_link: fn(&Relay) -> usize, bre
     let broker = Broker::connect(&settings).await;
     let events = broker.collect(&settings.amqp.outcomes_queue).await;
     let dead = broker.collect(&settings.amqp.dead_letter_queue).await;
-    let upstream: url::Url = common::amqp_url().parse().unwrap();
-    let host = upstream.host_str().unwrap();
-    let upstream = format!("{host}:{}", upstream.port().unwrap_or(5672));
-    let upstream = tokio::net::lookup_host(upstream)
-        .await
-        .unwrap()
-        .next()
-        .unwrap();
-    let relay = Relay::start(upstream).await;
+    let relay = Relay::start(common::broker_addr().await).await;
     let mut worker_settings = settings.clone();
     worker_settings.amqp.url = format!("amqp://guest:guest@{}/%2f", relay.addr).into();
     let worker = Worker::start(worker_settings).await;
@@ -228,5 +236,132 @@ async fn a_conflicting_queue_is_a_configuration_error_naming_it() {
         .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
         .await
         .unwrap();
+    sim.shutdown().await;
+}
+
+const RECONNECTS: &str = "unassign_amqp_reconnects_total";
+
+/// Waits until the worker has counted a channel error of `reason` — or reconnected instead,
+/// which the caller then reports as the failure it is.
+async fn channel_error_or_reconnect(worker: &Worker, reason: &str, at_least: f64) {
+    let errors = format!("unassign_amqp_channel_errors_total{{reason=\"{reason}\"}}");
+    eventually(
+        &format!("{at_least} {reason} channel error(s)"),
+        WAIT,
+        || async {
+            let reconnected = worker.metric(RECONNECTS).await > 0.0;
+            (reconnected || worker.metric(&errors).await >= at_least).then_some(())
+        },
+    )
+    .await;
+}
+
+/// The queue-depth poll against a queue that is gone closes its own channel, not the session:
+/// no reconnect, nothing redelivered, jobs keep flowing.
+#[tokio::test]
+async fn a_missing_queue_in_the_depth_poll_does_not_end_the_session() {
+    let env = Env::start_with("pollgone", common::sim_options(), |s| {
+        s.amqp.queue_poll_secs = 1;
+    })
+    .await;
+    let a = env.settings().amqp.clone();
+    env.broker
+        .channel
+        .queue_delete(
+            a.dead_letter_queue.as_str().into(),
+            QueueDeleteOptions::default(),
+        )
+        .await
+        .unwrap();
+    channel_error_or_reconnect(&env.worker, "queue_poll", 2.0).await;
+    assert_eq!(env.worker.metric(RECONNECTS).await, 0.0, "no reconnect");
+
+    for i in 0..3 {
+        env.broker
+            .publish_request(&format!("pollgone-{i}"), &device())
+            .await;
+    }
+    env.events.wait_for(3, WAIT).await;
+    assert_eq!(env.worker.metric(RECONNECTS).await, 0.0, "no reconnect");
+    assert_eq!(env.sim.stats().action_calls, 3, "nothing redelivered");
+    amqp::declare(&env.broker.channel, &a).await.unwrap();
+    env.finish().await;
+}
+
+/// A publish the broker refuses at channel level (its exchange is gone) closes the publish
+/// channel only: the worker reopens it and retries while holding the delivery — no reconnect,
+/// no redelivery loop — and once the exchange is back, publishes the outcome and acks once.
+#[tokio::test]
+async fn a_refused_publish_reopens_its_channel_and_settles_once() {
+    let env = Env::start("xgone").await;
+    let a = env.settings().amqp.clone();
+    env.broker
+        .channel
+        .exchange_delete(a.events_exchange.as_str().into(), Default::default())
+        .await
+        .unwrap();
+    let dev = device();
+    env.broker.publish_request("xgone-1", &dev).await;
+    channel_error_or_reconnect(&env.worker, "publish", 2.0).await;
+    assert_eq!(env.worker.metric(RECONNECTS).await, 0.0, "no reconnect");
+    assert_eq!(env.broker.depth(&a.queue).await, 0, "held, not requeued");
+    assert_eq!(env.sim.stats().action_calls, 1, "not redelivered");
+
+    amqp::declare(&env.broker.channel, &a).await.unwrap();
+    let succeeded = "unassign_jobs_total{outcome=\"succeeded\"}";
+    eventually("the outcome to be published and acked", WAIT, || async {
+        (env.worker.metric(succeeded).await == 1.0).then_some(())
+    })
+    .await;
+    env.events.wait_for(1, WAIT).await;
+    assert_eq!(env.broker.depth(&a.queue).await, 0, "acked");
+    assert_eq!(env.worker.metric(RECONNECTS).await, 0.0, "no reconnect");
+    assert_eq!(env.sim.stats().calls_by_device.get(&dev), Some(&1));
+    // Settled for good: nothing comes back for a second outcome.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(env.events.len(), 1, "one outcome");
+    assert_eq!(env.worker.metric(succeeded).await, 1.0);
+    env.finish().await;
+}
+
+/// Publishes that all find the publish channel closed open one fresh channel between them.
+#[tokio::test]
+async fn concurrent_publishes_reopen_a_closed_channel_once() {
+    let sim = Sim::start(common::sim_options()).await.unwrap();
+    let settings = common::settings(&sim, &common::prefix("reopen"));
+    let broker = Broker::connect(&settings).await;
+    let connection = std::sync::Arc::new(
+        lapin::Connection::connect(&common::amqp_url(), Default::default())
+            .await
+            .unwrap(),
+    );
+    let metrics = std::sync::Arc::new(unassign_worker::metrics::Metrics::new());
+    let publisher = amqp::Publisher::reopening(&connection, metrics.clone())
+        .await
+        .unwrap();
+    let publish = |exchange: &'static str, key: String| {
+        let publisher = publisher.clone();
+        async move {
+            let properties = lapin::BasicProperties::default();
+            publisher
+                .publish(exchange, &key, b"{}", properties, true)
+                .await
+        }
+    };
+    let refused = publish("no-such-exchange", String::new()).await;
+    assert!(
+        matches!(refused, Err(amqp::PublishError::Broker(_))),
+        "{refused:?}"
+    );
+
+    let outcomes = &settings.amqp.outcomes_queue;
+    let published = futures_util::future::join_all((0..10).map(|_| publish("", outcomes.clone())));
+    for result in published.await {
+        result.expect("published on the reopened channel");
+    }
+    let reopened = "unassign_amqp_channel_errors_total{reason=\"publish\"} 1\n";
+    assert!(metrics.render().contains(reopened), "{}", metrics.render());
+    publisher.close().await;
+    broker.cleanup().await;
     sim.shutdown().await;
 }

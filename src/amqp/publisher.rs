@@ -1,10 +1,24 @@
 //! Publishing with publisher confirms. Each publish resolves only when the broker has taken
 //! responsibility for the message; callers await several concurrently.
+//!
+//! The broker may close the publish channel while the connection lives on (a publish it
+//! refuses: an exchange that is gone, say). That is the one channel's end, not the session's:
+//! the next publish finds the channel closed and opens a fresh one in its place.
+
+use std::{future::Future, sync::Arc, time::Duration};
 
 use lapin::{
-    BasicProperties, Channel, Confirmation,
+    BasicProperties, Channel, Confirmation, Connection,
     options::{BasicPublishOptions, ConfirmSelectOptions},
 };
+use tokio::sync::Mutex;
+
+use crate::metrics::{ChannelErrorReason, Metrics};
+
+/// Longest wait for a publisher confirm. The broker confirms in milliseconds, or closes the
+/// channel; a confirm that never comes (a wedged channel, a queue stuck without its quorum) must
+/// not hold the delivery for ever: the caller retries, and in the end hands the delivery back.
+pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
@@ -16,25 +30,78 @@ pub enum PublishError {
     NotConfirmed,
     #[error("no queue is bound for it (returned: {0})")]
     Unroutable(String),
+    #[error("no confirm within {CONFIRM_TIMEOUT:?}")]
+    ConfirmTimeout,
 }
 
-/// A confirm-mode channel. Cheap to clone (lapin channels are handles).
+/// A confirm-mode channel. Cheap to clone: clones share the channel.
 #[derive(Clone)]
 pub struct Publisher {
-    channel: Channel,
+    /// Locked only to read or replace the channel, never across a publish: the lock makes a
+    /// reopen single-flight, so concurrent publishers that all find the channel closed open
+    /// one channel between them.
+    channel: Arc<Mutex<Channel>>,
+    /// The worker's publisher reopens its channel; the commands' do not, since a refused
+    /// publish ends the command anyway.
+    reopen: Option<Reopen>,
+}
+
+/// Where a closed channel is replaced, and where that is counted.
+#[derive(Clone)]
+struct Reopen {
+    connection: Arc<Connection>,
+    metrics: Arc<Metrics>,
 }
 
 impl Publisher {
-    pub async fn open(connection: &lapin::Connection) -> Result<Self, lapin::Error> {
-        let channel = connection.create_channel().await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
-        Ok(Self { channel })
+    pub async fn open(connection: &Connection) -> Result<Self, lapin::Error> {
+        Ok(Self {
+            channel: Arc::new(Mutex::new(confirm_channel(connection).await?)),
+            reopen: None,
+        })
     }
 
-    pub fn channel(&self) -> &Channel {
-        &self.channel
+    /// A publisher that reopens its channel when the broker has closed it, counting each time
+    /// as `unassign_amqp_channel_errors_total{reason="publish"}`.
+    pub async fn reopening(
+        connection: &Arc<Connection>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, lapin::Error> {
+        let reopen = Reopen {
+            connection: connection.clone(),
+            metrics,
+        };
+        Ok(Self {
+            reopen: Some(reopen),
+            ..Self::open(connection).await?
+        })
+    }
+
+    /// Closes the channel in use; done explicitly, since a close on drop would race the
+    /// connection's close.
+    pub async fn close(&self) {
+        let channel = self.channel.lock().await.clone();
+        let _ = channel.close(200, "done".into()).await;
+    }
+
+    /// The channel to publish on: the current one, or a fresh one if the broker closed it while
+    /// the connection lives on (on a dead connection, the old one fails the publish).
+    async fn channel(&self) -> Result<Channel, lapin::Error> {
+        let mut channel = self.channel.lock().await;
+        if let Some(reopen) = &self.reopen
+            && !channel.status().connected()
+            && reopen.connection.status().connected()
+        {
+            tracing::warn!(
+                channel = channel.id(),
+                "the publish channel was closed; reopening it"
+            );
+            reopen
+                .metrics
+                .amqp_channel_error(ChannelErrorReason::Publish);
+            *channel = confirm_channel(&reopen.connection).await?;
+        }
+        Ok(channel.clone())
     }
 
     /// Publishes and waits for the confirm. With `mandatory`, a message no queue takes is an
@@ -52,7 +119,8 @@ impl Publisher {
             ..Default::default()
         };
         let confirm = self
-            .channel
+            .channel()
+            .await?
             .basic_publish(
                 exchange.into(),
                 routing_key.into(),
@@ -60,15 +128,47 @@ impl Publisher {
                 body,
                 properties,
             )
-            .await?
             .await?;
-        match confirm {
-            Confirmation::Ack(None) => Ok(()),
-            Confirmation::NotRequested => Err(PublishError::NotConfirmed),
-            Confirmation::Ack(Some(returned)) => {
-                Err(PublishError::Unroutable(returned.reply_text.to_string()))
-            }
-            Confirmation::Nack(_) => Err(PublishError::Nacked),
+        confirmed(confirm).await
+    }
+}
+
+/// What the broker said about a publish, waited for at most [`CONFIRM_TIMEOUT`].
+async fn confirmed(
+    confirm: impl Future<Output = Result<Confirmation, lapin::Error>>,
+) -> Result<(), PublishError> {
+    let confirm = tokio::time::timeout(CONFIRM_TIMEOUT, confirm)
+        .await
+        .map_err(|_| PublishError::ConfirmTimeout)??;
+    match confirm {
+        Confirmation::Ack(None) => Ok(()),
+        Confirmation::NotRequested => Err(PublishError::NotConfirmed),
+        Confirmation::Ack(Some(returned)) => {
+            Err(PublishError::Unroutable(returned.reply_text.to_string()))
         }
+        Confirmation::Nack(_) => Err(PublishError::Nacked),
+    }
+}
+
+async fn confirm_channel(connection: &Connection) -> Result<Channel, lapin::Error> {
+    let channel = connection.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    Ok(channel)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_confirm_that_never_comes_is_an_error() {
+        let never = std::future::pending::<Result<Confirmation, lapin::Error>>();
+        let waited = tokio::time::timeout(Duration::from_secs(3600), confirmed(never)).await;
+        assert!(
+            matches!(waited, Ok(Err(PublishError::ConfirmTimeout))),
+            "{waited:?}"
+        );
     }
 }

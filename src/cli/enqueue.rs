@@ -163,8 +163,7 @@ async fn publish(
             .await
             .context("opening a confirm channel")?;
         let published = batch::publish_all(&publisher, &settings.amqp, rows, progress).await;
-        // Closed here, not on drop, where it would race the connection's close.
-        let _ = publisher.channel().close(200, "done".into()).await;
+        publisher.close().await;
         Ok::<_, CliError>(published.map_err(anyhow::Error::from)?)
     }
     .await;

@@ -42,6 +42,14 @@ pub fn amqp_url() -> String {
     std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
 }
 
+/// The test broker's socket address, for a relay to forward to.
+pub async fn broker_addr() -> std::net::SocketAddr {
+    let url: url::Url = amqp_url().parse().unwrap();
+    let host = url.host_str().unwrap();
+    let addr = format!("{host}:{}", url.port().unwrap_or(5672));
+    tokio::net::lookup_host(addr).await.unwrap().next().unwrap()
+}
+
 pub fn device() -> String {
     uuid::Uuid::new_v4().to_string()
 }

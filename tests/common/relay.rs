@@ -37,7 +37,12 @@ pub struct Relay {
 impl Relay {
     /// Listens on 127.0.0.1:0 and forwards every connection to `upstream`.
     pub async fn start(upstream: SocketAddr) -> Relay {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_on("127.0.0.1:0", upstream).await
+    }
+
+    /// Listens on `listen` (`[::1]:0`, say) and forwards every connection to `upstream`.
+    pub async fn start_on(listen: &str, upstream: SocketAddr) -> Relay {
+        let listener = TcpListener::bind(listen).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let links: Arc<Mutex<Vec<Link>>> = Arc::default();
         let registry = links.clone();

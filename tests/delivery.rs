@@ -70,11 +70,11 @@ async fn an_unconfirmed_outcome_leaves_the_request_unacked() {
         worker,
     } = env;
     worker.stop().await;
-    assert_eq!(
-        broker.depth(&queue).await,
-        1,
-        "the request is back in the queue"
-    );
+    // The requeue is the broker's, on a quorum queue: visible once it has committed it.
+    eventually("the request back in the queue", WAIT, || async {
+        (broker.depth(&queue).await == 1).then_some(())
+    })
+    .await;
     assert_eq!(dead.len(), 0);
     assert_eq!(sim.stats().calls_by_device.get(&dev), Some(&1));
 

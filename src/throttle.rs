@@ -416,6 +416,20 @@ mod tests {
 
     const SECOND: Duration = Duration::from_secs(1);
 
+    /// A write gate of its own, with a cap (0 = none) and adaptive throttling on or off.
+    fn write_gate(max_per_second: f64, adaptive: bool) -> Arc<Gate> {
+        let config = GateConfig {
+            max_per_second,
+            adaptive,
+            budget: Budget::Writes,
+        };
+        Gate::new(
+            config,
+            TenantName::default_profile(),
+            Arc::new(Metrics::new()),
+        )
+    }
+
     fn schedule() -> Schedule {
         Schedule {
             held_until: None,
@@ -630,16 +644,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn admit_waits_out_a_hold_that_arrives_during_a_slot_wait() {
-        let config = GateConfig {
-            max_per_second: 1.0,
-            adaptive: true,
-            budget: Budget::Writes,
-        };
-        let gate = Gate::new(
-            config,
-            TenantName::default_profile(),
-            Arc::new(Metrics::new()),
-        );
+        let gate = write_gate(1.0, true);
         let start = Instant::now();
         gate.admit().await;
         let waiter = {
@@ -657,16 +662,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn without_adaptive_throttling_holds_are_per_call_only() {
-        let config = GateConfig {
-            max_per_second: 0.0,
-            adaptive: false,
-            budget: Budget::Writes,
-        };
-        let gate = Gate::new(
-            config,
-            TenantName::default_profile(),
-            Arc::new(Metrics::new()),
-        );
+        let gate = write_gate(0.0, false);
         gate.hold(Duration::from_secs(5));
         assert_eq!(gate.held_for(), None);
         let start = Instant::now();
@@ -676,16 +672,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn an_absurd_hold_is_capped_not_an_overflow() {
-        let config = GateConfig {
-            max_per_second: 0.0,
-            adaptive: true,
-            budget: Budget::Writes,
-        };
-        let gate = Gate::new(
-            config,
-            TenantName::default_profile(),
-            Arc::new(Metrics::new()),
-        );
+        let gate = write_gate(0.0, true);
         gate.hold(Duration::MAX);
         assert_eq!(gate.held_for(), Some(MAX_RETRY_AFTER));
         let start = Instant::now();

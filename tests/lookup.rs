@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use unassign_worker::{
     contract::{header_int, header_str, headers},
     dlq,
-    sim::{Device, Scripted, Sim, SimOptions},
+    sim::{Device, Scripted, Sim, SimOptions, Stats},
 };
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -442,14 +442,23 @@ async fn a_request_handed_back_mid_way_resumes_without_redoing_devices() {
     env.finish().await;
 }
 
-#[tokio::test]
-async fn reads_have_their_own_budget_and_their_429s_are_retried() {
+fn assert_some_reads_throttled(stats: &Stats) {
+    let throttled = stats.list_responses_by_status.get(&429);
+    assert!(throttled.is_some_and(|n| *n > 0), "{stats:?}");
+}
+
+/// Ann's six devices, listed one a page.
+fn six_devices_a_page_each() -> SimOptions {
     let users = (1..=6).map(|n| Device::new(&id(n), &format!("SN{n}"), ANN));
-    let sim = SimOptions {
+    SimOptions {
         page_size: 1,
         ..sim_with(users.collect())
-    };
-    let env = Env::start_with("read_budget", sim, |s| {
+    }
+}
+
+#[tokio::test]
+async fn reads_have_their_own_budget_and_their_429s_are_retried() {
+    let env = Env::start_with("read_budget", six_devices_a_page_each(), |s| {
         s.graph.max_reads_per_second = 5.0;
     })
     .await;
@@ -495,13 +504,7 @@ async fn reads_have_their_own_budget_and_their_429s_are_retried() {
     let event = event_of(&env, "throttled").await;
     assert_eq!(event["type"], "autopilot.unassign.succeeded", "{event}");
     let stats = env.sim.stats();
-    assert!(
-        stats
-            .list_responses_by_status
-            .get(&429)
-            .is_some_and(|n| *n > 0),
-        "{stats:?}"
-    );
+    assert_some_reads_throttled(&stats);
     assert_eq!(stats.list_responses_by_status.get(&200), Some(&6));
     assert_eq!((stats.early_calls, stats.early_reads), (0, 0), "{stats:?}");
     assert!(
@@ -519,12 +522,7 @@ async fn reads_have_their_own_budget_and_their_429s_are_retried() {
 /// the pages read before it.
 #[tokio::test]
 async fn each_page_of_a_lookup_has_its_own_retry_budget() {
-    let users = (1..=6).map(|n| Device::new(&id(n), &format!("SN{n}"), ANN));
-    let sim = SimOptions {
-        page_size: 1,
-        ..sim_with(users.collect())
-    };
-    let env = Env::start_with("page_budget", sim, |s| {
+    let env = Env::start_with("page_budget", six_devices_a_page_each(), |s| {
         s.graph.max_reads_per_second = 1000.0;
         s.retry.max_attempts = 3;
     })
@@ -542,14 +540,8 @@ async fn each_page_of_a_lookup_has_its_own_retry_budget() {
     let event = event_of(&env, "pages").await;
     assert_eq!(event["type"], "autopilot.unassign.succeeded", "{event}");
     assert_eq!(device_results(&event), ok(&[1, 2, 3, 4, 5, 6]));
-    let stats = env.sim.stats();
-    assert!(
-        stats
-            .list_responses_by_status
-            .get(&429)
-            .is_some_and(|n| *n > 0),
-        "a page past the third was throttled: {stats:?}"
-    );
+    // A page past the third was throttled, and retried.
+    assert_some_reads_throttled(&env.sim.stats());
     assert!(env.dead.all().is_empty());
     env.finish().await;
 }

@@ -79,6 +79,16 @@ async fn wait_for_outcomes(env: &Env, prefix: &str, n: usize) -> Vec<(String, St
     .await
 }
 
+/// Publishes 20 jobs of the default tenant and waits for their outcomes: how long they took.
+async fn twenty_default_jobs(env: &Env) -> (Vec<(String, String)>, Duration) {
+    let started = Instant::now();
+    for i in 0..20 {
+        publish(env, &format!("d-{i}"), None).await;
+    }
+    let done = wait_for_outcomes(env, "d-", 20).await;
+    (done, started.elapsed())
+}
+
 /// Every `tenant="…"` label value on `/metrics`.
 async fn tenant_labels(env: &Env) -> std::collections::BTreeSet<String> {
     let (_, text) = env.worker.get("/metrics").await;
@@ -111,12 +121,7 @@ async fn a_throttled_tenant_does_not_slow_the_other() {
     })
     .await;
 
-    let started = Instant::now();
-    for i in 0..20 {
-        publish(&env, &format!("d-{i}"), None).await;
-    }
-    let done = wait_for_outcomes(&env, "d-", 20).await;
-    let elapsed = started.elapsed();
+    let (done, elapsed) = twenty_default_jobs(&env).await;
     let contoso_done = outcomes(&env, "c-").len();
     eprintln!(
         "20 default jobs in {elapsed:.2?} while contoso was held ({contoso_done} of 12 contoso done)"
@@ -175,12 +180,7 @@ async fn a_hanging_token_endpoint_holds_no_graph_slot() {
     })
     .await;
 
-    let started = Instant::now();
-    for i in 0..20 {
-        publish(&env, &format!("d-{i}"), None).await;
-    }
-    let done = wait_for_outcomes(&env, "d-", 20).await;
-    let elapsed = started.elapsed();
+    let (done, elapsed) = twenty_default_jobs(&env).await;
     eprintln!("20 default jobs in {elapsed:.2?} while contoso's token endpoint hung");
     assert!(done.iter().all(|(_, outcome)| outcome == "succeeded"));
     assert!(

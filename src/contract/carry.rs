@@ -21,33 +21,42 @@ use lapin::{
 /// Persistent: every message the worker publishes survives a broker restart.
 const PERSISTENT: u8 = 2;
 
+type Getter = fn(&BasicProperties) -> &Option<ShortString>;
+type Setter = fn(BasicProperties, ShortString) -> BasicProperties;
+
+/// The allow-list of the request's string properties, as (read, write) pairs.
+const KEPT: [(Getter, Setter); 7] = [
+    (
+        BasicProperties::content_type,
+        BasicProperties::with_content_type,
+    ),
+    (
+        BasicProperties::content_encoding,
+        BasicProperties::with_content_encoding,
+    ),
+    (
+        BasicProperties::message_id,
+        BasicProperties::with_message_id,
+    ),
+    (
+        BasicProperties::correlation_id,
+        BasicProperties::with_correlation_id,
+    ),
+    (BasicProperties::reply_to, BasicProperties::with_reply_to),
+    (BasicProperties::kind, BasicProperties::with_type),
+    (BasicProperties::app_id, BasicProperties::with_app_id),
+];
+
 /// The request's properties the worker's publish of it keeps; headers are set by the caller.
 pub fn carried_properties(incoming: &BasicProperties) -> BasicProperties {
     let mut out = BasicProperties::default().with_delivery_mode(PERSISTENT);
-    let copy = |value: &Option<ShortString>| value.clone();
-    if let Some(v) = copy(incoming.content_type()) {
-        out = out.with_content_type(v);
+    for (get, set) in KEPT {
+        if let Some(value) = get(incoming) {
+            out = set(out, value.clone());
+        }
     }
-    if let Some(v) = copy(incoming.content_encoding()) {
-        out = out.with_content_encoding(v);
-    }
-    if let Some(v) = copy(incoming.message_id()) {
-        out = out.with_message_id(v);
-    }
-    if let Some(v) = copy(incoming.correlation_id()) {
-        out = out.with_correlation_id(v);
-    }
-    if let Some(v) = copy(incoming.reply_to()) {
-        out = out.with_reply_to(v);
-    }
-    if let Some(v) = copy(incoming.kind()) {
-        out = out.with_type(v);
-    }
-    if let Some(v) = copy(incoming.app_id()) {
-        out = out.with_app_id(v);
-    }
-    if let Some(v) = *incoming.timestamp() {
-        out = out.with_timestamp(v);
+    if let Some(at) = *incoming.timestamp() {
+        out = out.with_timestamp(at);
     }
     out
 }

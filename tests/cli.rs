@@ -247,16 +247,20 @@ async fn a_shutdown_the_watchdog_forces_exits_non_zero() {
 /// only the old process had learnt of it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_while_throttled_hands_every_waiting_job_back() {
-    let answers = ["4", "2", "2", "2", "2", "2"].map(|seconds| (seconds, 0));
+    // Answered after 200 ms, so that every call is on its way before the first 429 is in
+    // (calls are admitted a millisecond apart, and a loopback answer can be quicker).
+    let answers = ["4", "2", "2", "2", "2", "2"].map(|seconds| (seconds, 200));
     sigterm_while_throttled("term-throttled", &answers).await;
 }
 
-/// Two calls go out together: one is answered 429 `Retry-After: 2` at once, the other 429
-/// `Retry-After: 4` 1.5 s later. A SIGTERM in between must not let the waiting job leave before
-/// that second answer is in, or it would carry too short a wait.
+/// Two calls go out together: one is answered 429 `Retry-After: 2` after 200 ms, the other 429
+/// `Retry-After: 4` after 1.5 s. A SIGTERM in between must not let the waiting job leave before
+/// that second answer is in, or it would carry too short a wait. (Answered at once, the first
+/// 429 could hold the second call back before it went out: calls are admitted a millisecond
+/// apart, after the token.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_calls_in_flight_answer_before_handing_waits_back() {
-    sigterm_while_throttled("term-inflight", &[("2", 0), ("4", 1500)]).await;
+    sigterm_while_throttled("term-inflight", &[("2", 200), ("4", 1500)]).await;
 }
 
 /// One job per `(Retry-After, answer delay in ms)`, each answered so; SIGTERM once every call

@@ -776,10 +776,10 @@ impl Prometheus {
             if let Some(status) = self.child.try_wait().unwrap() {
                 panic!("prometheus exited ({status}):\n{}", self.log());
             }
-            if let Ok(r) = client.get(format!("{}/-/ready", self.url)).send().await {
-                if r.status().is_success() {
-                    return;
-                }
+            if let Ok(r) = client.get(format!("{}/-/ready", self.url)).send().await
+                && r.status().is_success()
+            {
+                return;
             }
             assert!(
                 tokio::time::Instant::now() < deadline,

@@ -121,6 +121,11 @@ fn the_readme_starts_with_the_two_commands_and_links_the_reference_docs() {
         .filter(|l| l.starts_with("scripts/"))
         .take(2)
         .collect();
+    assert_eq!(
+        commands.len(),
+        2,
+        "the README shows scripts/demo.sh and scripts/test.sh"
+    );
     assert!(commands[0].starts_with("scripts/demo.sh"), "{commands:?}");
     assert!(commands[1].starts_with("scripts/test.sh"), "{commands:?}");
     let first_lines: String = readme.lines().take(6).collect::<Vec<_>>().join("\n");
@@ -137,4 +142,33 @@ fn the_readme_starts_with_the_two_commands_and_links_the_reference_docs() {
     ] {
         assert!(readme.contains(&format!("]({doc}")), "README links {doc}");
     }
+}
+
+/// The configuration reference names every key the built-in defaults set.
+#[test]
+fn every_default_key_is_in_the_configuration_reference() {
+    use figment::{
+        Figment,
+        providers::{Format, Toml},
+    };
+    let defaults: serde_json::Map<String, serde_json::Value> =
+        Figment::from(Toml::file_exact(root().join("config/default.toml")))
+            .extract()
+            .expect("config/default.toml parses");
+    let reference = std::fs::read_to_string(root().join("docs/configuration.md")).unwrap();
+    let mut missing = Vec::new();
+    for (section, keys) in &defaults {
+        let in_heading = reference.contains(&format!("`[{section}]`"));
+        for key in keys.as_object().expect("a [section] table").keys() {
+            let named = reference.contains(&format!("`{key}`"))
+                || reference.contains(&format!("`{section}.{key}`"));
+            if !(in_heading && named) {
+                missing.push(format!("{section}.{key}"));
+            }
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "docs/configuration.md does not document {missing:?}"
+    );
 }

@@ -3,7 +3,7 @@
 # Debian's rabbitmq-server is enough: each node is a separate Erlang VM with its own node name,
 # AMQP port, distribution port, data, logs and config under one state directory. The nodes share
 # epmd and the invoking user's ~/.erlang.cookie; the system node (rabbit@localhost, 5672) is not
-# touched. See README "Scaling out".
+# touched. See docs/operations.md, "Scaling out".
 #
 #   rabbitmq-cluster.sh [options] up          start (or complete) the cluster, print its AMQP URLs
 #   rabbitmq-cluster.sh [options] down        stop every node, remove the state directory

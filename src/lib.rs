@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod pipeline;
 pub mod retry;
 pub mod shutdown;
+#[cfg(feature = "graph-sim")]
 pub mod sim;
 pub mod telemetry;
 pub mod tenant;

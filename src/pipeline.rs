@@ -423,10 +423,10 @@ async fn call_until_decided(
 ) -> Ended {
     let mut last: Option<Reply> = None;
     let mut token_refreshed = false;
-    if let Some(wait) = job.state.retry_at.and_then(until) {
-        if let Some(step) = wait_or_hand_back(ctx, session, job, wait).await {
-            return Ended::HandBack(step);
-        }
+    if let Some(wait) = job.state.retry_at.and_then(until)
+        && let Some(step) = wait_or_hand_back(ctx, session, job, wait).await
+    {
+        return Ended::HandBack(step);
     }
     let gate = call.gate(job.tenant);
     loop {

@@ -276,3 +276,167 @@ async fn invalid_messages_are_dead_lettered_and_the_worker_keeps_going() {
     assert_eq!(env.events.len(), 4);
     env.finish().await;
 }
+
+/// A validator for one of the JSON Schemas in `docs/schemas/`, formats (`date-time`) checked.
+fn schema(name: &str) -> jsonschema::Validator {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("docs/schemas")
+        .join(name);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path:?}: {e}"));
+    let schema: serde_json::Value = serde_json::from_str(&text).expect("the schema is JSON");
+    jsonschema::draft202012::meta::validate(&schema)
+        .unwrap_or_else(|e| panic!("{name} is not a valid draft 2020-12 schema: {e}"));
+    jsonschema::draft202012::options()
+        .should_validate_formats(true)
+        .build(&schema)
+        .unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+fn schema_errors(validator: &jsonschema::Validator, instance: &serde_json::Value) -> Vec<String> {
+    validator
+        .iter_errors(instance)
+        .map(|e| format!("{}: {e}", e.instance_path()))
+        .collect()
+}
+
+/// The request schema accepts what the worker's parser accepts and refuses what it refuses
+/// (beyond what a schema cannot say: the size limit, duplicate keys, `null` as absent).
+#[test]
+fn the_request_schema_agrees_with_the_parser() {
+    use serde_json::json;
+    let validator = schema("request.schema.json");
+    let guid = "7b7c4c1e-6f5a-4c39-9a43-2b1e5b0c1d2e";
+    let cases = [
+        json!({"request_id": "hr-1", "device_id": guid}),
+        json!({"device_id": guid.to_uppercase()}),
+        json!({"request_id": "a.b:c_d-E9", "serial_number": "PF-3ABCDE-12", "unknown": [1]}),
+        json!({"user_principal_name": "Ann@Contoso.com", "tenant_id": guid}),
+        json!({"device_id": guid, "requested_by": "w", "reason": "r".repeat(1024)}),
+        json!({"device_id": guid, "not_after": "2026-12-31T23:59:59.5+01:00"}),
+        json!({"device_id": guid, "reason": "r".repeat(1025)}),
+        json!({"device_id": guid, "requested_by": ""}),
+        json!({"device_id": format!("{{{guid}}}")}),
+        json!({"device_id": format!(" {guid}")}),
+        json!({"device_id": "7b7c4c1e6f5a4c399a432b1e5b0c1d2e"}),
+        json!({"device_id": guid, "serial_number": "SN"}),
+        json!({"request_id": "hr-1"}),
+        json!({"serial_number": "SN\u{7}1"}),
+        json!({"serial_number": "S".repeat(129)}),
+        json!({"user_principal_name": "ann"}),
+        json!({"user_principal_name": "a@b@c"}),
+        json!({"user_principal_name": "@contoso.com"}),
+        json!({"device_id": guid, "tenant_id": "contoso"}),
+        json!({"device_id": guid, "not_after": "tomorrow"}),
+        json!({"request_id": "hr 1", "device_id": guid}),
+        json!({"request_id": "r".repeat(129), "device_id": guid}),
+        json!({"request_id": 4711, "device_id": guid}),
+        json!({"device_id": 7}),
+        json!([{"device_id": guid}]),
+    ];
+    for body in cases {
+        let parsed =
+            unassign_worker::contract::parse_request(body.to_string().as_bytes(), Some("m"));
+        assert_eq!(
+            validator.is_valid(&body),
+            parsed.is_ok(),
+            "{body}: schema {:?}, parser {parsed:?}",
+            schema_errors(&validator, &body)
+        );
+    }
+}
+
+/// Real messages the worker produced — events of every kind of request and outcome, and the
+/// dead letters — validate against `docs/schemas/`, as a producer's or consumer's tools would.
+#[tokio::test]
+async fn real_requests_and_events_validate_against_the_published_schemas() {
+    use serde_json::json;
+    use unassign_worker::sim::{Device, SimOptions};
+
+    let requests = schema("request.schema.json");
+    let events_schema = schema("event.schema.json");
+    let (ann_1, ann_2, dup_1, dup_2) = (device(), device(), device(), device());
+    let inventory = vec![
+        Device::new(&ann_1, "SN-1", "ann@contoso.com"),
+        Device::new(&ann_2, "SN-2", "Ann@Contoso.com"),
+        Device::new(&dup_1, "DUP-9", ""),
+        Device::new(&dup_2, "DUP-9", ""),
+    ];
+    let sim = SimOptions {
+        inventory: Some(inventory),
+        ..common::sim_options()
+    };
+    let env = Env::start_with("schemas", sim, |_| {}).await;
+    let valid = [
+        json!({"request_id": "s-device", "device_id": dup_1, "requested_by": "hr", "reason": "left"}),
+        json!({"request_id": "s-serial", "serial_number": "sn-2"}),
+        json!({"request_id": "s-user", "user_principal_name": "ANN@contoso.com", "not_after": "2099-01-01T00:00:00Z"}),
+        json!({"request_id": "s-nobody", "user_principal_name": "nobody@contoso.com"}),
+        json!({"request_id": "s-unknown", "device_id": device()}),
+        json!({"request_id": "s-ambiguous", "serial_number": "DUP-9"}),
+    ];
+    let invalid = json!({"request_id": "s-invalid", "device_id": "{not-a-guid}", "reason": "x"});
+    for body in &valid {
+        let errors = schema_errors(&requests, body);
+        assert!(errors.is_empty(), "{body}: {errors:?}");
+    }
+    assert!(
+        !requests.is_valid(&invalid),
+        "the schema refuses what the worker refuses"
+    );
+
+    let mut headers = FieldTable::default();
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    headers.insert(
+        "traceparent".into(),
+        AMQPValue::LongString(traceparent.into()),
+    );
+    for body in valid.iter().chain([&invalid]) {
+        let properties = BasicProperties::default().with_headers(headers.clone());
+        env.broker
+            .publish(body.to_string().as_bytes(), properties)
+            .await;
+    }
+
+    let events = env.events.wait_for(valid.len() + 1, WAIT).await;
+    let mut outcomes = std::collections::BTreeMap::new();
+    for received in &events {
+        let event = received.json();
+        let errors = schema_errors(&events_schema, &event);
+        assert!(errors.is_empty(), "{event:#}\n{errors:?}");
+        let data = &event["data"];
+        let kind = data["error"]["kind"].as_str().unwrap_or("succeeded");
+        outcomes.insert(
+            data["request_id"].as_str().unwrap().to_owned(),
+            kind.to_owned(),
+        );
+    }
+    let expected = [
+        ("s-ambiguous", "ambiguous_device"),
+        ("s-device", "succeeded"),
+        ("s-invalid", "invalid_request"),
+        ("s-nobody", "succeeded"),
+        ("s-serial", "succeeded"),
+        ("s-unknown", "device_not_found"),
+        ("s-user", "succeeded"),
+    ];
+    let expected = expected.map(|(id, kind)| (id.to_owned(), kind.to_owned()));
+    assert_eq!(
+        outcomes,
+        expected.into_iter().collect(),
+        "every kind of outcome was seen"
+    );
+
+    // A dead letter is the request as the producer sent it: the schema holds for it as well.
+    let dead = env.dead.wait_for(3, WAIT).await;
+    for letter in &dead {
+        let body = letter.json();
+        let headers = letter.header();
+        let kind = header_str(&headers, "x-unassign-error-kind").expect("error kind");
+        assert_eq!(
+            requests.is_valid(&body),
+            kind != "invalid_request",
+            "{kind}: {body}"
+        );
+    }
+    env.finish().await;
+}

@@ -16,7 +16,7 @@ use lapin::{
     BasicProperties,
     types::{AMQPValue, FieldTable},
 };
-use rand::{Rng, SeedableRng, rngs::StdRng, seq::IndexedRandom};
+use rand::{RngExt, SeedableRng, rngs::StdRng, seq::IndexedRandom};
 use serde_json::{Value, json};
 use unassign_worker::{
     contract::{MAX_BODY_BYTES, header_str, parse_request},

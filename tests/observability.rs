@@ -143,9 +143,9 @@ fn alert_rules() -> Vec<Yaml> {
 }
 
 #[test]
-fn every_alert_has_a_severity_a_for_and_a_runbook_in_the_readme_and_is_tested_both_ways() {
-    let readme = read("README.md");
-    let anchors: BTreeSet<String> = readme
+fn every_alert_has_a_severity_a_for_and_a_runbook_in_the_docs_and_is_tested_both_ways() {
+    let runbook_doc = read("docs/operations.md");
+    let anchors: BTreeSet<String> = runbook_doc
         .lines()
         .filter_map(|line| line.strip_prefix('#'))
         .map(|heading| slug(heading.trim_start_matches('#')))
@@ -189,12 +189,14 @@ fn every_alert_has_a_severity_a_for_and_a_runbook_in_the_readme_and_is_tested_bo
         }
         let runbook = str_of(&annotations["runbook"], "runbook");
         let anchor = runbook
-            .strip_prefix("README.md#")
-            .unwrap_or_else(|| panic!("{name}: runbook points into README.md, not {runbook}"));
+            .strip_prefix("docs/operations.md#")
+            .unwrap_or_else(|| {
+                panic!("{name}: runbook points into docs/operations.md, not {runbook}")
+            });
         assert_eq!(anchor, name.to_lowercase(), "{name}: runbook anchor");
         assert!(
             anchors.contains(anchor),
-            "{name}: README.md has no heading for #{anchor}"
+            "{name}: docs/operations.md has no heading for #{anchor}"
         );
         assert!(
             fires.contains(name),
@@ -776,10 +778,10 @@ impl Prometheus {
             if let Some(status) = self.child.try_wait().unwrap() {
                 panic!("prometheus exited ({status}):\n{}", self.log());
             }
-            if let Ok(r) = client.get(format!("{}/-/ready", self.url)).send().await {
-                if r.status().is_success() {
-                    return;
-                }
+            if let Ok(r) = client.get(format!("{}/-/ready", self.url)).send().await
+                && r.status().is_success()
+            {
+                return;
             }
             assert!(
                 tokio::time::Instant::now() < deadline,

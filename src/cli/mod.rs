@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     amqp::{self, TopologyError},
     config::{ConfigError, LogFormat, Settings},
-    sim, telemetry,
+    telemetry,
     worker::{App, RunError},
 };
 
@@ -50,7 +50,8 @@ enum Command {
         config: Option<PathBuf>,
     },
     /// A local Microsoft Graph + token endpoint simulator for demos, tests and load tests.
-    GraphSim(sim::SimOptions),
+    #[cfg(feature = "graph-sim")]
+    GraphSim(crate::sim::SimOptions),
 }
 
 /// A command's failure and its exit code.
@@ -100,11 +101,12 @@ async fn dispatch(command: Command) -> Result<(), CliError> {
         Command::Enqueue(args) => enqueue::enqueue(args).await,
         Command::Dlq { command } => dlq::dlq(command).await,
         Command::Check { config } => check::check(config).await,
+        #[cfg(feature = "graph-sim")]
         Command::GraphSim(options) => {
             telemetry::init(LogFormat::Text, "info")?;
             let shutdown = CancellationToken::new();
             crate::shutdown::on_signal(shutdown.clone(), Duration::from_secs(5));
-            Ok(sim::run(options, shutdown).await?)
+            Ok(crate::sim::run(options, shutdown).await?)
         }
     }
 }

@@ -8,7 +8,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
-use rand::Rng;
+use rand::RngExt;
 use rand::distr::Alphanumeric;
 
 use super::assertion::Issuer;

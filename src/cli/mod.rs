@@ -9,7 +9,7 @@ mod output;
 mod probe;
 mod progress;
 
-use std::{io::Write as _, path::PathBuf, process::ExitCode, time::Duration};
+use std::{ffi::OsString, io::Write as _, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::Context as _;
 use clap::{CommandFactory, Parser, Subcommand};
@@ -71,8 +71,16 @@ Every command and its output fields: docs/cli.md.";
 pub struct Cli {
     /// The configuration file (TOML), layered over the built-in defaults and under the
     /// UNASSIGN__* and standard variables.
-    #[arg(long, global = true, env = "UNASSIGN_CONFIG", value_name = "PATH")]
-    config: Option<PathBuf>,
+    // An OsString, not a PathBuf, whose parser refuses an empty value: an empty UNASSIGN_CONFIG
+    // means no file, as it always has (see `config_file`).
+    #[arg(
+        long,
+        global = true,
+        env = "UNASSIGN_CONFIG",
+        value_name = "PATH",
+        value_hint = clap::ValueHint::FilePath
+    )]
+    config: Option<OsString>,
     #[command(subcommand)]
     command: Command,
 }
@@ -152,10 +160,20 @@ impl From<TopologyError> for CliError {
     }
 }
 
+impl Cli {
+    fn config_file(&self) -> Option<PathBuf> {
+        self.config
+            .as_ref()
+            .filter(|path| !path.is_empty())
+            .map(PathBuf::from)
+    }
+}
+
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    let config = cli.config_file();
     let runtime = tokio::runtime::Runtime::new().expect("starting the tokio runtime");
-    match runtime.block_on(dispatch(cli.command, cli.config)) {
+    match runtime.block_on(dispatch(cli.command, config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("{NAME}: {e}");
@@ -282,8 +300,10 @@ mod tests {
             &["dlq", "list", "--config", "a.toml"],
         ] {
             let cli = parse(args).unwrap();
-            assert_eq!(cli.config.as_deref(), Some("a.toml".as_ref()), "{args:?}");
+            assert_eq!(cli.config_file(), Some("a.toml".into()), "{args:?}");
         }
+        // As an empty UNASSIGN_CONFIG always has: no file.
+        assert_eq!(parse(&["--config", "", "run"]).unwrap().config_file(), None);
     }
 
     #[test]

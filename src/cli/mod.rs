@@ -1,5 +1,5 @@
 //! The command line (CONTRACT section 1): clap definitions and dispatch; each command lives in
-//! its own file, as one [`Command`] variant and one module. Exit codes: 0 success, 1 runtime
+//! its own file, as one `Command` variant and one module. Exit codes: 0 success, 1 runtime
 //! failure, 2 usage or configuration error.
 
 mod check;

@@ -90,19 +90,15 @@ struct Report {
     /// The request's id: a single request only.
     #[serde(skip_serializing_if = "Option::is_none")]
     request_id: Option<String>,
+    /// Connecting, publishing and every confirm: what the text's rate is computed from.
     seconds: f64,
 }
 
 pub async fn enqueue(args: EnqueueArgs, config: Option<PathBuf>) -> Result<(), CliError> {
     let settings = operator_settings(config)?;
-    let started = Instant::now();
     let (report, text) = match &args.file {
         Some(file) => from_file(&settings, file, args.format, args.skip_invalid).await?,
         None => one(&settings, &args).await?,
-    };
-    let report = Report {
-        seconds: started.elapsed().as_secs_f64(),
-        ..report
     };
     if args.output.is_json() {
         print_json(&report);
@@ -148,13 +144,14 @@ async fn one(settings: &Settings, args: &EnqueueArgs) -> Result<(Report, String)
         request_id,
         body,
     };
+    let started = Instant::now();
     publish(settings, std::slice::from_ref(&row), |_| {}).await?;
     let text = format!("enqueued request_id={} {field}={value}", row.request_id);
     let report = Report {
         published: 1,
         skipped: 0,
         request_id: Some(row.request_id),
-        seconds: 0.0,
+        seconds: started.elapsed().as_secs_f64(),
     };
     Ok((report, text))
 }

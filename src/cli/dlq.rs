@@ -216,7 +216,7 @@ async fn replay_on(
             .min(options.limit.unwrap_or(u32::MAX))
             .min(dlq::MAX_WINDOW);
         if ask && expected > 0 {
-            confirm(settings, ready, expected)?;
+            confirm(settings, ready, expected).await?;
         }
         Some(expected as usize)
     } else {
@@ -243,8 +243,9 @@ async fn replay_on(
     Ok((summary.map_err(dlq_error)?, letters))
 }
 
-/// Asks on the terminal before a replay that moves everything; anything but yes declines.
-fn confirm(settings: &Settings, ready: u32, expected: u32) -> Result<(), CliError> {
+/// Asks on the terminal before a replay that moves everything; anything but yes declines. The
+/// answer is awaited off the runtime's threads, which keep the broker connection alive meanwhile.
+async fn confirm(settings: &Settings, ready: u32, expected: u32) -> Result<(), CliError> {
     let (exchange, queue) = (&settings.amqp.exchange, &settings.amqp.dead_letter_queue);
     let how_many = if expected < ready {
         format!("{expected} of the {ready}")
@@ -253,11 +254,16 @@ fn confirm(settings: &Settings, ready: u32, expected: u32) -> Result<(), CliErro
     };
     eprint!("Replay {how_many} dead letter(s) in {queue} to {exchange}? [y/N] ");
     let _ = std::io::stderr().flush();
-    let mut answer = String::new();
-    std::io::stdin()
-        .lock()
-        .read_line(&mut answer)
-        .map_err(|e| CliError::Usage(format!("reading the answer: {e}")))?;
+    let answer = tokio::task::spawn_blocking(|| {
+        let mut answer = String::new();
+        std::io::stdin()
+            .lock()
+            .read_line(&mut answer)
+            .map(|_| answer)
+    })
+    .await
+    .expect("reading stdin does not panic")
+    .map_err(|e| CliError::Usage(format!("reading the answer: {e}")))?;
     if matches!(answer.trim().to_ascii_lowercase().as_str(), "y" | "yes") {
         return Ok(());
     }

@@ -41,6 +41,16 @@ impl Format {
             _ => None,
         }
     }
+
+    /// From the content, for input without a name (stdin): JSON Lines when the first thing in
+    /// it is `{`, else CSV (whose header row names fields, so never starts with `{`).
+    pub fn sniff(content: &[u8]) -> Format {
+        let content = content.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(content);
+        match content.trim_ascii_start().first() {
+            Some(b'{') => Format::Jsonl,
+            _ => Format::Csv,
+        }
+    }
 }
 
 /// A valid request, ready to publish.
@@ -105,9 +115,14 @@ pub struct FileError(String);
 pub fn read(path: &Path, format: Format) -> Result<Parsed, FileError> {
     let file = std::fs::File::open(path)
         .map_err(|e| FileError(format!("cannot read {}: {e}", path.display())))?;
+    parse(file, format)
+}
+
+/// Validates requests in `format` from any reader (`enqueue --file -` reads stdin).
+pub fn parse(reader: impl Read, format: Format) -> Result<Parsed, FileError> {
     match format {
-        Format::Csv => parse_csv(file),
-        Format::Jsonl => parse_jsonl(std::io::BufReader::new(file)),
+        Format::Csv => parse_csv(reader),
+        Format::Jsonl => parse_jsonl(std::io::BufReader::new(reader)),
     }
 }
 
@@ -285,6 +300,14 @@ mod tests {
 
     fn json(row: &Row) -> Value {
         serde_json::from_slice(&row.body).unwrap()
+    }
+
+    #[test]
+    fn format_from_content() {
+        assert_eq!(Format::sniff(b"\n  {\"device_id\":1}\n"), Format::Jsonl);
+        assert_eq!(Format::sniff(b"\xEF\xBB\xBF{}"), Format::Jsonl);
+        assert_eq!(Format::sniff(b"request_id,device_id\n"), Format::Csv);
+        assert_eq!(Format::sniff(b""), Format::Csv);
     }
 
     #[test]

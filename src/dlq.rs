@@ -324,6 +324,13 @@ pub async fn browse(
     })
 }
 
+/// The ready dead letters, counted without reading any.
+pub async fn ready_count(connection: &Connection, amqp: &AmqpSettings) -> Result<u32, DlqError> {
+    let window = Window::open(connection, &amqp.dead_letter_queue, Some(0)).await?;
+    close(&window.channel).await;
+    Ok(window.total)
+}
+
 /// Which dead letters a replay moves.
 #[derive(Debug, Clone, Default)]
 pub struct Filter {

@@ -4,6 +4,7 @@ mod common;
 
 use std::{
     collections::BTreeSet,
+    io::Write as _,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
@@ -15,6 +16,7 @@ use common::{
     pki::TestCertificate,
     relay::Relay,
 };
+use serde_json::Value;
 use unassign_worker::sim::{Scripted, Sim};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -497,5 +499,236 @@ async fn assertions_and_keys_never_reach_the_logs_even_at_trace_level() {
         }
         broker.cleanup().await;
     }
+    sim.shutdown().await;
+}
+
+#[test]
+fn help_shows_examples_exit_codes_environment_and_kinds() {
+    let (code, out, err) = output(command(&[]).arg("--help"));
+    assert_eq!(code, 0, "{err}");
+    for needle in [
+        "Examples:",
+        "Exit codes:",
+        "UNASSIGN_CONFIG",
+        "UNASSIGN__<SECTION>__<KEY>",
+        "AMQP_URL",
+        "AZURE_TENANT_ID",
+        "completions",
+        "probe",
+    ] {
+        assert!(out.contains(needle), "--help lacks {needle}:\n{out}");
+    }
+    let (code, out, _) = output(command(&[]).args(["dlq", "replay", "--help"]));
+    assert_eq!(code, 0);
+    for kind in unassign_worker::dlq::known_kinds() {
+        assert!(
+            out.contains(kind),
+            "--error-kind does not offer {kind}:\n{out}"
+        );
+    }
+    let (code, _, err) = output(command(&[]).args(["dlq", "replay", "--error-kind", "nope"]));
+    assert_eq!(code, 2);
+    assert!(err.contains("device_not_found"), "lists the kinds: {err}");
+}
+
+#[test]
+fn completions_are_generated_for_each_shell() {
+    for shell in ["bash", "zsh", "fish"] {
+        let (code, out, err) = output(command(&[]).args(["completions", shell]));
+        assert_eq!(code, 0, "{shell}: {err}");
+        for word in [
+            "enqueue",
+            "dlq",
+            "replay",
+            "check",
+            "probe",
+            "config",
+            "error-kind",
+        ] {
+            assert!(out.contains(word), "{shell} completion lacks {word}");
+        }
+    }
+    let (code, _, _) = output(command(&[]).args(["completions", "tcsh"]));
+    assert_eq!(code, 2);
+}
+
+/// How often `needle` appears in the whole output, both streams.
+fn times(needle: &str, out: &str, err: &str) -> usize {
+    out.matches(needle).count() + err.matches(needle).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_reports_every_failure_once_as_json() {
+    let sim = Sim::start(common::sim_options()).await.unwrap();
+    let settings = common::settings(&sim, &common::prefix("checkjson"));
+    let mut vars = env_for(&sim, &settings);
+    vars.retain(|(k, _)| k != "AZURE_CLIENT_SECRET" && k != "AMQP_URL");
+    vars.push(("AZURE_CLIENT_SECRET".into(), "wrong-secret-value".into()));
+    vars.push((
+        "AMQP_URL".into(),
+        "amqp://guest:guest@127.0.0.1:1/%2f".into(),
+    ));
+    let (code, out, err) = output(command(&vars).args(["check", "-o", "json"]));
+    assert_eq!(code, 1, "{out}{err}");
+    let report: Value = serde_json::from_str(&out).expect("one JSON document");
+    assert_eq!(report["ok"], false);
+    let status = |check: &str| -> Vec<String> {
+        report["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["check"] == check)
+            .map(|c| c["status"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(status("config"), ["ok"], "{out}");
+    assert_eq!(status("broker"), ["fail"], "{out}");
+    assert_eq!(status("token"), ["fail"], "{out}");
+    assert_eq!(times("AADSTS7000215", &out, &err), 1, "once: {out}{err}");
+    assert_eq!(
+        times("Connection refused", &out, &err),
+        1,
+        "once: {out}{err}"
+    );
+    assert!(!out.contains("wrong-secret-value") && !err.contains("wrong-secret-value"));
+
+    // A bad tenant setting is exit 2, and the broker is still checked.
+    vars.retain(|(k, _)| k != "AZURE_TENANT_ID" && k != "AMQP_URL");
+    vars.push(("AMQP_URL".into(), common::amqp_url()));
+    let (code, out, err) = output(command(&vars).arg("check"));
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(
+        out.contains("FAIL config") && out.contains("ok   broker"),
+        "{out}"
+    );
+    assert!(out.contains("skip token"), "{out}");
+    assert_eq!(times("AZURE_TENANT_ID", &out, &err), 1, "once: {out}{err}");
+    assert!(err.contains("1 of 3 checks failed"), "{err}");
+    sim.shutdown().await;
+}
+
+/// Runs `cmd` with `input` on its stdin: exit code, stdout, stderr.
+fn output_with_stdin(cmd: &mut Command, input: &str) -> (i32, String, String) {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the binary runs");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enqueue_by_serial_or_user_and_from_stdin_with_json_output() {
+    let sim = Sim::start(common::sim_options()).await.unwrap();
+    let settings = common::settings(&sim, &common::prefix("enqueuejson"));
+    let vars = env_for(&sim, &settings);
+    for (flag, value) in [
+        ("--serial-number", "5CG1234XYZ"),
+        ("--user", "leaver@contoso.com"),
+    ] {
+        let (code, out, err) = output(command(&vars).args([
+            "enqueue",
+            flag,
+            value,
+            "--request-id",
+            "j-1",
+            "-o",
+            "json",
+        ]));
+        assert_eq!(code, 0, "{flag}: {err}");
+        let report: Value = serde_json::from_str(&out).expect("one JSON document");
+        assert_eq!(
+            (&report["published"], &report["skipped"]),
+            (&1.into(), &0.into())
+        );
+        assert_eq!(report["request_id"], "j-1", "{out}");
+        assert!(report["seconds"].is_f64(), "{out}");
+    }
+    // The worker's own validation, for these targets too.
+    let (code, _, err) = output(command(&vars).args(["enqueue", "--serial-number", ""]));
+    assert_eq!(code, 2, "{err}");
+
+    // stdin: JSON Lines recognised by its first `{`, CSV by anything else.
+    let jsonl = format!(
+        "{{\"request_id\":\"s-1\",\"device_id\":\"{}\"}}\n{{\"request_id\":\"s-2\",\"user_principal_name\":\"a@contoso.com\"}}\n",
+        device()
+    );
+    let csv = format!("request_id,device_id\ns-3,{}\n", device());
+    for (input, n) in [(jsonl.as_str(), 2), (csv.as_str(), 1)] {
+        let (code, out, err) = output_with_stdin(
+            command(&vars).args(["enqueue", "--file", "-", "-o", "json"]),
+            input,
+        );
+        assert_eq!(code, 0, "{err}");
+        let report: Value = serde_json::from_str(&out).expect("one JSON document");
+        assert_eq!(report["published"], n, "{out}");
+        assert!(report.get("request_id").is_none(), "{out}");
+    }
+    let (code, _, err) = output_with_stdin(
+        command(&vars).args(["enqueue", "--file", "-", "--format", "csv"]),
+        &jsonl,
+    );
+    assert_eq!(code, 2, "--format wins over the sniff: {err}");
+
+    let broker = Broker::connect(&settings).await;
+    assert_eq!(broker.depth(&settings.amqp.queue).await, 5);
+    broker.cleanup().await;
+    sim.shutdown().await;
+}
+
+/// A port nothing listens on now (another process could take it; these tests do not).
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probe_exits_0_on_a_ready_worker_and_1_on_nothing() {
+    let sim = Sim::start(common::sim_options()).await.unwrap();
+    let settings = common::settings(&sim, &common::prefix("probe"));
+    let mut vars = env_for(&sim, &settings);
+    vars.retain(|(k, _)| k != "UNASSIGN__HTTP__LISTEN");
+    // The worker's way of writing it: probe reaches a wildcard address on loopback.
+    vars.push((
+        "UNASSIGN__HTTP__LISTEN".into(),
+        format!("0.0.0.0:{}", free_port()),
+    ));
+    let started = Instant::now();
+    let (code, _, err) = output(command(&vars).args(["probe", "--timeout", "1"]));
+    assert_eq!(code, 1, "nothing listens: {err}");
+    assert!(err.contains("/readyz"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+
+    let worker = spawn_worker(&vars);
+    let out = eventually("the worker to be ready", WAIT, || {
+        let (code, out, _) = output(command(&vars).arg("probe"));
+        async move { (code == 0).then_some(out) }
+    })
+    .await;
+    assert!(out.starts_with("ok ") && out.contains("/readyz"), "{out}");
+    let (code, out, err) = output(command(&vars).args(["probe", "--healthz"]));
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("/healthz"), "{out}");
+    let (code, out, err) = output(command(&vars).args(["probe", "--path", "/nowhere"]));
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("404"), "{err}");
+
+    sigterm(&worker);
+    let (code, _, logs) = wait_exit(worker, WAIT).await;
+    assert_eq!(code, 0, "{logs}");
+    let broker = Broker::connect(&settings).await;
+    broker.cleanup().await;
     sim.shutdown().await;
 }

@@ -579,6 +579,27 @@ fn the_compose_stack_hangs_together() {
         &std::fs::read_to_string(repo("deploy").join(mounted[0])).unwrap(),
         mounted[0],
     );
+    // Health: the worker's `probe` on its own listen port (a known one, not 0), as the image's
+    // HEALTHCHECK does; graph-sim, from the same image, probes a path it serves instead.
+    let probe = |service: &Yaml| -> Vec<String> {
+        service["healthcheck"]["test"]
+            .as_sequence()
+            .expect("a healthcheck")
+            .iter()
+            .map(|v| str_of(v, "test").to_owned())
+            .collect()
+    };
+    assert_eq!(
+        probe(worker),
+        ["CMD", "/usr/local/bin/unassign-worker", "probe"]
+    );
+    assert_ne!(settings.http.listen.port(), 0, "probe needs a known port");
+    assert!(probe(&compose["services"]["graph-sim"]).contains(&"/_sim/stats".to_owned()));
+    let dockerfile = std::fs::read_to_string(repo("deploy/Dockerfile")).unwrap();
+    assert!(
+        dockerfile.contains(r#"CMD ["/usr/local/bin/unassign-worker", "probe"]"#),
+        "the image's HEALTHCHECK probes"
+    );
     let stop = str_of(&worker["stop_grace_period"], "stop_grace_period");
     let stop: u64 = stop.strip_suffix('s').expect("seconds").parse().unwrap();
     assert!(

@@ -259,6 +259,13 @@ async fn dlq_list_shows_worker_and_broker_dead_letters_and_keeps_them_all() {
 
     let (code, out, err) = output(command(&ops.env()).args(["dlq", "list", "--json"]));
     assert_eq!(code, 0, "{err}");
+    let (code, same, err) = output(command(&ops.env()).args(["dlq", "list", "-o", "json"]));
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&same).unwrap(),
+        serde_json::from_str::<Value>(&out).unwrap(),
+        "--json is -o json"
+    );
     let json: Vec<Value> = serde_json::from_str(&out).expect("one JSON array");
     let keys: BTreeSet<&str> = json[0]
         .as_object()
@@ -314,7 +321,7 @@ async fn dlq_replay_moves_exactly_what_its_filters_select() {
     ops.depth_becomes(&requests, 1).await;
 
     let (code, out, err) =
-        output(command(&ops.env()).args(["dlq", "replay", "--request-id", "nf-2"]));
+        output(command(&ops.env()).args(["dlq", "replay", "--request-id", "nf-2", "--verbose"]));
     assert_eq!(code, 0, "{err}");
     assert!(
         out.contains("replayed nf-2 (device_not_found, replay #1)"),
@@ -322,6 +329,45 @@ async fn dlq_replay_moves_exactly_what_its_filters_select() {
     );
     assert!(out.contains("replayed 1 of 4"), "{out}");
     ops.depth_becomes(&dead, 3).await;
+
+    // `-o json`: the summary and each letter, as `dlq list` shows them.
+    let (code, out, err) = output(command(&ops.env()).args([
+        "dlq",
+        "replay",
+        "--error-kind",
+        "device_not_found",
+        "--dry-run",
+        "-o",
+        "json",
+    ]));
+    assert_eq!(code, 0, "{err}");
+    let report: Value = serde_json::from_str(&out).expect("one JSON document");
+    assert_eq!(
+        (
+            &report["dry_run"],
+            &report["total"],
+            &report["examined"],
+            &report["replayed"],
+            &report["left"],
+            &report["more"]
+        ),
+        (
+            &Value::Bool(true),
+            &3.into(),
+            &3.into(),
+            &3.into(),
+            &3.into(),
+            &Value::Bool(false)
+        ),
+        "{out}"
+    );
+    let letters = report["letters"].as_array().unwrap();
+    assert!(
+        letters
+            .iter()
+            .all(|l| l["error_kind"] == "device_not_found" && l["replay_count"] == 1),
+        "{out}"
+    );
 
     let (code, out, err) = output(command(&ops.env()).args([
         "dlq",
@@ -404,6 +450,22 @@ async fn dlq_replay_moves_exactly_what_its_filters_select() {
     worker.stop().await;
     assert_eq!(ops.broker.depth(&requests).await, 0);
     assert_eq!(ops.broker.depth(&dead).await, 1);
+
+    // No filter moves everything: without a terminal to ask on, only with --yes.
+    let (code, out, err) = output(command(&ops.env()).args(["dlq", "replay"]));
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(err.contains("--yes"), "says how: {err}");
+    assert_eq!(ops.broker.depth(&dead).await, 1, "nothing moved");
+    let (code, out, err) =
+        output(command(&ops.env()).args(["dlq", "replay", "--yes", "-o", "json"]));
+    assert_eq!(code, 0, "{err}");
+    let report: Value = serde_json::from_str(&out).expect("one JSON document");
+    assert_eq!(
+        (&report["replayed"], &report["left"]),
+        (&1.into(), &0.into())
+    );
+    ops.depth_becomes(&dead, 0).await;
+    ops.depth_becomes(&requests, 1).await;
     ops.finish().await;
 }
 

@@ -33,6 +33,7 @@ pub use assertion::{FEDERATED_AUDIENCE, FEDERATED_ISSUER};
 /// CLI options of `unassign-worker graph-sim`; also used by tests (via `Default` or `parse_from`).
 #[derive(Parser, Debug, Clone)]
 pub struct SimOptions {
+    /// Address to serve Graph (under /beta), the token endpoint and /_sim/* on.
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
     /// Accepted tenant (GUID) of the app below; any tenant GUID is accepted when absent.
@@ -42,12 +43,16 @@ pub struct SimOptions {
     /// TENANT_ID,CLIENT_ID,SECRET (throttled like the others unless changed at run time).
     #[arg(long = "tenant", value_parser = parse_tenant)]
     pub tenants: Vec<(String, TenantApp)>,
+    /// The app registration's client id (the worker's AZURE_CLIENT_ID).
     #[arg(long, default_value = "00000000-0000-0000-0000-00000000c11e")]
     pub client_id: String,
+    /// The app's client secret (the worker's AZURE_CLIENT_SECRET); a demo value, never a real one.
     #[arg(long, default_value = "sim-secret")]
     pub client_secret: String,
+    /// Lifetime of the access tokens it issues (`expires_in`).
     #[arg(long, default_value_t = 3599)]
     pub token_ttl_secs: u64,
+    /// Added before every Graph answer, as a real round trip would take.
     #[arg(long, default_value_t = 0)]
     pub latency_ms: u64,
     /// Random error injection, repeatable: STATUS=RATIO, e.g. --error-rate 503=0.05
@@ -56,6 +61,7 @@ pub struct SimOptions {
     /// Throttle: at most this many action calls per tenant per window (0 = off); excess answered 429.
     #[arg(long, default_value_t = 0)]
     pub throttle_limit: u32,
+    /// The window --throttle-limit and --read-throttle-limit count in (Intune's is 20 s).
     #[arg(long, default_value_t = 20_000)]
     pub throttle_window_ms: u64,
     /// How Retry-After is sent on 429 / injected 503.

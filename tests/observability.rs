@@ -689,6 +689,17 @@ fn kubernetes_manifests_hang_together() {
 /// `kustomize build` of a directory (kubectl's built-in kustomize, or a standalone one): its
 /// objects.
 fn kustomize_build(dir: &Path) -> Vec<Yaml> {
+    let built = run(
+        &mut kustomize(dir),
+        &format!("kustomize build {}", dir.display()),
+    );
+    serde_norway::Deserializer::from_str(&built)
+        .map(|doc| Yaml::deserialize(doc).expect("kustomize writes YAML"))
+        .filter(|doc| !doc.is_null())
+        .collect()
+}
+
+fn kustomize(dir: &Path) -> Command {
     let mut command = if on_path("kubectl") {
         let mut c = Command::new("kubectl");
         c.arg("kustomize");
@@ -702,14 +713,8 @@ fn kustomize_build(dir: &Path) -> Vec<Yaml> {
         c.arg("build");
         c
     };
-    let built = run(
-        command.arg(dir).stdin(Stdio::null()),
-        &format!("kustomize build {}", dir.display()),
-    );
-    serde_norway::Deserializer::from_str(&built)
-        .map(|doc| Yaml::deserialize(doc).expect("kustomize writes YAML"))
-        .filter(|doc| !doc.is_null())
-        .collect()
+    command.arg(dir).stdin(Stdio::null());
+    command
 }
 
 fn kind_of(object: &Yaml) -> &str {
@@ -914,13 +919,28 @@ fn the_runbook_base_url_and_the_job_are_set_in_one_place_per_route() {
         "{settings}"
     );
     std::fs::write(scratch.0.join("monitoring-settings.yaml"), settings).unwrap();
-    std::fs::write(
-        scratch.0.join("kustomization.yaml"),
+    let overlay = |settings: &str| {
         format!(
-            "resources:\n  - {}\n  - monitoring-settings.yaml\ncomponents:\n  - {}\n",
+            "resources:\n  - {}\n{settings}components:\n  - {}\n",
             relative(&scratch.0, &repo(KUSTOMIZE_BASE)).display(),
             relative(&scratch.0, &repo(MONITORING)).display(),
-        ),
+        )
+    };
+    // Without the settings, the component refuses to build rather than ship placeholder links.
+    std::fs::write(scratch.0.join("kustomization.yaml"), overlay("")).unwrap();
+    let refused = kustomize(&scratch.0).output().unwrap();
+    assert!(
+        !refused.status.success(),
+        "the component builds without its settings"
+    );
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("unassign-worker-monitoring"),
+        "the error names the settings: {}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    std::fs::write(
+        scratch.0.join("kustomization.yaml"),
+        overlay("  - monitoring-settings.yaml\n"),
     )
     .unwrap();
     let built = kustomize_build(&scratch.0);

@@ -1189,6 +1189,9 @@ fn the_dashboard_is_well_formed() {
         "unassign_queue_messages",
         "unassign_build_info",
         "unassign_tenant_paused",
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
+        "process_open_fds",
     ] {
         assert!(
             all.iter().any(|e| e.contains(metric)),

@@ -360,12 +360,12 @@ impl Metrics {
 
     pub fn job_finished(&self, tenant: &TenantName, failed: bool, seconds: f64) {
         let outcome = if failed { "failed" } else { "succeeded" };
-        let tenant = tenant.clone();
         self.job_duration
             .get_or_create(&Tenant {
                 tenant: tenant.clone(),
             })
             .observe(seconds);
+        let tenant = tenant.clone();
         self.jobs.get_or_create(&Outcome { outcome, tenant }).inc();
     }
 

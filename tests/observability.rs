@@ -875,6 +875,11 @@ fn kustomize_builds_without_and_with_the_monitoring_component_and_the_kubernetes
         }
     }
     validate(&base, "base");
+    // The Secret is created out of band, but its example must be a valid Secret too.
+    validate(
+        &yaml_docs(&repo(&format!("{KUSTOMIZE_BASE}/secret.example.yaml"))),
+        "secret-example",
+    );
 
     // The example overlay: the base, plus the component's two objects, and not the settings.
     listed_manifests(MONITORING);

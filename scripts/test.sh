@@ -4,4 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/ensure-rabbitmq.sh
 scripts/ensure-prometheus.sh   # promtool + prometheus for tests/observability.rs
+scripts/ensure-k8s-tools.sh    # kustomize + kubernetes-validate for tests/observability.rs
 exec cargo test --locked "$@"

@@ -13,7 +13,7 @@ use crate::{
     auth::AccessToken,
     config::TenantName,
     contract::DeviceId,
-    metrics::{CallStatus, Metrics},
+    metrics::{CallStatus, GraphOperation, Metrics},
     retry::Answer,
 };
 
@@ -140,13 +140,15 @@ impl GraphClient {
             .http
             .post(self.unassign_url(device))
             .header(reqwest::header::CONTENT_LENGTH, "0");
-        self.send(tenant, request, token, 0).await
+        self.send(tenant, GraphOperation::Unassign, request, token, 0)
+            .await
     }
 
     /// Reads one page of the device list. `url` is built by [`crate::lookup`] or is a
     /// nextLink it vetted: only ever under `graph.base_url`.
     pub async fn list(&self, tenant: &TenantName, token: &AccessToken, url: Url) -> Reply {
-        self.send(tenant, self.http.get(url), token, MAX_PAGE_BODY)
+        let request = self.http.get(url);
+        self.send(tenant, GraphOperation::List, request, token, MAX_PAGE_BODY)
             .await
     }
 
@@ -154,6 +156,7 @@ impl GraphClient {
     async fn send(
         &self,
         tenant: &TenantName,
+        operation: GraphOperation,
         request: reqwest::RequestBuilder,
         token: &AccessToken,
         keep: usize,
@@ -182,7 +185,7 @@ impl GraphClient {
             CallOutcome::ConnectError(_) => CallStatus::ConnectError,
         };
         self.metrics
-            .graph_call(tenant, status, started.elapsed().as_secs_f64());
+            .graph_call(tenant, operation, status, started.elapsed().as_secs_f64());
         Reply {
             client_request_id,
             outcome,

@@ -1,6 +1,8 @@
 //! The one place that names metrics (CONTRACT section 7). The rest of the worker calls typed
 //! methods; no label ever carries an unbounded value (ids, user names).
 
+mod process;
+
 use std::sync::atomic::AtomicU64;
 
 use prometheus_client::{
@@ -41,7 +43,14 @@ struct Kind {
 /// An HTTP code, or `timeout` / `connect_error`: a bounded set by construction.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Status {
+    operation: &'static str,
     status: std::borrow::Cow<'static, str>,
+    tenant: TenantName,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Operation {
+    operation: &'static str,
     tenant: TenantName,
 }
 
@@ -130,6 +139,23 @@ impl ChannelErrorReason {
     }
 }
 
+/// Which Graph call, as the `operation` label: the write, or a page of a device lookup (serial
+/// number and user requests), which Graph budgets separately.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GraphOperation {
+    Unassign,
+    List,
+}
+
+impl GraphOperation {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Unassign => "unassign",
+            Self::List => "list",
+        }
+    }
+}
+
 /// How a Graph call ended, as the `status` label: an HTTP code, `timeout` or `connect_error`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CallStatus {
@@ -143,8 +169,8 @@ pub struct Metrics {
     jobs: Family<Outcome, Counter>,
     dead_letters: Family<Kind, Counter>,
     graph_requests: Family<Status, Counter>,
-    graph_duration: Histogram,
-    job_duration: Histogram,
+    graph_duration: Family<Operation, Histogram, fn() -> Histogram>,
+    job_duration: Family<Tenant, Histogram, fn() -> Histogram>,
     retries: Family<Reason, Counter>,
     throttled: Family<Tenant, Gauge>,
     rate_limit: Family<Tenant, Gauge<f64, AtomicU64>>,
@@ -175,9 +201,13 @@ impl Metrics {
             dead_letters: Family::default(),
             graph_requests: Family::default(),
             // 5 ms … ~82 s: Graph answers in tens of ms to seconds; timeouts sit at the top.
-            graph_duration: Histogram::new(exponential_buckets(0.005, 2.0, 15)),
+            graph_duration: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.005, 2.0, 15))
+            }),
             // 10 ms … ~1.9 days: a throttled or retried job can legitimately take hours.
-            job_duration: Histogram::new(exponential_buckets(0.01, 3.0, 18)),
+            job_duration: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.01, 3.0, 18))
+            }),
             retries: Family::default(),
             throttled: Family::default(),
             rate_limit: Family::default(),
@@ -226,12 +256,12 @@ impl Metrics {
         );
         r.register(
             "unassign_graph_requests",
-            "Graph calls by HTTP status",
+            "Graph calls by operation and HTTP status",
             self.graph_requests.clone(),
         );
         r.register(
             "unassign_graph_request_duration_seconds",
-            "Graph call latency",
+            "Graph call latency by operation",
             self.graph_duration.clone(),
         );
         r.register(
@@ -316,6 +346,7 @@ impl Metrics {
             })
             .set(1);
         r.register("unassign_build_info", "Build information", build_info);
+        r.register_collector(Box::new(process::Process));
     }
 
     /// The registry in the text exposition format.
@@ -371,9 +402,13 @@ impl Metrics {
 
     pub fn job_finished(&self, tenant: &TenantName, failed: bool, seconds: f64) {
         let outcome = if failed { "failed" } else { "succeeded" };
+        self.job_duration
+            .get_or_create(&Tenant {
+                tenant: tenant.clone(),
+            })
+            .observe(seconds);
         let tenant = tenant.clone();
         self.jobs.get_or_create(&Outcome { outcome, tenant }).inc();
-        self.job_duration.observe(seconds);
     }
 
     pub fn dead_lettered(&self, tenant: &TenantName, kind: ErrorKind) {
@@ -385,17 +420,33 @@ impl Metrics {
             .inc();
     }
 
-    pub fn graph_call(&self, tenant: &TenantName, status: CallStatus, seconds: f64) {
+    pub fn graph_call(
+        &self,
+        tenant: &TenantName,
+        operation: GraphOperation,
+        status: CallStatus,
+        seconds: f64,
+    ) {
         let status = match status {
             CallStatus::Http(code) => code.to_string().into(),
             CallStatus::Timeout => "timeout".into(),
             CallStatus::ConnectError => "connect_error".into(),
         };
+        let operation = operation.as_str();
+        self.graph_duration
+            .get_or_create(&Operation {
+                operation,
+                tenant: tenant.clone(),
+            })
+            .observe(seconds);
         let tenant = tenant.clone();
         self.graph_requests
-            .get_or_create(&Status { status, tenant })
+            .get_or_create(&Status {
+                operation,
+                status,
+                tenant,
+            })
             .inc();
-        self.graph_duration.observe(seconds);
     }
 
     pub fn retry(&self, tenant: &TenantName, reason: RetryReason) {
@@ -500,17 +551,24 @@ mod tests {
         let m = Metrics::new();
         let tenant = TenantName::default_profile();
         m.register_tenant(&tenant);
-        m.graph_call(&tenant, CallStatus::Http(204), 0.01);
-        m.graph_call(&tenant, CallStatus::Timeout, 30.0);
+        m.graph_call(
+            &tenant,
+            GraphOperation::Unassign,
+            CallStatus::Http(204),
+            0.01,
+        );
+        m.graph_call(&tenant, GraphOperation::List, CallStatus::Timeout, 30.0);
+        m.job_finished(&tenant, false, 1.0);
         m.set_amqp_node(&["a:5701".into(), "b:5702".into()], Some(1));
         let text = m.render();
         for name in [
             "unassign_jobs_total{outcome=\"succeeded\",tenant=\"default\"}",
             "unassign_dead_letters_total{kind=\"device_not_found\",tenant=\"default\"}",
-            "unassign_graph_requests_total{status=\"204\",tenant=\"default\"}",
-            "unassign_graph_requests_total{status=\"timeout\",tenant=\"default\"}",
-            "unassign_graph_request_duration_seconds_bucket",
-            "unassign_job_duration_seconds_bucket",
+            "unassign_graph_requests_total{operation=\"unassign\",status=\"204\",tenant=\"default\"}",
+            "unassign_graph_requests_total{operation=\"list\",status=\"timeout\",tenant=\"default\"}",
+            "unassign_graph_request_duration_seconds_bucket{le=\"0.005\",operation=\"unassign\",tenant=\"default\"}",
+            "unassign_graph_request_duration_seconds_count{operation=\"list\",tenant=\"default\"} 1",
+            "unassign_job_duration_seconds_bucket{le=\"0.01\",tenant=\"default\"}",
             "unassign_retries_total{reason=\"throttled\",tenant=\"default\"}",
             "unassign_throttled{tenant=\"default\"} ",
             "unassign_rate_limit_per_second{tenant=\"default\"} ",

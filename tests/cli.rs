@@ -1,4 +1,5 @@
-//! The binary as a black box: exit codes, `enqueue`, `check`, SIGTERM, and secrets in logs.
+//! The binary as a black box: exit codes, `enqueue`, `check`, SIGTERM, the JSON log lines, and
+//! secrets in logs.
 
 mod common;
 
@@ -15,6 +16,10 @@ use common::{
     device, eventually,
     pki::TestCertificate,
     relay::Relay,
+};
+use lapin::{
+    BasicProperties,
+    types::{AMQPValue, FieldTable},
 };
 use serde_json::Value;
 use unassign_worker::sim::{Scripted, Sim};
@@ -237,6 +242,63 @@ async fn a_shutdown_the_watchdog_forces_exits_non_zero() {
     assert!(
         took >= Duration::from_secs(5),
         "after grace + 4 s, took {took:?}"
+    );
+    broker.cleanup().await;
+    sim.shutdown().await;
+}
+
+/// Log stores link a line to its trace on top-level `trace_id` and `span_id` (Loki's derived
+/// fields, Elastic's `trace.id`): every JSON line the worker writes for a job sent with a
+/// `traceparent` has them — the producer's trace and the job's own span, the one its outcome
+/// event carries on — and a line outside any job has none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_log_lines_of_a_traced_job_carry_its_trace_and_span_ids_at_the_top_level() {
+    let sim = Sim::start(common::sim_options()).await.unwrap();
+    let settings = common::settings(&sim, &common::prefix("traced"));
+    let broker = Broker::connect(&settings).await;
+    let events = broker.collect(&settings.amqp.outcomes_queue).await;
+    let mut vars = env_for(&sim, &settings);
+    vars.push(("UNASSIGN__LOG__FORMAT".into(), "json".into()));
+    let (trace_id, parent) = ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7");
+    let mut headers = FieldTable::default();
+    headers.insert(
+        "traceparent".into(),
+        AMQPValue::LongString(format!("00-{trace_id}-{parent}-01").into()),
+    );
+    let body = serde_json::json!({"request_id": "traced-1", "device_id": device()});
+    broker
+        .publish(
+            body.to_string().as_bytes(),
+            BasicProperties::default().with_headers(headers),
+        )
+        .await;
+    let child = spawn_worker(&vars);
+    let event = events.wait_for(1, WAIT).await[0].event();
+    sigterm(&child);
+    let (code, _, logs) = wait_exit(child, Duration::from_secs(15)).await;
+    assert_eq!(code, 0, "{logs}");
+
+    let lines: Vec<serde_json::Value> = logs
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let (job, outside): (Vec<_>, Vec<_>) = lines
+        .iter()
+        .partition(|l| l["span"]["request_id"] == "traced-1");
+    assert!(!job.is_empty(), "no line of the job:\n{logs}");
+    let continued = event.traceparent.expect("traceparent on the event");
+    for line in job {
+        assert_eq!(line["trace_id"], trace_id, "{line}");
+        let span_id = line["span_id"].as_str().expect("a top-level span_id");
+        assert_eq!(line["span"]["span_id"], span_id, "{line}");
+        assert_ne!(span_id, parent, "the job is a span of its own: {line}");
+        assert_eq!(continued, format!("00-{trace_id}-{span_id}-01"));
+    }
+    assert!(
+        outside
+            .iter()
+            .any(|l| l.get("trace_id").is_none() && l.get("span_id").is_none()),
+        "lines outside a job carry no trace context:\n{logs}"
     );
     broker.cleanup().await;
     sim.shutdown().await;

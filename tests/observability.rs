@@ -1,9 +1,11 @@
 //! The operator kit under deploy/: the alert rules through promtool, the Grafana dashboard's
-//! queries against a real Prometheus scraping a real worker, and every YAML file parsed and
-//! cross-checked (probes, selectors, grace periods, the PrometheusRule mirroring alerts.yaml).
+//! queries against a real Prometheus scraping a real worker, every YAML file parsed and
+//! cross-checked (probes, selectors, grace periods, the PrometheusRule mirroring alerts.yaml), and
+//! the Kubernetes kit built by kustomize with and without its monitoring component and validated
+//! against the Kubernetes API schemas.
 //!
-//! Needs `promtool` and `prometheus` on PATH: scripts/test.sh installs them
-//! (scripts/ensure-prometheus.sh).
+//! Needs `promtool` and `prometheus` (scripts/ensure-prometheus.sh), `kubectl` or `kustomize`, and
+//! `kubernetes-validate` (scripts/ensure-k8s-tools.sh) on PATH: scripts/test.sh installs them.
 
 mod common;
 
@@ -30,8 +32,22 @@ use unassign_worker::{
 
 const BIN: &str = env!("CARGO_BIN_EXE_unassign-worker");
 const WAIT: Duration = Duration::from_secs(30);
-/// The scrape job name the alert rules select on.
+/// The scrape job name the alert rules select on (a placeholder an operator may set).
 const JOB: &str = "unassign-worker";
+/// The runbook base URL deploy/prometheus/alerts.yaml ships with, for operators to set
+/// (docs/deploy.md): every runbook_url is this, `#` and the alert's name in lower case.
+const RUNBOOK_BASE: &str = "https://runbook.invalid/unassign-worker";
+/// The document whose headings the runbook URLs' anchors name.
+const RUNBOOK_DOC: &str = "docs/operations.md";
+/// The kustomize base, which needs no CRD.
+const KUSTOMIZE_BASE: &str = "deploy/kubernetes";
+/// The opt-in component with the Prometheus operator's objects.
+const MONITORING: &str = "deploy/kubernetes/components/monitoring";
+/// The example overlay that adds the component, with its settings.
+const OVERLAY: &str = "deploy/overlays/monitoring";
+/// The Kubernetes versions whose API schemas the built kit must pass: the oldest one the kit
+/// supports and the newest kubernetes-validate ships.
+const KUBERNETES_VERSIONS: [&str; 2] = ["1.29.0", "1.37.0"];
 
 /// Absolute paths only: nothing here depends on the current directory.
 fn repo(path: &str) -> PathBuf {
@@ -86,16 +102,32 @@ fn files_under(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
+fn on_path(name: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).any(|dir| dir.join(name).is_file()))
+        .unwrap_or(false)
+}
+
 /// `promtool` or `prometheus`, or a panic that says how to get it.
 fn tool(name: &str) -> Command {
-    let found = std::env::var_os("PATH")
-        .map(|paths| std::env::split_paths(&paths).any(|dir| dir.join(name).is_file()))
-        .unwrap_or(false);
     assert!(
-        found,
+        on_path(name),
         "`{name}` is not on PATH: run scripts/ensure-prometheus.sh (scripts/test.sh does)"
     );
     Command::new(name)
+}
+
+/// Runs `command` to success and returns its standard output, or panics with everything it said.
+fn run(command: &mut Command, what: &str) -> String {
+    let output = command.output().unwrap_or_else(|e| panic!("{what}: {e}"));
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "{what} failed ({}):\n{stdout}{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
 }
 
 // ------------------------------------------------------------------------------ alert rules
@@ -143,9 +175,9 @@ fn alert_rules() -> Vec<Yaml> {
 }
 
 #[test]
-fn every_alert_has_a_severity_a_for_and_a_runbook_in_the_docs_and_is_tested_both_ways() {
-    let runbook_doc = read("docs/operations.md");
-    let anchors: BTreeSet<String> = runbook_doc
+fn every_alert_has_a_severity_a_for_and_a_runbook_url_and_is_tested_both_ways() {
+    let runbook = read(RUNBOOK_DOC);
+    let anchors: BTreeSet<String> = runbook
         .lines()
         .filter_map(|line| line.strip_prefix('#'))
         .map(|heading| slug(heading.trim_start_matches('#')))
@@ -187,17 +219,26 @@ fn every_alert_has_a_severity_a_for_and_a_runbook_in_the_docs_and_is_tested_both
                 "{name} has a {key}"
             );
         }
-        let runbook = str_of(&annotations["runbook"], "runbook");
-        let anchor = runbook
-            .strip_prefix("docs/operations.md#")
-            .unwrap_or_else(|| {
-                panic!("{name}: runbook points into docs/operations.md, not {runbook}")
-            });
+        // Absolute, from the one base (scripts/render-alerts.sh and the kustomize component
+        // replace exactly that part), to a heading of the runbook.
+        let url = str_of(&annotations["runbook_url"], "runbook_url");
+        let anchor = url
+            .strip_prefix(RUNBOOK_BASE)
+            .and_then(|rest| rest.strip_prefix('#'))
+            .unwrap_or_else(|| panic!("{name}: runbook_url is {RUNBOOK_BASE}#<anchor>, not {url}"));
         assert_eq!(anchor, name.to_lowercase(), "{name}: runbook anchor");
         assert!(
             anchors.contains(anchor),
-            "{name}: docs/operations.md has no heading for #{anchor}"
+            "{name}: {RUNBOOK_DOC} has no heading for #{anchor}"
         );
+        // Only the rules on `up` need the job; every one of them selects the same job.
+        let expr = str_of(&rule["expr"], "expr");
+        for selected in expr.split("job=\"").skip(1) {
+            assert!(
+                selected.starts_with(&format!("{JOB}\"")),
+                "{name}: selects job {JOB}: {expr}"
+            );
+        }
         assert!(
             fires.contains(name),
             "{name}: alerts.test.yaml has no case where it fires"
@@ -211,12 +252,12 @@ fn every_alert_has_a_severity_a_for_and_a_runbook_in_the_docs_and_is_tested_both
 
 #[test]
 fn the_prometheus_rule_carries_exactly_the_alert_rules() {
-    let rule = yaml("deploy/kubernetes/prometheusrule.yaml");
+    let rule = yaml(&format!("{MONITORING}/prometheusrule.yaml"));
     assert_eq!(str_of(&rule["kind"], "kind"), "PrometheusRule");
     assert_eq!(
         rule["spec"]["groups"],
         yaml("deploy/prometheus/alerts.yaml")["groups"],
-        "deploy/kubernetes/prometheusrule.yaml differs from deploy/prometheus/alerts.yaml: regenerate it (command in its header)"
+        "{MONITORING}/prometheusrule.yaml differs from deploy/prometheus/alerts.yaml: regenerate it (command in its header)"
     );
 }
 
@@ -248,35 +289,43 @@ fn every_yaml_and_json_file_under_deploy_parses() {
     assert!(yaml_files >= 10, "found only {yaml_files} YAML files");
 }
 
-/// The Kubernetes resources of deploy/kubernetes, by kind (one of each).
+/// The files `dir`'s kustomization.yaml lists under `resources`, checked to be every manifest
+/// in `dir` (examples and the kustomization itself excepted): a file added to the directory but
+/// not to its list would silently never be applied.
+fn listed_manifests(dir: &str) -> Vec<String> {
+    let kustomization = yaml(&format!("{dir}/kustomization.yaml"));
+    let listed: BTreeSet<String> = kustomization["resources"]
+        .as_sequence()
+        .unwrap_or_else(|| panic!("{dir}/kustomization.yaml has resources"))
+        .iter()
+        .map(|r| str_of(r, "resource").to_owned())
+        .collect();
+    let mut on_disk = BTreeSet::new();
+    for entry in std::fs::read_dir(repo(dir)).unwrap() {
+        let name = entry.unwrap().file_name().into_string().unwrap();
+        if name.ends_with(".yaml") && name != "kustomization.yaml" && !name.contains(".example.") {
+            on_disk.insert(name);
+        }
+    }
+    assert_eq!(
+        listed, on_disk,
+        "{dir}/kustomization.yaml lists every manifest in {dir} (examples excepted)"
+    );
+    listed.into_iter().map(|f| format!("{dir}/{f}")).collect()
+}
+
+/// The Kubernetes objects of the kustomize base and the monitoring component, as written, by kind
+/// (one of each).
 struct Manifests(BTreeMap<String, Yaml>);
 
 impl Manifests {
     fn load() -> Manifests {
-        let kustomization = yaml("deploy/kubernetes/kustomization.yaml");
-        let listed: BTreeSet<String> = kustomization["resources"]
-            .as_sequence()
-            .expect("kustomization resources")
-            .iter()
-            .map(|r| str_of(r, "resource").to_owned())
-            .collect();
-        let mut on_disk = BTreeSet::new();
-        for entry in std::fs::read_dir(repo("deploy/kubernetes")).unwrap() {
-            let name = entry.unwrap().file_name().into_string().unwrap();
-            if name.ends_with(".yaml")
-                && name != "kustomization.yaml"
-                && !name.contains(".example.")
-            {
-                on_disk.insert(name);
-            }
-        }
-        assert_eq!(
-            listed, on_disk,
-            "kustomization.yaml lists every manifest in deploy/kubernetes (examples excepted)"
-        );
         let mut by_kind = BTreeMap::new();
-        for file in &listed {
-            for doc in yaml_docs(&repo(&format!("deploy/kubernetes/{file}"))) {
+        for file in listed_manifests(KUSTOMIZE_BASE)
+            .into_iter()
+            .chain(listed_manifests(MONITORING))
+        {
+            for doc in yaml_docs(&repo(&file)) {
                 let kind = str_of(&doc["kind"], "kind").to_owned();
                 assert!(doc["apiVersion"].as_str().is_some(), "{file}: apiVersion");
                 assert!(
@@ -292,7 +341,7 @@ impl Manifests {
     fn get(&self, kind: &str) -> &Yaml {
         self.0
             .get(kind)
-            .unwrap_or_else(|| panic!("deploy/kubernetes has a {kind}"))
+            .unwrap_or_else(|| panic!("the Kubernetes kit has a {kind}"))
     }
 }
 
@@ -518,20 +567,112 @@ fn kubernetes_manifests_hang_together() {
         Some(true),
         "a paused (not ready) worker is still scraped"
     );
-    assert_eq!(
-        str_of(&service["metadata"]["name"], "Service name"),
-        JOB,
-        "the ServiceMonitor's job label is the Service name, which the alerts select on"
-    );
     let monitor = m.get("ServiceMonitor");
     assert!(selects(
         &monitor["spec"]["selector"]["matchLabels"],
         &service["metadata"]["labels"]
     ));
+    let endpoint = &monitor["spec"]["endpoints"][0];
+    assert_eq!(endpoint["port"], service_port["name"]);
+    // The job label the alerts select on is set, not taken from the Service's name, which an
+    // overlay's namePrefix would change.
+    let job = endpoint["relabelings"]
+        .as_sequence()
+        .into_iter()
+        .flatten()
+        .find(|r| r["targetLabel"] == "job")
+        .expect("the ServiceMonitor sets the job label");
+    assert!(job["sourceLabels"].is_null(), "{job:?}");
+    assert_eq!(job["replacement"].as_str(), Some(JOB));
+
+    // Spread over zones and nodes, softly, selecting the pods.
+    let spread = spec["topologySpreadConstraints"]
+        .as_sequence()
+        .expect("topologySpreadConstraints");
+    let keys: BTreeSet<&str> = spread
+        .iter()
+        .map(|c| {
+            assert!(selects(&c["labelSelector"]["matchLabels"], labels), "{c:?}");
+            assert_eq!(c["whenUnsatisfiable"].as_str(), Some("ScheduleAnyway"));
+            str_of(&c["topologyKey"], "topologyKey")
+        })
+        .collect();
     assert_eq!(
-        monitor["spec"]["endpoints"][0]["port"],
-        service_port["name"]
+        keys,
+        BTreeSet::from(["topology.kubernetes.io/zone", "kubernetes.io/hostname"])
     );
+
+    // The NetworkPolicy: the metrics port in; DNS, the broker and HTTPS (token endpoint, Graph)
+    // out, and nothing else.
+    let policy = &m.get("NetworkPolicy")["spec"];
+    assert!(selects(&policy["podSelector"]["matchLabels"], labels));
+    assert_eq!(
+        policy["policyTypes"],
+        Yaml::from(vec![Yaml::from("Ingress"), Yaml::from("Egress")])
+    );
+    let ingress = policy["ingress"].as_sequence().expect("ingress rules");
+    assert_eq!(ingress.len(), 1, "one ingress rule");
+    let port_of = |p: &Yaml| {
+        let number = p["port"].as_u64().map(|n| n.to_string());
+        (
+            number.unwrap_or_else(|| str_of(&p["port"], "port").to_owned()),
+            p["protocol"].as_str().unwrap_or("TCP").to_owned(),
+        )
+    };
+    let ports_in: Vec<_> = ingress[0]["ports"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(port_of)
+        .collect();
+    assert!(
+        ports_in
+            .iter()
+            .all(|(p, _)| *p == port["name"].as_str().unwrap()
+                || *p == port["containerPort"].as_u64().unwrap().to_string()),
+        "ingress only to the metrics port: {ports_in:?}"
+    );
+    let ports_out: BTreeSet<_> = policy["egress"]
+        .as_sequence()
+        .expect("egress rules")
+        .iter()
+        .flat_map(|rule| {
+            assert!(
+                rule["to"].is_sequence(),
+                "every egress rule names where to: {rule:?}"
+            );
+            rule["ports"]
+                .as_sequence()
+                .expect("egress rule ports")
+                .clone()
+        })
+        .map(|p| port_of(&p))
+        .collect();
+    let expected: BTreeSet<(String, String)> = [
+        ("53", "UDP"),
+        ("53", "TCP"),
+        ("5671", "TCP"),
+        ("5672", "TCP"),
+        ("443", "TCP"),
+    ]
+    .map(|(p, proto)| (p.to_owned(), proto.to_owned()))
+    .into();
+    assert_eq!(ports_out, expected);
+    // HTTPS goes outside the cluster's private ranges only.
+    let https = policy["egress"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|r| r["ports"][0]["port"].as_u64() == Some(443))
+        .unwrap();
+    for block in https["to"].as_sequence().unwrap() {
+        assert!(
+            block["ipBlock"]["except"]
+                .as_sequence()
+                .is_some_and(|e| !e.is_empty()),
+            "443 is allowed outside private ranges only: {block:?}"
+        );
+    }
     let pdb = m.get("PodDisruptionBudget");
     assert!(selects(&pdb["spec"]["selector"]["matchLabels"], labels));
     let replicas = deployment["spec"]["replicas"].as_u64().unwrap_or(1);
@@ -540,6 +681,323 @@ fn kubernetes_manifests_hang_together() {
             min < replicas,
             "minAvailable {min} < replicas {replicas}: drains can proceed"
         );
+    }
+}
+
+// ------------------------------------------------------------------------------ kustomize
+
+/// `kustomize build` of a directory (kubectl's built-in kustomize, or a standalone one): its
+/// objects.
+fn kustomize_build(dir: &Path) -> Vec<Yaml> {
+    let built = run(
+        &mut kustomize(dir),
+        &format!("kustomize build {}", dir.display()),
+    );
+    serde_norway::Deserializer::from_str(&built)
+        .map(|doc| Yaml::deserialize(doc).expect("kustomize writes YAML"))
+        .filter(|doc| !doc.is_null())
+        .collect()
+}
+
+fn kustomize(dir: &Path) -> Command {
+    let mut command = if on_path("kubectl") {
+        let mut c = Command::new("kubectl");
+        c.arg("kustomize");
+        c
+    } else {
+        assert!(
+            on_path("kustomize"),
+            "neither `kubectl` nor `kustomize` is on PATH: run scripts/ensure-k8s-tools.sh (scripts/test.sh does)"
+        );
+        let mut c = Command::new("kustomize");
+        c.arg("build");
+        c
+    };
+    command.arg(dir).stdin(Stdio::null());
+    command
+}
+
+fn kind_of(object: &Yaml) -> &str {
+    str_of(&object["kind"], "kind")
+}
+
+fn find<'a>(objects: &'a [Yaml], kind: &str) -> &'a Yaml {
+    objects
+        .iter()
+        .find(|o| kind_of(o) == kind)
+        .unwrap_or_else(|| panic!("the build has a {kind}"))
+}
+
+/// A directory of its own under the target directory, removed when dropped.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(what: &str) -> Scratch {
+        let dir =
+            Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{what}-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        Scratch(dir.canonicalize().unwrap())
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `to` relative to the directory `from` (kustomize refuses absolute paths to bases).
+fn relative(from: &Path, to: &Path) -> PathBuf {
+    let to = to.canonicalize().unwrap();
+    let (from, to): (Vec<_>, Vec<_>) = (from.components().collect(), to.components().collect());
+    let common = from.iter().zip(&to).take_while(|(a, b)| a == b).count();
+    let mut path = PathBuf::new();
+    (common..from.len()).for_each(|_| path.push(".."));
+    to[common..].iter().for_each(|c| path.push(c));
+    path
+}
+
+/// Validates `objects` with kubernetes-validate against the schemas of every version in
+/// [`KUBERNETES_VERSIONS`], strictly (unknown fields fail). It has no schema for the Prometheus
+/// operator's CRDs and only warns about them: any other warning fails the test, so a typo in a
+/// core object's apiVersion or kind cannot slip through as "no schema".
+fn validate(objects: &[Yaml], what: &str) {
+    assert!(
+        on_path("kubernetes-validate"),
+        "`kubernetes-validate` is not on PATH: run scripts/ensure-k8s-tools.sh (scripts/test.sh does)"
+    );
+    let scratch = Scratch::new("validate");
+    let file = scratch.0.join(format!("{what}.yaml"));
+    let text: Vec<String> = objects
+        .iter()
+        .map(|o| serde_norway::to_string(o).unwrap())
+        .collect();
+    std::fs::write(&file, text.join("---\n")).unwrap();
+    for version in KUBERNETES_VERSIONS {
+        let output = run(
+            Command::new("kubernetes-validate")
+                .args(["--strict", "--kubernetes-version", version])
+                .arg(&file),
+            &format!("kubernetes-validate {what} against {version}"),
+        );
+        let passed = output.lines().filter(|l| l.starts_with("INFO")).count();
+        let crds = objects
+            .iter()
+            .filter(|o| {
+                o["apiVersion"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("monitoring.coreos.com/")
+            })
+            .count();
+        assert_eq!(
+            passed + crds,
+            objects.len(),
+            "{what}: every object but the CRDs passed against {version}:\n{output}"
+        );
+        for line in output.lines().filter(|l| !l.starts_with("INFO")) {
+            assert!(
+                line.contains("Couldn't find schema for kind ServiceMonitor with api version monitoring.coreos.com/v1")
+                    || line.contains("Couldn't find schema for kind PrometheusRule with api version monitoring.coreos.com/v1"),
+                "{what} against {version}: {line}"
+            );
+        }
+    }
+}
+
+/// The recommended `app.kubernetes.io/*` labels on every object, the version the crate's.
+fn has_recommended_labels(objects: &[Yaml]) {
+    for object in objects {
+        let what = format!(
+            "{} {}",
+            kind_of(object),
+            object["metadata"]["name"].as_str().unwrap()
+        );
+        let labels = &object["metadata"]["labels"];
+        for (key, value) in [
+            ("app.kubernetes.io/name", "unassign-worker"),
+            ("app.kubernetes.io/instance", "unassign-worker"),
+            ("app.kubernetes.io/version", env!("CARGO_PKG_VERSION")),
+            ("app.kubernetes.io/part-of", "unassign-worker"),
+            ("app.kubernetes.io/managed-by", "kustomize"),
+        ] {
+            assert_eq!(labels[key].as_str(), Some(value), "{what}: {key}");
+        }
+        if kind_of(object) != "Namespace" {
+            assert!(
+                labels["app.kubernetes.io/component"].is_string(),
+                "{what}: app.kubernetes.io/component"
+            );
+        }
+    }
+}
+
+#[test]
+fn kustomize_builds_without_and_with_the_monitoring_component_and_the_kubernetes_schemas_pass() {
+    // The base: no Prometheus operator object, so it applies on a cluster without its CRDs.
+    let base = kustomize_build(&repo(KUSTOMIZE_BASE));
+    let kinds: BTreeSet<&str> = base.iter().map(kind_of).collect();
+    assert_eq!(
+        kinds,
+        BTreeSet::from([
+            "Namespace",
+            "ServiceAccount",
+            "ConfigMap",
+            "Deployment",
+            "Service",
+            "PodDisruptionBudget",
+            "NetworkPolicy"
+        ])
+    );
+    has_recommended_labels(&base);
+    let deployment = find(&base, "Deployment");
+    let template = &deployment["spec"]["template"]["metadata"]["labels"];
+    assert_eq!(
+        template["app.kubernetes.io/version"],
+        deployment["metadata"]["labels"]["app.kubernetes.io/version"],
+        "pods carry the recommended labels too"
+    );
+    assert_eq!(
+        deployment["spec"]["template"]["spec"]["containers"][0]["image"].as_str(),
+        Some(format!("unassign-worker:{}", env!("CARGO_PKG_VERSION")).as_str()),
+        "the image tag and app.kubernetes.io/version agree"
+    );
+    assert!(
+        deployment["spec"]["selector"]["matchLabels"]["app.kubernetes.io/version"].is_null(),
+        "the version stays out of the (immutable) selector"
+    );
+    for object in &base {
+        if kind_of(object) != "Namespace" {
+            assert_eq!(
+                object["metadata"]["namespace"].as_str(),
+                Some("unassign-worker")
+            );
+        }
+    }
+    validate(&base, "base");
+    // The Secret is created out of band, but its example must be a valid Secret too.
+    validate(
+        &yaml_docs(&repo(&format!("{KUSTOMIZE_BASE}/secret.example.yaml"))),
+        "secret-example",
+    );
+
+    // The example overlay: the base, plus the component's two objects, and not the settings.
+    listed_manifests(MONITORING);
+    let overlay = yaml(&format!("{OVERLAY}/kustomization.yaml"));
+    for path in ["resources", "components"]
+        .iter()
+        .flat_map(|k| overlay[*k].as_sequence().unwrap().iter())
+    {
+        let path = repo(OVERLAY).join(str_of(path, "path"));
+        assert!(path.exists(), "{} exists", path.display());
+    }
+    let with = kustomize_build(&repo(OVERLAY));
+    let kinds_with: BTreeSet<&str> = with.iter().map(kind_of).collect();
+    let added: BTreeSet<&str> = kinds_with.difference(&kinds).copied().collect();
+    assert_eq!(added, BTreeSet::from(["PrometheusRule", "ServiceMonitor"]));
+    assert_eq!(with.len(), base.len() + 2, "the settings are not applied");
+    has_recommended_labels(&with);
+    // The example settings are the placeholders: the rule is alerts.yaml's, unchanged.
+    assert_eq!(
+        find(&with, "PrometheusRule")["spec"]["groups"],
+        yaml("deploy/prometheus/alerts.yaml")["groups"]
+    );
+    validate(&with, "with-monitoring");
+}
+
+/// The runbook base URL and the job, set once, reach every runbook_url and every job selector —
+/// through the kustomize component and through scripts/render-alerts.sh alike.
+#[test]
+fn the_runbook_base_url_and_the_job_are_set_in_one_place_per_route() {
+    let base = "https://git.example.com/ops/unassign-worker/-/blob/main/README.md?plain=0&x=1";
+    let job = "uw-prod";
+    let scratch = Scratch::new("overlay");
+    let settings = std::fs::read_to_string(repo(&format!("{OVERLAY}/monitoring-settings.yaml")))
+        .unwrap()
+        .replace(
+            &format!("runbook-base-url: {RUNBOOK_BASE}"),
+            &format!("runbook-base-url: \"{base}\""),
+        )
+        .replace(&format!("job: {JOB}"), &format!("job: {job}"));
+    assert!(
+        settings.contains(base) && settings.contains(job),
+        "{settings}"
+    );
+    std::fs::write(scratch.0.join("monitoring-settings.yaml"), settings).unwrap();
+    let overlay = |settings: &str| {
+        format!(
+            "resources:\n  - {}\n{settings}components:\n  - {}\n",
+            relative(&scratch.0, &repo(KUSTOMIZE_BASE)).display(),
+            relative(&scratch.0, &repo(MONITORING)).display(),
+        )
+    };
+    // Without the settings, the component refuses to build rather than ship placeholder links.
+    std::fs::write(scratch.0.join("kustomization.yaml"), overlay("")).unwrap();
+    let refused = kustomize(&scratch.0).output().unwrap();
+    assert!(
+        !refused.status.success(),
+        "the component builds without its settings"
+    );
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("unassign-worker-monitoring"),
+        "the error names the settings: {}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    std::fs::write(
+        scratch.0.join("kustomization.yaml"),
+        overlay("  - monitoring-settings.yaml\n"),
+    )
+    .unwrap();
+    let built = kustomize_build(&scratch.0);
+    let rule = find(&built, "PrometheusRule");
+    let mut selectors = 0;
+    for group in rule["spec"]["groups"].as_sequence().unwrap() {
+        for r in group["rules"].as_sequence().unwrap() {
+            let name = str_of(&r["alert"], "alert");
+            assert_eq!(
+                r["annotations"]["runbook_url"].as_str(),
+                Some(format!("{base}#{}", name.to_lowercase()).as_str())
+            );
+            let expr = str_of(&r["expr"], "expr");
+            for selected in expr.split("job=\"").skip(1) {
+                assert!(selected.starts_with(&format!("{job}\"")), "{name}: {expr}");
+                selectors += 1;
+            }
+        }
+    }
+    assert!(selectors >= 3, "the rules on `up` select the job");
+    let monitor = find(&built, "ServiceMonitor");
+    assert_eq!(
+        monitor["spec"]["endpoints"][0]["relabelings"][0]["replacement"].as_str(),
+        Some(job)
+    );
+
+    // Rule files: the script prints the same groups, and promtool accepts them.
+    let rendered = run(
+        Command::new(repo("scripts/render-alerts.sh"))
+            .env("RUNBOOK_BASE_URL", base)
+            .env("ALERT_JOB", job),
+        "scripts/render-alerts.sh",
+    );
+    let file = scratch.0.join("alerts.yaml");
+    std::fs::write(&file, &rendered).unwrap();
+    assert_eq!(yaml_docs(&file)[0]["groups"], rule["spec"]["groups"]);
+    run(
+        tool("promtool").args(["check", "rules"]).arg(&file),
+        "promtool check rules on the rendered rules",
+    );
+    for (variable, bad) in [
+        ("RUNBOOK_BASE_URL", "https://wiki.example.com/runbook#top"),
+        ("RUNBOOK_BASE_URL", "wiki/runbook"),
+        ("ALERT_JOB", "a\"b"),
+    ] {
+        let output = Command::new(repo("scripts/render-alerts.sh"))
+            .env("RUNBOOK_BASE_URL", base)
+            .env(variable, bad)
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(2), "{variable}={bad} is refused");
+        assert!(String::from_utf8_lossy(&output.stderr).contains(variable));
     }
 }
 
@@ -684,6 +1142,38 @@ fn the_dashboard_is_well_formed() {
                 panel["title"]
             );
             assert!(panel["targets"].as_array().is_some_and(|t| !t.is_empty()));
+            // Only rates and counts may be stacked, and only rates shown per second (a budget is
+            // a rate too): a gauge such as paused (0/1) drawn as stacked requests per second
+            // misleads. A gauge beside rates needs an override of its own unit, matched by its
+            // query.
+            let defaults = &panel["fieldConfig"]["defaults"];
+            let stacked = defaults["custom"]["stacking"]["mode"] == "normal";
+            for target in panel["targets"].as_array().unwrap() {
+                let expr = target["expr"].as_str().unwrap();
+                if expr.contains("rate(") || expr.contains("_per_second") {
+                    continue;
+                }
+                assert!(
+                    !stacked || expr.contains("increase("),
+                    "{}: stacks a gauge: {expr}",
+                    panel["title"]
+                );
+                let own_unit = panel["fieldConfig"]["overrides"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|o| {
+                        o["matcher"]["id"] == "byFrameRefID"
+                            && o["matcher"]["options"] == target["refId"]
+                    })
+                    .flat_map(|o| o["properties"].as_array().unwrap())
+                    .any(|p| p["id"] == "unit");
+                assert!(
+                    defaults["unit"] != "reqps" || own_unit,
+                    "{}: shows the gauge {expr} per second",
+                    panel["title"]
+                );
+            }
         }
     }
     let variables = d["templating"]["list"].as_array().unwrap();
@@ -717,6 +1207,7 @@ fn the_dashboard_is_well_formed() {
         "unassign_retries_total",
         "unassign_throttled",
         "unassign_rate_limit_per_second",
+        "unassign_read_rate_limit_per_second",
         "unassign_inflight_jobs",
         "unassign_amqp_connected",
         "unassign_amqp_reconnects_total",
@@ -724,10 +1215,24 @@ fn the_dashboard_is_well_formed() {
         "unassign_queue_messages",
         "unassign_build_info",
         "unassign_tenant_paused",
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
+        "process_open_fds",
     ] {
         assert!(
             all.iter().any(|e| e.contains(metric)),
             "the dashboard shows {metric}"
+        );
+    }
+    // Lookups and unassigns apart: calls, budgets and latency.
+    for operation in [
+        "operation=\"unassign\"",
+        "operation=\"list\"",
+        "by (operation, le)",
+    ] {
+        assert!(
+            all.iter().any(|e| e.contains(operation)),
+            "the dashboard separates Graph operations: {operation}"
         );
     }
     for q in [
@@ -879,7 +1384,12 @@ async fn every_dashboard_query_returns_data_from_prometheus_scraping_a_worker() 
     env.broker.publish_request("obs-ok-1", &known[1]).await;
     env.broker.publish_request("obs-ok-2", &known[2]).await;
     env.broker.publish_request("obs-gone", &device()).await;
-    env.events.wait_for(4, WAIT).await;
+    // A request by serial number: a lookup (`operation="list"`) before its unassign.
+    let by_serial = serde_json::json!({"request_id": "obs-serial", "serial_number": format!("SN-{}", known[1])});
+    env.broker
+        .publish(by_serial.to_string().as_bytes(), Default::default())
+        .await;
+    env.events.wait_for(5, WAIT).await;
     env.dead.wait_for(1, WAIT).await;
 
     // Prometheus has scraped what the worker counted.
@@ -906,6 +1416,14 @@ async fn every_dashboard_query_returns_data_from_prometheus_scraping_a_worker() 
             1.0,
         ),
         (
+            format!("sum(unassign_graph_requests_total{{{selector}, operation=\"list\"}})"),
+            1.0,
+        ),
+        (
+            format!("max(process_resident_memory_bytes{{{selector}}})"),
+            1.0,
+        ),
+        (
             format!("sum(unassign_retries_total{{{selector}, reason=\"throttled\"}})"),
             1.0,
         ),
@@ -915,7 +1433,7 @@ async fn every_dashboard_query_returns_data_from_prometheus_scraping_a_worker() 
         ),
         (
             format!("sum(unassign_job_duration_seconds_count{{{selector}}})"),
-            4.0,
+            5.0,
         ),
         (format!("max(up{{{selector}}})"), 1.0),
     ] {

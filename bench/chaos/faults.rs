@@ -273,7 +273,7 @@ pub async fn graph_slow(f: &Flags) -> anyhow::Result<Row> {
     faults.cleared.push(SystemTime::now());
     let timeouts = metric(
         port,
-        "unassign_graph_requests_total{status=\"timeout\",tenant=\"default\"}",
+        "unassign_graph_requests_total{operation=\"unassign\",status=\"timeout\",tenant=\"default\"}",
     )
     .await?;
     faults

@@ -44,6 +44,11 @@ enum Command {
         #[command(subcommand)]
         command: dlq::DlqCommand,
     },
+    /// Serve the HTTP intake: webhooks in, requests published with confirms (docs/intake.md).
+    Intake {
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// Validate the configuration, reach the broker, obtain a token.
     Check {
         #[arg(long)]
@@ -99,6 +104,7 @@ async fn dispatch(command: Command) -> Result<(), CliError> {
         Command::Run { config } => run(config).await,
         Command::Enqueue(args) => enqueue::enqueue(args).await,
         Command::Dlq { command } => dlq::dlq(command).await,
+        Command::Intake { config } => intake(config).await,
         Command::Check { config } => check::check(config).await,
         Command::GraphSim(options) => {
             telemetry::init(LogFormat::Text, "info")?;
@@ -118,6 +124,17 @@ async fn run(config: Option<PathBuf>) -> Result<(), CliError> {
     let shutdown = CancellationToken::new();
     crate::shutdown::on_signal(shutdown.clone(), grace);
     Ok(app.run(shutdown).await?)
+}
+
+async fn intake(config: Option<PathBuf>) -> Result<(), CliError> {
+    let settings = Settings::load(config)?;
+    telemetry::init(settings.log.format, &settings.log.level)?;
+    let grace = Duration::from_secs(settings.intake.shutdown_grace_secs);
+    let server = crate::intake::Server::build(&settings).await?;
+    tracing::info!(http = %server.metrics_addr(), "serving /metrics, /healthz, /readyz");
+    let shutdown = CancellationToken::new();
+    crate::shutdown::on_signal(shutdown.clone(), grace);
+    Ok(server.run(shutdown).await?)
 }
 
 /// Settings for the operator commands, which need the broker but no credentials. Logs are

@@ -32,6 +32,7 @@ pub struct IntakeMetrics {
     published: Counter,
     duplicates: Counter,
     auth_failures: Family<Reason, Counter>,
+    inflight: Gauge,
     connected: Gauge,
     reconnects: Counter,
 }
@@ -52,6 +53,7 @@ impl IntakeMetrics {
             published: Counter::default(),
             duplicates: Counter::default(),
             auth_failures: Family::default(),
+            inflight: Gauge::default(),
             connected: Gauge::default(),
             reconnects: Counter::default(),
         };
@@ -91,6 +93,11 @@ impl IntakeMetrics {
             m.auth_failures.clone(),
         );
         r.register(
+            "unassign_intake_inflight_posts",
+            "Posts being answered (SIGTERM waits for them)",
+            m.inflight.clone(),
+        );
+        r.register(
             "unassign_intake_amqp_connected",
             "1 while the intake holds a broker connection with a confirm channel",
             m.connected.clone(),
@@ -110,7 +117,12 @@ impl IntakeMetrics {
         m
     }
 
+    pub fn started(&self) {
+        self.inflight.inc();
+    }
+
     pub fn answered(&self, code: u16, seconds: f64) {
+        self.inflight.dec();
         self.requests.get_or_create(&Code { code }).inc();
         self.duration.observe(seconds);
     }

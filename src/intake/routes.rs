@@ -140,6 +140,7 @@ async fn requests(State(intake): State<Arc<Intake>>, headers: HeaderMap, body: B
 /// response and in the log line, the status counted, the latency observed.
 async fn observe(State(intake): State<Arc<Intake>>, mut request: Request, next: Next) -> Response {
     let started = Instant::now();
+    intake.metrics.started();
     let id = request
         .headers()
         .get(REQUEST_ID)

@@ -31,6 +31,8 @@ pub struct Relay {
     links: Arc<Mutex<Vec<Link>>>,
     /// Added before forwarding each chunk, on every connection (milliseconds).
     delay_ms: Arc<AtomicU64>,
+    /// While set, new connections are closed at once: the broker is unreachable.
+    refusing: Arc<AtomicBool>,
     accept: JoinHandle<()>,
 }
 
@@ -43,8 +45,14 @@ impl Relay {
         let registry = links.clone();
         let delay_ms: Arc<AtomicU64> = Arc::default();
         let delay = delay_ms.clone();
+        let refusing: Arc<AtomicBool> = Arc::default();
+        let refuse = refusing.clone();
         let accept = tokio::spawn(async move {
             while let Ok((inbound, _)) = listener.accept().await {
+                if refuse.load(Ordering::SeqCst) {
+                    drop(inbound);
+                    continue;
+                }
                 let stalled = Arc::new(AtomicBool::new(false));
                 let faults = Faults {
                     stalled: stalled.clone(),
@@ -69,8 +77,33 @@ impl Relay {
             addr,
             links,
             delay_ms,
+            refusing,
             accept,
         }
+    }
+
+    /// A relay to the broker of `amqp_url` (its host and port).
+    pub async fn to_broker(amqp_url: &str) -> Relay {
+        let upstream: url::Url = amqp_url.parse().unwrap();
+        let host = upstream.host_str().unwrap();
+        let upstream = format!("{host}:{}", upstream.port().unwrap_or(5672));
+        let upstream = tokio::net::lookup_host(upstream)
+            .await
+            .unwrap()
+            .next()
+            .unwrap();
+        Relay::start(upstream).await
+    }
+
+    /// The broker becomes unreachable: open connections are cut and new ones refused, until
+    /// [`Relay::up`].
+    pub fn down(&self) -> usize {
+        self.refusing.store(true, Ordering::SeqCst);
+        self.cut()
+    }
+
+    pub fn up(&self) {
+        self.refusing.store(false, Ordering::SeqCst);
     }
 
     /// Drops every open connection at once (both sockets close), as a network cut would.

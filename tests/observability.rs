@@ -32,6 +32,8 @@ const BIN: &str = env!("CARGO_BIN_EXE_unassign-worker");
 const WAIT: Duration = Duration::from_secs(30);
 /// The scrape job name the alert rules select on.
 const JOB: &str = "unassign-worker";
+/// The intake's scrape job: the intake alert groups by it, the dashboard's intake row selects it.
+const INTAKE_JOB: &str = "unassign-intake";
 
 /// Absolute paths only: nothing here depends on the current directory.
 fn repo(path: &str) -> PathBuf {
@@ -246,12 +248,13 @@ fn every_yaml_and_json_file_under_deploy_parses() {
     assert!(yaml_files >= 10, "found only {yaml_files} YAML files");
 }
 
-/// The Kubernetes resources of deploy/kubernetes, by kind (one of each).
+/// The Kubernetes resources of one kustomization (deploy/kubernetes, deploy/kubernetes/intake),
+/// by kind (one of each).
 struct Manifests(BTreeMap<String, Yaml>);
 
 impl Manifests {
-    fn load() -> Manifests {
-        let kustomization = yaml("deploy/kubernetes/kustomization.yaml");
+    fn load(dir: &str) -> Manifests {
+        let kustomization = yaml(&format!("{dir}/kustomization.yaml"));
         let listed: BTreeSet<String> = kustomization["resources"]
             .as_sequence()
             .expect("kustomization resources")
@@ -259,7 +262,7 @@ impl Manifests {
             .map(|r| str_of(r, "resource").to_owned())
             .collect();
         let mut on_disk = BTreeSet::new();
-        for entry in std::fs::read_dir(repo("deploy/kubernetes")).unwrap() {
+        for entry in std::fs::read_dir(repo(dir)).unwrap() {
             let name = entry.unwrap().file_name().into_string().unwrap();
             if name.ends_with(".yaml")
                 && name != "kustomization.yaml"
@@ -270,11 +273,11 @@ impl Manifests {
         }
         assert_eq!(
             listed, on_disk,
-            "kustomization.yaml lists every manifest in deploy/kubernetes (examples excepted)"
+            "{dir}/kustomization.yaml lists every manifest beside it (examples excepted)"
         );
         let mut by_kind = BTreeMap::new();
         for file in &listed {
-            for doc in yaml_docs(&repo(&format!("deploy/kubernetes/{file}"))) {
+            for doc in yaml_docs(&repo(&format!("{dir}/{file}"))) {
                 let kind = str_of(&doc["kind"], "kind").to_owned();
                 assert!(doc["apiVersion"].as_str().is_some(), "{file}: apiVersion");
                 assert!(
@@ -290,7 +293,7 @@ impl Manifests {
     fn get(&self, kind: &str) -> &Yaml {
         self.0
             .get(kind)
-            .unwrap_or_else(|| panic!("deploy/kubernetes has a {kind}"))
+            .unwrap_or_else(|| panic!("the kustomization has a {kind}"))
     }
 }
 
@@ -358,9 +361,36 @@ fn check_with_workload_identity() -> (Option<i32>, String) {
     (output.status.code(), said)
 }
 
+/// A restrictive security context for the pod `spec` and its container `c`.
+fn restricted(spec: &Yaml, c: &Yaml) {
+    assert_eq!(
+        spec["securityContext"]["runAsNonRoot"].as_bool(),
+        Some(true)
+    );
+    assert!(
+        spec["securityContext"]["runAsUser"]
+            .as_u64()
+            .is_some_and(|u| u > 0)
+    );
+    assert_eq!(
+        spec["securityContext"]["seccompProfile"]["type"].as_str(),
+        Some("RuntimeDefault")
+    );
+    let sc = &c["securityContext"];
+    assert_eq!(sc["allowPrivilegeEscalation"].as_bool(), Some(false));
+    assert_eq!(sc["readOnlyRootFilesystem"].as_bool(), Some(true));
+    assert_eq!(sc["runAsNonRoot"].as_bool(), Some(true));
+    assert_eq!(
+        sc["capabilities"]["drop"]
+            .as_sequence()
+            .map(|d| d.as_slice()),
+        Some([Yaml::from("ALL")].as_slice())
+    );
+}
+
 #[test]
 fn kubernetes_manifests_hang_together() {
-    let m = Manifests::load();
+    let m = Manifests::load("deploy/kubernetes");
     let deployment = m.get("Deployment");
     let pod = &deployment["spec"]["template"];
     let spec = &pod["spec"];
@@ -444,30 +474,7 @@ fn kubernetes_manifests_hang_together() {
     assert!(c["resources"]["requests"]["memory"].is_string());
     assert!(c["resources"]["limits"]["memory"].is_string());
 
-    // A restrictive security context.
-    assert_eq!(
-        spec["securityContext"]["runAsNonRoot"].as_bool(),
-        Some(true)
-    );
-    assert!(
-        spec["securityContext"]["runAsUser"]
-            .as_u64()
-            .is_some_and(|u| u > 0)
-    );
-    assert_eq!(
-        spec["securityContext"]["seccompProfile"]["type"].as_str(),
-        Some("RuntimeDefault")
-    );
-    let sc = &c["securityContext"];
-    assert_eq!(sc["allowPrivilegeEscalation"].as_bool(), Some(false));
-    assert_eq!(sc["readOnlyRootFilesystem"].as_bool(), Some(true));
-    assert_eq!(sc["runAsNonRoot"].as_bool(), Some(true));
-    assert_eq!(
-        sc["capabilities"]["drop"]
-            .as_sequence()
-            .map(|d| d.as_slice()),
-        Some([Yaml::from("ALL")].as_slice())
-    );
+    restricted(spec, c);
 
     // Azure workload identity: the service account names the app, the pods opt in.
     let sa = m.get("ServiceAccount");
@@ -542,10 +549,165 @@ fn kubernetes_manifests_hang_together() {
 }
 
 #[test]
+fn intake_manifests_hang_together() {
+    let m = Manifests::load("deploy/kubernetes/intake");
+    let worker = Manifests::load("deploy/kubernetes");
+    let settings = settings_with(
+        str_of(
+            &worker.get("ConfigMap")["data"]["config.toml"],
+            "config.toml",
+        ),
+        "the worker's ConfigMap",
+    );
+    let deployment = m.get("Deployment");
+    let pod = &deployment["spec"]["template"];
+    let spec = &pod["spec"];
+    let labels = &pod["metadata"]["labels"];
+    assert!(selects(
+        &deployment["spec"]["selector"]["matchLabels"],
+        labels
+    ));
+    assert!(
+        !selects(
+            &worker.get("Deployment")["spec"]["selector"]["matchLabels"],
+            labels
+        ),
+        "the worker's selectors do not pick the intake's pods"
+    );
+    let c = &spec["containers"][0];
+    assert_eq!(c["args"][0].as_str(), Some("intake"));
+    let termination = spec["terminationGracePeriodSeconds"].as_u64().unwrap();
+    assert!(termination > settings.intake.shutdown_grace_secs + 5);
+    restricted(spec, c);
+
+    // It reads the worker's ConfigMap and broker Secret, and its own credentials files.
+    let config_path = str_of(
+        &env_value(c, "UNASSIGN_CONFIG").expect("UNASSIGN_CONFIG")["value"],
+        "UNASSIGN_CONFIG",
+    );
+    let (volume, _) = mounted(spec, c, config_path).expect("the config file is mounted");
+    assert_eq!(
+        volume["configMap"]["name"],
+        worker.get("ConfigMap")["metadata"]["name"]
+    );
+    assert!(env_value(c, "AMQP_URL").unwrap()["valueFrom"]["secretKeyRef"].is_mapping());
+    let example = yaml("deploy/kubernetes/intake/secret.example.yaml");
+    for var in [
+        "UNASSIGN__INTAKE__BEARER_TOKEN_FILE",
+        "UNASSIGN__INTAKE__HMAC_SECRET_FILE",
+    ] {
+        let path = str_of(&env_value(c, var).expect(var)["value"], var);
+        let (volume, file) = mounted(spec, c, path).unwrap_or_else(|| panic!("{var} is mounted"));
+        assert_eq!(
+            volume["secret"]["secretName"], example["metadata"]["name"],
+            "{var} comes from the intake's Secret"
+        );
+        assert!(
+            example["stringData"][file.as_str()].is_string(),
+            "the Secret has {file}"
+        );
+    }
+
+    // Ports and probes as the settings say; the public port only behind the Service and Ingress.
+    let port = |name: &str| {
+        c["ports"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"].as_str() == Some(name))
+            .unwrap_or_else(|| panic!("a {name} port"))
+            .clone()
+    };
+    let (http, metrics) = (port("http"), port("metrics"));
+    assert_eq!(
+        http["containerPort"].as_u64(),
+        Some(u64::from(settings.intake.listen.port()))
+    );
+    assert_eq!(
+        metrics["containerPort"].as_u64(),
+        Some(u64::from(settings.intake.metrics_listen.port()))
+    );
+    for (probe, path) in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")] {
+        assert_eq!(c[probe]["httpGet"]["path"].as_str(), Some(path));
+        assert_eq!(c[probe]["httpGet"]["port"], metrics["name"], "{probe}");
+    }
+    let service = m.get("Service");
+    assert!(selects(&service["spec"]["selector"], labels));
+    assert_eq!(
+        str_of(&service["metadata"]["name"], "Service name"),
+        INTAKE_JOB,
+        "the ServiceMonitor's job label is the Service name, which the intake alert groups by"
+    );
+    let service_port = |name: &str| {
+        service["spec"]["ports"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"].as_str() == Some(name))
+            .unwrap_or_else(|| panic!("the Service has a {name} port"))
+            .clone()
+    };
+    assert_eq!(service_port("http")["targetPort"], http["name"]);
+    assert_eq!(service_port("metrics")["targetPort"], metrics["name"]);
+    let monitor = m.get("ServiceMonitor");
+    assert!(selects(
+        &monitor["spec"]["selector"]["matchLabels"],
+        &service["metadata"]["labels"]
+    ));
+    assert_eq!(
+        monitor["spec"]["endpoints"][0]["port"].as_str(),
+        Some("metrics")
+    );
+
+    // The Ingress terminates TLS for its host and routes /v1/ to the public port only.
+    let ingress = m.get("Ingress");
+    let rule = &ingress["spec"]["rules"][0];
+    let tls_hosts = &ingress["spec"]["tls"][0]["hosts"];
+    assert!(
+        tls_hosts.as_sequence().unwrap().contains(&rule["host"]),
+        "TLS covers the Ingress host"
+    );
+    assert!(ingress["spec"]["tls"][0]["secretName"].is_string());
+    let paths = rule["http"]["paths"].as_sequence().unwrap();
+    assert_eq!(paths.len(), 1);
+    assert_eq!(paths[0]["path"].as_str(), Some("/v1/"));
+    let backend = &paths[0]["backend"]["service"];
+    assert_eq!(backend["name"], service["metadata"]["name"]);
+    assert_eq!(backend["port"]["name"].as_str(), Some("http"));
+
+    // The NetworkPolicy covers the pods and lets in only the two ports.
+    let policy = m.get("NetworkPolicy");
+    assert!(selects(
+        &policy["spec"]["podSelector"]["matchLabels"],
+        labels
+    ));
+    let allowed: BTreeSet<&str> = policy["spec"]["ingress"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .flat_map(|rule| rule["ports"].as_sequence().unwrap())
+        .map(|p| str_of(&p["port"], "port"))
+        .collect();
+    assert_eq!(allowed, BTreeSet::from(["http", "metrics"]));
+
+    let pdb = m.get("PodDisruptionBudget");
+    assert!(selects(&pdb["spec"]["selector"]["matchLabels"], labels));
+    let replicas = deployment["spec"]["replicas"].as_u64().unwrap_or(1);
+    assert!(pdb["spec"]["minAvailable"].as_u64().unwrap() < replicas);
+}
+
+#[test]
 fn the_compose_stack_hangs_together() {
     let compose = yaml("deploy/compose.yaml");
     let services = compose["services"].as_mapping().expect("services");
-    for name in ["rabbitmq", "worker", "graph-sim", "prometheus", "grafana"] {
+    for name in [
+        "rabbitmq",
+        "worker",
+        "graph-sim",
+        "intake",
+        "prometheus",
+        "grafana",
+    ] {
         assert!(services.contains_key(name), "compose has {name}");
     }
     // Every bind-mounted file exists (relative to deploy/, the compose file's directory).
@@ -596,6 +758,39 @@ fn the_compose_stack_hangs_together() {
         prometheus["scrape_configs"][0]["static_configs"][0]["targets"][0].as_str(),
         Some(format!("worker:{}", settings.http.listen.port()).as_str())
     );
+    // The intake: its command, credentials files, grace, and its scrape job.
+    let intake = &compose["services"]["intake"];
+    assert_eq!(intake["command"][0].as_str(), Some("intake"));
+    let env = &intake["environment"];
+    let mounts: Vec<Vec<&str>> = intake["volumes"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|v| str_of(v, "volume").split(':').collect())
+        .collect();
+    for var in [
+        "UNASSIGN__INTAKE__BEARER_TOKEN_FILE",
+        "UNASSIGN__INTAKE__HMAC_SECRET_FILE",
+    ] {
+        let path = str_of(&env[var], var);
+        assert!(
+            mounts.iter().any(|m| m[1] == path),
+            "the intake's {var} ({path}) is mounted"
+        );
+    }
+    let stop = str_of(&intake["stop_grace_period"], "stop_grace_period");
+    let stop: u64 = stop.strip_suffix('s').expect("seconds").parse().unwrap();
+    assert!(stop > settings.intake.shutdown_grace_secs + 5);
+    let intake_job = prometheus["scrape_configs"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|j| j["job_name"].as_str() == Some(INTAKE_JOB))
+        .expect("Prometheus scrapes the intake as unassign-intake");
+    assert_eq!(
+        intake_job["static_configs"][0]["targets"][0].as_str(),
+        Some(format!("intake:{}", settings.intake.metrics_listen.port()).as_str())
+    );
     let datasources = yaml("deploy/compose/grafana/datasources.yaml");
     assert_eq!(
         datasources["datasources"][0]["type"].as_str(),
@@ -631,6 +826,7 @@ fn as_sent(expr: &str) -> String {
         .replace("$__rate_interval", "1m")
         .replace("$__interval", "15s")
         .replace("$__range", "1h")
+        .replace("$intake_job", INTAKE_JOB)
         .replace("$job", JOB)
         .replace("$instance", ".*")
         .replace("$tenant", ".*");
@@ -701,6 +897,10 @@ fn the_dashboard_is_well_formed() {
         "unassign_queue_messages",
         "unassign_build_info",
         "unassign_tenant_paused",
+        "unassign_intake_requests_total",
+        "unassign_intake_request_duration_seconds_bucket",
+        "unassign_intake_messages_published_total",
+        "unassign_intake_amqp_connected",
     ] {
         assert!(
             all.iter().any(|e| e.contains(metric)),
@@ -725,7 +925,9 @@ struct Prometheus {
 }
 
 impl Prometheus {
-    fn start(target: std::net::SocketAddr) -> Prometheus {
+    /// Scrapes the worker at `worker` as job `unassign-worker` and the intake at `intake` as
+    /// `unassign-intake`.
+    fn start(worker: std::net::SocketAddr, intake: std::net::SocketAddr) -> Prometheus {
         let dir = std::env::temp_dir().join(format!("unassign-prom-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir_all(&dir).unwrap();
         let config = dir.join("prometheus.yml");
@@ -734,7 +936,8 @@ impl Prometheus {
             format!(
                 "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n\
                  rule_files:\n  - {rules}\n\
-                 scrape_configs:\n  - job_name: {JOB}\n    static_configs:\n      - targets: ['{target}']\n",
+                 scrape_configs:\n  - job_name: {JOB}\n    static_configs:\n      - targets: ['{worker}']\n\
+                 \x20 - job_name: {INTAKE_JOB}\n    static_configs:\n      - targets: ['{intake}']\n",
                 rules = repo("deploy/prometheus/alerts.yaml").display(),
             ),
         )
@@ -842,7 +1045,19 @@ async fn every_dashboard_query_returns_data_from_prometheus_scraping_a_worker() 
         ..sim_options()
     };
     let env = Env::start_with("observe", sim, |_| {}).await;
-    let mut prometheus = Prometheus::start(env.worker.http);
+    // An intake beside the worker, for the dashboard's intake row.
+    let tokens = common::TempFile::new("observability-intake-token-0123456789\n");
+    let mut intake_settings = env.settings().clone();
+    intake_settings.intake.listen = "127.0.0.1:0".parse().unwrap();
+    intake_settings.intake.metrics_listen = "127.0.0.1:0".parse().unwrap();
+    intake_settings.intake.bearer_token_file = Some(tokens.0.clone());
+    let intake = unassign_worker::intake::Server::build(&intake_settings)
+        .await
+        .expect("the intake builds");
+    let (intake_url, intake_metrics) = (intake.addr(), intake.metrics_addr());
+    let intake_stop = tokio_util::sync::CancellationToken::new();
+    let intake = tokio::spawn(intake.run(intake_stop.clone()));
+    let mut prometheus = Prometheus::start(env.worker.http, intake_metrics);
     prometheus.wait_ready().await;
 
     // One throttled call (429, Retry-After 1 s) and its retry, then successes and a 404.
@@ -858,6 +1073,21 @@ async fn every_dashboard_query_returns_data_from_prometheus_scraping_a_worker() 
     env.broker.publish_request("obs-gone", &device()).await;
     env.events.wait_for(4, WAIT).await;
     env.dead.wait_for(1, WAIT).await;
+    // After the worker's own jobs, so that the scripted 429 is theirs.
+    let posted = eventually("a post through the intake", WAIT, || async {
+        let response = reqwest::Client::new()
+            .post(format!("http://{intake_url}/v1/requests"))
+            .bearer_auth("observability-intake-token-0123456789")
+            .header("content-type", "application/json")
+            .body(
+                serde_json::json!({"request_id": "obs-intake", "device_id": known[1]}).to_string(),
+            )
+            .send()
+            .await
+            .ok()?;
+        (response.status() == 202).then_some(())
+    });
+    posted.await;
 
     // Prometheus has scraped what the worker counted.
     let selector = format!("job=\"{JOB}\"");
@@ -895,6 +1125,10 @@ async fn every_dashboard_query_returns_data_from_prometheus_scraping_a_worker() 
             4.0,
         ),
         (format!("max(up{{{selector}}})"), 1.0),
+        (
+            format!("sum(unassign_intake_messages_published_total{{job=\"{INTAKE_JOB}\"}})"),
+            1.0,
+        ),
     ] {
         eventually(&format!("{query} >= {at_least}"), WAIT, || async {
             prometheus
@@ -963,6 +1197,8 @@ async fn every_dashboard_query_returns_data_from_prometheus_scraping_a_worker() 
     .await;
 
     drop(prometheus);
+    intake_stop.cancel();
+    intake.await.unwrap().expect("the intake stops cleanly");
     env.finish().await;
     let _ = std::fs::remove_file(devices);
 }

@@ -472,12 +472,18 @@ async fn sigterm_during_a_batch_loses_nothing() {
         ]
         .map(|(k, v)| (k.to_owned(), v)),
     );
-    let child = common::bin::command(&vars)
+    let mut child = common::bin::command(&vars)
         .arg("intake")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .expect("the intake starts");
+    let mut stderr = child.stderr.take().unwrap();
+    let logs = std::thread::spawn(move || {
+        let mut logs = String::new();
+        std::io::Read::read_to_string(&mut stderr, &mut logs).unwrap();
+        logs
+    });
     let mut intake = ProcessIntake(child);
     let base = format!("http://127.0.0.1:{ops}");
     eventually("the intake process ready", WAIT, || async {
@@ -525,8 +531,41 @@ async fn sigterm_during_a_batch_loses_nothing() {
         .map(|r| r.json()["request_id"].as_str().unwrap().to_owned())
         .collect();
     assert_eq!(ids.len(), 100, "every message of the batch is in the queue");
+
+    // JSON logs: the post's answer under its request id; never the token.
+    let logs = logs.join().unwrap();
+    assert!(!logs.contains(TOKEN), "a bearer token in the logs:\n{logs}");
+    let answered: Vec<Value> = logs
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|l| l["message"] == "answered")
+        .collect();
+    assert_eq!(answered.len(), 1, "{logs}");
+    assert_eq!(answered[0]["status"], 202);
+    assert!(answered[0]["span"]["request_id"].is_string(), "{logs}");
     broker.cleanup().await;
     sim.shutdown().await;
+}
+
+#[test]
+fn without_credentials_the_intake_exits_2_naming_both_keys() {
+    let mut cmd = common::bin::command(&[]);
+    let (code, _, stderr) = common::bin::output(cmd.arg("intake"));
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("intake.bearer_token_file") && stderr.contains("intake.hmac_secret_file"),
+        "{stderr}"
+    );
+    let weak = TempFile::new("hunter2\n");
+    let vars = [(
+        "UNASSIGN__INTAKE__HMAC_SECRET_FILE".to_owned(),
+        weak.0.display().to_string(),
+    )];
+    let mut cmd = common::bin::command(&vars);
+    let (code, _, stderr) = common::bin::output(cmd.arg("intake"));
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("`intake.hmac_secret_file`"), "{stderr}");
+    assert!(!stderr.contains("hunter2"), "{stderr}");
 }
 
 /// Kills the process if the test fails half-way.

@@ -91,15 +91,11 @@ impl Intake {
         }
         match axum::body::to_bytes(body, self.max_body).await {
             Ok(bytes) => Ok(bytes.to_vec()),
-            Err(e) => {
-                let over = std::error::Error::source(&e)
-                    .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
-                Err(if over {
-                    too_large()
-                } else {
-                    Refused::new(StatusCode::BAD_REQUEST, "the body could not be read")
-                })
-            }
+            Err(e) if over_limit(&e) => Err(too_large()),
+            Err(_) => Err(Refused::new(
+                StatusCode::BAD_REQUEST,
+                "the body could not be read",
+            )),
         }
     }
 
@@ -236,6 +232,12 @@ impl Intake {
     }
 }
 
+/// A body that went over the limit while being read (one sent without `Content-Length`), as
+/// opposed to one that broke off.
+fn over_limit(e: &axum::Error) -> bool {
+    std::error::Error::source(e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
+}
+
 /// `Idempotency-Key`, if sent: the characters of a request id, at most
 /// [`MAX_IDEMPOTENCY_KEY`] of them.
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<&str>, Refused> {
@@ -259,4 +261,42 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<&str>, Refused> {
                 ),
             )
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::http::HeaderValue;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_body_over_the_limit_is_told_from_a_broken_one() {
+        let e = axum::body::to_bytes(Body::from(vec![b'x'; 100]), 10)
+            .await
+            .unwrap_err();
+        assert!(over_limit(&e));
+        let broken = futures_util::stream::iter([Err::<Vec<u8>, _>(std::io::Error::other("cut"))]);
+        let e = axum::body::to_bytes(Body::from_stream(broken), 10)
+            .await
+            .unwrap_err();
+        assert!(!over_limit(&e));
+    }
+
+    #[test]
+    fn idempotency_keys() {
+        let key = |v: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(IDEMPOTENCY_KEY, HeaderValue::from_str(v).unwrap());
+            idempotency_key(&headers).map(|k| k.map(str::to_owned))
+        };
+        assert_eq!(
+            key("leaver-4711:a.b_c").unwrap().as_deref(),
+            Some("leaver-4711:a.b_c")
+        );
+        assert!(key(&"k".repeat(100)).is_ok());
+        for bad in ["", "a b", "a/b", &"k".repeat(101)] {
+            assert!(key(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(idempotency_key(&HeaderMap::new()).unwrap(), None);
+    }
 }

@@ -107,6 +107,16 @@ async fn main() -> anyhow::Result<()> {
         let run = drive(&client, &args, intake.pid(), per_post, posts).await?;
         rows.push((name, per_post, run));
     }
+    // Every 202 stands for confirmed messages: they must all be in the queue.
+    let answered: usize = rows
+        .iter()
+        .map(|(_, per_post, run)| per_post * run.posts)
+        .sum();
+    let queued = topology.ready(&topology.settings.amqp.queue).await? as usize;
+    ensure!(
+        queued == answered,
+        "{answered} messages answered 202, {queued} in the queue"
+    );
     let (_, peak_rss_kib) = common::process_usage(intake.pid())?;
     let (status, _) = intake.stop()?;
     ensure!(status.success(), "the intake exited with {status}");

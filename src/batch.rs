@@ -344,8 +344,10 @@ pub struct PublishFailed {
 }
 
 /// Publishes every row to the request exchange, [`PUBLISH_PIPELINE`] awaiting their confirm at
-/// once, calling `on_confirm` with each row the broker confirmed and the number so far. Stops at
-/// the first refusal.
+/// once, calling `on_confirm` with each row the broker confirmed and the number so far. After the
+/// first refusal no further row is sent, but every publish already in flight is still awaited, so
+/// that `on_confirm` has seen every row the broker took (the intake remembers them, and the
+/// client's retry does not publish them again); then the first refusal is returned.
 pub async fn publish_all(
     publisher: &Publisher,
     amqp: &AmqpSettings,
@@ -358,26 +360,31 @@ pub async fn publish_all(
     let mut pending = FuturesUnordered::new();
     let mut next = rows.iter();
     let mut confirmed = 0;
+    let mut refused = None;
     loop {
-        while pending.len() < PUBLISH_PIPELINE {
+        while refused.is_none() && pending.len() < PUBLISH_PIPELINE {
             let Some(row) = next.next() else { break };
             pending.push(publish_one(publisher, amqp, row));
         }
         match pending.next().await {
-            None => return Ok(confirmed),
+            None => break,
             Some(Ok(row)) => {
                 confirmed += 1;
                 on_confirm(row, confirmed);
             }
             Some(Err((row, source))) => {
-                return Err(PublishFailed {
-                    request_id: row.request_id.clone(),
-                    line: row.line,
-                    confirmed,
-                    source,
-                });
+                refused.get_or_insert((row, source));
             }
         }
+    }
+    match refused {
+        None => Ok(confirmed),
+        Some((row, source)) => Err(PublishFailed {
+            request_id: row.request_id.clone(),
+            line: row.line,
+            confirmed,
+            source,
+        }),
     }
 }
 

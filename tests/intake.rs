@@ -12,6 +12,10 @@ use std::{
 };
 
 use common::{Broker, Collector, Env, TempFile, device, eventually, relay::Relay};
+use lapin::{
+    options::{QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions},
+    types::{AMQPValue, FieldTable},
+};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 use unassign_worker::{
@@ -355,6 +359,95 @@ async fn an_unreachable_broker_is_503_publishing_nothing_then_202_once_back() {
     // The relay is back, so the sentinel goes through it too.
     let ids = published_ids(&intake, &requests).await;
     assert_eq!(ids, ["down-1", "down-2"], "each once, nothing from the 503");
+    intake.stop().await;
+    broker.cleanup().await;
+    sim.shutdown().await;
+}
+
+/// Nothing is half-accepted: the broker takes only part of a batch — for the first post the
+/// exchange routes to a classic queue of `x-max-length` 3 with `reject-publish` instead of the
+/// request queue, so the first three messages are confirmed and the rest nacked — and the post is
+/// 503. Once the request queue is bound again the same post is 202 and publishes only the 27 the
+/// broker did not confirm: every message is on the broker exactly once.
+#[tokio::test]
+async fn a_broker_refusing_part_of_a_batch_is_503_and_the_retry_publishes_each_message_once() {
+    let sim = Sim::start(common::sim_options()).await.unwrap();
+    let settings = common::settings(&sim, &common::prefix("intake-partial"));
+    let broker = Broker::connect(&settings).await;
+    let intake = Intake::start(&settings).await;
+    let a = &settings.amqp;
+    let (exchange, key) = (a.exchange.as_str(), a.routing_key.as_str());
+    let limiter = format!("{}.limiter", a.queue);
+    let mut args = FieldTable::default();
+    args.insert("x-max-length".into(), AMQPValue::LongInt(3));
+    args.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString("reject-publish".into()),
+    );
+    let channel = &broker.channel;
+    channel
+        .queue_declare(
+            limiter.as_str().into(),
+            QueueDeclareOptions::default(),
+            args,
+        )
+        .await
+        .unwrap();
+    let bind = |queue: String, bound: bool| async move {
+        let none = FieldTable::default();
+        if bound {
+            let options = QueueBindOptions::default();
+            channel
+                .queue_bind(
+                    queue.as_str().into(),
+                    exchange.into(),
+                    key.into(),
+                    options,
+                    none,
+                )
+                .await
+        } else {
+            channel
+                .queue_unbind(queue.as_str().into(), exchange.into(), key.into(), none)
+                .await
+        }
+        .unwrap();
+    };
+    bind(a.queue.clone(), false).await;
+    bind(limiter.clone(), true).await;
+
+    let items: Vec<Value> = (0..30).map(|i| request(&format!("partial-{i}"))).collect();
+    let batch = json!(items).to_string();
+    let idempotency = [("idempotency-key", "partial-batch")];
+    let refused = intake.bearer(&batch, &idempotency).await;
+    assert_eq!(refused.status, 503, "{refused:?}");
+    assert!(refused.retry_after.is_some());
+
+    bind(limiter.clone(), false).await;
+    bind(a.queue.clone(), true).await;
+    let accepted = intake.bearer(&batch, &idempotency).await;
+    assert_eq!(accepted.status, 202, "{accepted:?}");
+    assert_eq!(accepted.body["accepted"], 30);
+    assert_eq!(
+        intake.metric("unassign_intake_duplicates_total").await,
+        3.0,
+        "the three confirmed before the 503 were not published again"
+    );
+
+    let requests = broker.collect(&a.queue).await;
+    let mut ids = published_ids(&intake, &requests).await;
+    assert_eq!(
+        broker.depth(&limiter).await,
+        3,
+        "the first three, taken once"
+    );
+    ids.sort_by_key(|id| id["partial-".len()..].parse::<u32>().unwrap());
+    let rest: Vec<String> = (3..30).map(|i| format!("partial-{i}")).collect();
+    assert_eq!(ids, rest, "the other 27, each once");
+    channel
+        .queue_delete(limiter.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .unwrap();
     intake.stop().await;
     broker.cleanup().await;
     sim.shutdown().await;

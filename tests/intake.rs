@@ -128,9 +128,14 @@ impl Intake {
                 .get("retry-after")
                 .map(|v| v.to_str().unwrap().to_owned()),
             replayed: response.headers().contains_key("idempotent-replayed"),
+            request_id: response
+                .headers()
+                .get("x-request-id")
+                .map(|v| v.to_str().unwrap().to_owned()),
             body: response.json().await.expect("a JSON answer"),
         };
         openapi::conforms(answer.status, &answer.body);
+        assert!(answer.request_id.is_some(), "{answer:?}");
         answer
     }
 
@@ -154,6 +159,8 @@ impl Intake {
 #[derive(Debug)]
 struct Answer {
     status: u16,
+    /// `X-Request-Id`: every answer has one.
+    request_id: Option<String>,
     retry_after: Option<String>,
     replayed: bool,
     body: Value,

@@ -138,7 +138,7 @@ async fn requests(State(intake): State<Arc<Intake>>, headers: HeaderMap, body: B
 
 /// Every public answer: a request id (the client's `X-Request-Id` if it is a sane one) on the
 /// response and in the log line, the status counted, the latency observed.
-async fn observe(State(intake): State<Arc<Intake>>, mut request: Request, next: Next) -> Response {
+async fn observe(State(intake): State<Arc<Intake>>, request: Request, next: Next) -> Response {
     let started = Instant::now();
     intake.metrics.started();
     let id = request
@@ -153,10 +153,6 @@ async fn observe(State(intake): State<Arc<Intake>>, mut request: Request, next: 
         .map(str::to_owned)
         .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
     let span = tracing::info_span!("post", request_id = %id);
-    request.headers_mut().insert(
-        REQUEST_ID,
-        HeaderValue::from_str(&id).expect("checked above"),
-    );
     let mut response = next.run(request).instrument(span.clone()).await;
     let seconds = started.elapsed().as_secs_f64();
     let status = response.status().as_u16();
@@ -164,7 +160,7 @@ async fn observe(State(intake): State<Arc<Intake>>, mut request: Request, next: 
     span.in_scope(|| tracing::info!(status, ms = seconds * 1000.0, "answered"));
     response.headers_mut().insert(
         REQUEST_ID,
-        HeaderValue::from_str(&id).expect("checked above"),
+        HeaderValue::from_str(&id).expect("checked or generated above: visible ASCII"),
     );
     response
 }

@@ -541,6 +541,44 @@ async fn a_repeated_idempotency_key_publishes_one_message() {
     sim.shutdown().await;
 }
 
+/// A sender that retries while its first attempt still waits for confirms (here: three identical
+/// posts at once over a slowed broker link) gets 202 each time, and the messages are published
+/// once: the later posts wait for the first instead of publishing again.
+#[tokio::test]
+async fn concurrent_repeats_of_a_post_publish_once() {
+    let (sim, broker, requests) = broker_only("intake-race").await;
+    let relay = Relay::to_broker(&common::amqp_url()).await;
+    let mut settings = broker.settings.clone();
+    settings.amqp.url = format!("amqp://guest:guest@{}/%2f", relay.addr).into();
+    let intake = Intake::start(&settings).await;
+    relay.slow(Duration::from_millis(200));
+
+    let batch = json!([request("race-1"), request("race-2")]).to_string();
+    let key = [("idempotency-key", "race")];
+    let (a, b, c) = tokio::join!(
+        intake.bearer(&batch, &key),
+        intake.bearer(&batch, &key),
+        intake.bearer(&batch, &key),
+    );
+    for answer in [&a, &b, &c] {
+        assert_eq!(answer.status, 202, "{answer:?}");
+        assert_eq!(answer.body, a.body);
+    }
+    assert_eq!(
+        [&a, &b, &c].iter().filter(|x| x.replayed).count(),
+        2,
+        "two waited for the first and published nothing"
+    );
+    relay.slow(Duration::ZERO);
+    assert_eq!(
+        published_ids(&intake, &requests).await,
+        ["race-1", "race-2"]
+    );
+    intake.stop().await;
+    broker.cleanup().await;
+    sim.shutdown().await;
+}
+
 /// The binary as a process: a 100-item batch is in flight over a slow broker link when
 /// SIGTERM arrives; the post still gets its 202, every message is in the queue, exit 0.
 #[tokio::test]

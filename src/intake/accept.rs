@@ -111,14 +111,32 @@ impl Intake {
         let key = idempotency_key(headers)?;
         let rows = self.parse(headers, body, key)?;
         let digests: Vec<[u8; 32]> = rows.iter().map(|r| sha256(&r.body)).collect();
-        let fresh = self.not_yet_confirmed(&rows, &digests)?;
+        let deadline = Instant::now() + self.broker.timeout();
+        // The ids not yet confirmed, claimed against concurrent posts of the same ids.
+        let (fresh, _claim) = loop {
+            let fresh = self.not_yet_confirmed(&rows, &digests)?;
+            match self.inflight.claim(&fresh) {
+                Ok(claim) => break (fresh, claim),
+                Err(busy) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if !self.inflight.wait(busy, left).await {
+                        return Err(Refused::new(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "a concurrent post of the same messages is still in progress",
+                        )
+                        .retry_after(RETRY_AFTER_SECS));
+                    }
+                }
+            }
+        };
         let duplicates = rows.len() - fresh.len();
         self.metrics.duplicates(duplicates as u64);
         if !fresh.is_empty() {
             let published = self
                 .broker
                 .publish(&fresh, |row, _| {
-                    self.remember(&row.message_id, sha256(&row.body))
+                    self.remember(&row.message_id, sha256(&row.body));
+                    self.metrics.published(1);
                 })
                 .await;
             if let Err(e) = published {
@@ -129,7 +147,6 @@ impl Intake {
                 )
                 .retry_after(RETRY_AFTER_SECS));
             }
-            self.metrics.published(fresh.len() as u64);
         }
         tracing::info!(
             accepted = rows.len(),

@@ -6,6 +6,7 @@
 
 mod accept;
 pub mod auth;
+mod inflight;
 mod metrics;
 mod publish;
 mod ratelimit;
@@ -21,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 pub use metrics::IntakeMetrics;
 pub use window::WindowMap;
 
-use self::{auth::Authenticator, publish::Broker, ratelimit::RateLimit};
+use self::{auth::Authenticator, inflight::InFlight, publish::Broker, ratelimit::RateLimit};
 use crate::{config::Settings, http, worker::RunError};
 
 /// What every post shares.
@@ -30,6 +31,7 @@ pub struct Intake {
     limit: RateLimit,
     /// Confirmed message-ids and a digest of the body each was confirmed with.
     confirmed: Mutex<WindowMap<String, [u8; 32]>>,
+    inflight: InFlight,
     broker: Broker,
     metrics: Arc<IntakeMetrics>,
     max_body: usize,
@@ -70,6 +72,7 @@ impl Server {
                 Duration::from_secs(config.idempotency_window_secs),
                 config.idempotency_capacity,
             )),
+            inflight: InFlight::default(),
             broker,
             metrics,
             max_body: config.max_body_bytes,

@@ -82,6 +82,11 @@ impl Broker {
         self.amqp.redacted_url()
     }
 
+    /// How long a post may wait for its confirms.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     pub fn connected(&self) -> bool {
         self.current.borrow().publisher.is_some()
     }

@@ -55,7 +55,12 @@ fn intake_settings(settings: &Settings) -> (Settings, (TempFile, TempFile)) {
 
 impl Intake {
     async fn start(settings: &Settings) -> Intake {
-        let (settings, files) = intake_settings(settings);
+        Self::start_with(settings, |_| {}).await
+    }
+
+    async fn start_with(settings: &Settings, tweak: impl FnOnce(&mut Settings)) -> Intake {
+        let (mut settings, files) = intake_settings(settings);
+        tweak(&mut settings);
         let server = Server::build(&settings).await.expect("the intake builds");
         let url = format!("http://{}/v1/requests", server.addr());
         let ops = format!("http://{}", server.metrics_addr());
@@ -112,6 +117,10 @@ impl Intake {
         } else {
             "application/json"
         };
+        self.post_as(content_type, body, headers).await
+    }
+
+    async fn post_as(&self, content_type: &str, body: &str, headers: &[(&str, &str)]) -> Answer {
         let mut request = self
             .http
             .post(&self.url)
@@ -460,6 +469,7 @@ async fn a_broker_refusing_part_of_a_batch_is_503_and_the_retry_publishes_each_m
     sim.shutdown().await;
 }
 
+/// Also: a malformed body 400, another media type 415, over the limits 413; none publishes.
 #[tokio::test]
 async fn a_batch_with_one_bad_line_is_400_naming_it_and_publishes_nothing() {
     let (sim, broker, requests) = broker_only("intake-400").await;
@@ -486,6 +496,11 @@ async fn a_batch_with_one_bad_line_is_400_naming_it_and_publishes_nothing() {
     assert_eq!(no_id.status, 400, "no request_id and no Idempotency-Key");
     assert_eq!(no_id.body["errors"][0]["field"], "request_id");
     assert_eq!(intake.bearer("{", &[]).await.status, 400);
+    let auth = format!("Bearer {TOKEN}");
+    let form = intake
+        .post_as("text/plain", "device_id=x", &[("authorization", &auth)])
+        .await;
+    assert_eq!(form.status, 415, "{form:?}");
 
     // Over the limits: 413, nothing read further.
     let too_many: Vec<Value> = (0..101).map(|i| request(&format!("many-{i}"))).collect();
@@ -536,6 +551,40 @@ async fn a_repeated_idempotency_key_publishes_one_message() {
     );
     assert_eq!(*p.delivery_mode(), Some(2), "persistent");
     assert_eq!(intake.metric("unassign_intake_duplicates_total").await, 1.0);
+    intake.stop().await;
+    broker.cleanup().await;
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_sender_over_its_rate_is_429_and_others_go_ahead() {
+    let (sim, broker, requests) = broker_only("intake-limits").await;
+    let intake = Intake::start_with(&broker.settings, |s| {
+        s.intake.rate_limit_per_second = 0.5;
+    })
+    .await;
+    let first = intake
+        .signed(&request("rate-1").to_string(), SECRET, None)
+        .await;
+    assert_eq!(first.status, 202);
+    let second = intake
+        .signed(&request("rate-2").to_string(), SECRET, None)
+        .await;
+    assert_eq!(second.status, 429, "{second:?}");
+    assert_eq!(second.retry_after.as_deref(), Some("2"));
+    let other_client = intake.bearer(&request("rate-3").to_string(), &[]).await;
+    assert_eq!(
+        other_client.status, 202,
+        "each credential has its own bucket"
+    );
+    // In order on one channel: a wrongly published rate-2 would come before rate-3.
+    let ids: Vec<String> = requests
+        .wait_for(2, WAIT)
+        .await
+        .iter()
+        .map(|r| r.json()["request_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(ids, ["rate-1", "rate-3"]);
     intake.stop().await;
     broker.cleanup().await;
     sim.shutdown().await;

@@ -391,6 +391,15 @@ impl IntakeSettings {
                     .to_owned(),
             ));
         }
+        if self.listen == self.metrics_listen && self.listen.port() != 0 {
+            return Err(ConfigError::key(
+                "intake.metrics_listen",
+                format!(
+                    "is intake.listen's address ({}): the public port serves only /v1/*",
+                    self.listen
+                ),
+            ));
+        }
         let at_least_one = [
             ("intake.max_body_bytes", self.max_body_bytes as u64),
             ("intake.max_batch", self.max_batch as u64),
@@ -1073,6 +1082,37 @@ mod tests {
             jail.create_file("c.toml", "[worker]\nconcurrency = 3")?;
             jail.set_env("UNASSIGN_CONFIG", "c.toml");
             assert_eq!(Settings::load(None).unwrap().worker.concurrency, 3);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn intake_settings_name_the_key() {
+        jailed(|jail| {
+            let intake = || Settings::load(None).unwrap().intake;
+            let e = intake().validate().unwrap_err().to_string();
+            assert!(
+                e.contains("intake.bearer_token_file") && e.contains("intake.hmac_secret_file"),
+                "{e}"
+            );
+            jail.set_env("UNASSIGN__INTAKE__HMAC_SECRET_FILE", "/run/secrets/hmac");
+            intake().validate().unwrap();
+            jail.set_env("UNASSIGN__INTAKE__MAX_BATCH", "0");
+            assert!(
+                intake()
+                    .validate()
+                    .unwrap_err()
+                    .to_string()
+                    .contains("intake.max_batch")
+            );
+            jail.set_env("UNASSIGN__INTAKE__MAX_BATCH", "10");
+            jail.set_env("UNASSIGN__INTAKE__METRICS_LISTEN", "0.0.0.0:8080");
+            let e = intake().validate().unwrap_err().to_string();
+            assert!(e.contains("intake.metrics_listen"), "{e}");
+            jail.set_env("UNASSIGN__INTAKE__METRICS_LISTEN", "0.0.0.0:9465");
+            jail.set_env("UNASSIGN__INTAKE__RATE_LIMIT_PER_SECOND", "-1");
+            let e = intake().validate().unwrap_err().to_string();
+            assert!(e.contains("intake.rate_limit_per_second"), "{e}");
             Ok(())
         });
     }

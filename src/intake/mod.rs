@@ -19,10 +19,10 @@ use anyhow::Context as _;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-pub use metrics::IntakeMetrics;
-pub use window::WindowMap;
-
-use self::{auth::Authenticator, inflight::InFlight, publish::Broker, ratelimit::RateLimit};
+use self::{
+    auth::Authenticator, inflight::InFlight, metrics::IntakeMetrics, publish::Broker,
+    ratelimit::RateLimit, window::WindowMap,
+};
 use crate::{config::Settings, http, worker::RunError};
 
 /// What every post shares.

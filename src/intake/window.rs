@@ -36,12 +36,9 @@ impl<K: Hash + Eq + Clone, V> WindowMap<K, V> {
         }
     }
 
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.entries.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
     }
 
     /// The value of `key` if it was inserted within the window.

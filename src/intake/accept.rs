@@ -12,7 +12,7 @@ use axum::{
 
 use super::{
     Intake,
-    auth::{Client, Rejected, sha256},
+    auth::{Client, Rejected},
     routes::{ErrorItem, RETRY_AFTER_SECS, Refused},
 };
 use crate::batch::{self, Ids, Parsed, Row};
@@ -110,11 +110,10 @@ impl Intake {
         })?;
         let key = idempotency_key(headers)?;
         let rows = self.parse(headers, body, key)?;
-        let digests: Vec<[u8; 32]> = rows.iter().map(|r| sha256(&r.body)).collect();
         let deadline = Instant::now() + self.broker.timeout();
         // The ids not yet confirmed, claimed against concurrent posts of the same ids.
         let (fresh, _claim) = loop {
-            let fresh = self.not_yet_confirmed(&rows, &digests)?;
+            let fresh = self.unconfirmed(&rows)?;
             match self.inflight.claim(&fresh) {
                 Ok(claim) => break (fresh, claim),
                 Err(busy) => {
@@ -135,7 +134,7 @@ impl Intake {
             let published = self
                 .broker
                 .publish(&fresh, |row, _| {
-                    self.remember(&row.message_id, sha256(&row.body));
+                    self.confirmed.remember(row, Instant::now());
                     self.metrics.published(1);
                 })
                 .await;
@@ -211,41 +210,27 @@ impl Intake {
         Ok(rows)
     }
 
-    /// The rows whose message-id was not confirmed within the window. One confirmed with a
-    /// different body is a conflict: the key was reused for another request.
-    fn not_yet_confirmed(&self, rows: &[Row], digests: &[[u8; 32]]) -> Result<Vec<Row>, Refused> {
-        let now = Instant::now();
-        let mut confirmed = self.confirmed.lock().unwrap_or_else(|e| e.into_inner());
-        let mut fresh = Vec::new();
-        let mut conflicts = Vec::new();
-        for (row, digest) in rows.iter().zip(digests) {
-            match confirmed.get(&row.message_id, now) {
-                None => fresh.push(row.clone()),
-                Some(seen) if seen == digest => {}
-                Some(_) => conflicts.push(ErrorItem {
-                    line: Some(row.line),
-                    field: None,
-                    message: format!(
-                        "message-id {} was accepted with a different body within the \
-                         idempotency window",
-                        row.message_id
-                    ),
-                }),
-            }
-        }
-        if !conflicts.is_empty() {
-            return Err(Refused {
+    /// The rows whose message-id was not confirmed within the window; one confirmed with a
+    /// different body refuses the post (409).
+    fn unconfirmed(&self, rows: &[Row]) -> Result<Vec<Row>, Refused> {
+        self.confirmed
+            .unconfirmed(rows, Instant::now())
+            .map_err(|conflicts| Refused {
                 status: StatusCode::CONFLICT,
-                errors: conflicts,
+                errors: conflicts
+                    .into_iter()
+                    .map(|c| ErrorItem {
+                        line: Some(c.line),
+                        field: None,
+                        message: format!(
+                            "message-id {} was accepted with a different body within the \
+                             idempotency window",
+                            c.message_id
+                        ),
+                    })
+                    .collect(),
                 retry_after: None,
-            });
-        }
-        Ok(fresh)
-    }
-
-    fn remember(&self, message_id: &str, digest: [u8; 32]) {
-        let mut confirmed = self.confirmed.lock().unwrap_or_else(|e| e.into_inner());
-        confirmed.insert(message_id.to_owned(), digest, Instant::now());
+            })
     }
 }
 

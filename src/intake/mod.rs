@@ -6,6 +6,7 @@
 
 mod accept;
 pub mod auth;
+mod idempotency;
 mod inflight;
 mod metrics;
 mod publish;
@@ -13,15 +14,15 @@ mod ratelimit;
 mod routes;
 mod window;
 
-use std::{net::SocketAddr, sync::Arc, sync::Mutex, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use self::{
-    auth::Authenticator, inflight::InFlight, metrics::IntakeMetrics, publish::Broker,
-    ratelimit::RateLimit, window::WindowMap,
+    auth::Authenticator, idempotency::Confirmed, inflight::InFlight, metrics::IntakeMetrics,
+    publish::Broker, ratelimit::RateLimit,
 };
 use crate::{config::Settings, http, worker::RunError};
 
@@ -29,8 +30,7 @@ use crate::{config::Settings, http, worker::RunError};
 pub struct Intake {
     auth: Authenticator,
     limit: RateLimit,
-    /// Confirmed message-ids and a digest of the body each was confirmed with.
-    confirmed: Mutex<WindowMap<String, [u8; 32]>>,
+    confirmed: Confirmed,
     inflight: InFlight,
     broker: Broker,
     metrics: Arc<IntakeMetrics>,
@@ -68,10 +68,10 @@ impl Server {
         let intake = Intake {
             auth,
             limit: RateLimit::new(config.rate_limit_per_second),
-            confirmed: Mutex::new(WindowMap::new(
+            confirmed: Confirmed::new(
                 Duration::from_secs(config.idempotency_window_secs),
                 config.idempotency_capacity,
-            )),
+            ),
             inflight: InFlight::default(),
             broker,
             metrics,

@@ -36,7 +36,8 @@ struct Intake {
     shutdown: CancellationToken,
     handle: tokio::task::JoinHandle<Result<(), unassign_worker::worker::RunError>>,
     http: reqwest::Client,
-    _files: (TempFile, TempFile),
+    /// The bearer tokens and HMAC secrets files.
+    files: (TempFile, TempFile),
 }
 
 fn intake_settings(settings: &Settings) -> (Settings, (TempFile, TempFile)) {
@@ -72,7 +73,7 @@ impl Intake {
             shutdown,
             handle,
             http: reqwest::Client::new(),
-            _files: files,
+            files,
         };
         intake.wait_ready().await;
         intake
@@ -585,6 +586,39 @@ async fn a_sender_over_its_rate_is_429_and_others_go_ahead() {
         .map(|r| r.json()["request_id"].as_str().unwrap().to_owned())
         .collect();
     assert_eq!(ids, ["rate-1", "rate-3"]);
+    intake.stop().await;
+    broker.cleanup().await;
+    sim.shutdown().await;
+}
+
+/// Rotation without a restart: the tokens file is rewritten while the intake runs.
+#[tokio::test]
+async fn tokens_rotate_without_a_restart() {
+    let (sim, broker, requests) = broker_only("intake-rotate").await;
+    let intake = Intake::start(&broker.settings).await;
+    assert_eq!(
+        intake
+            .bearer(&request("rot-1").to_string(), &[])
+            .await
+            .status,
+        202
+    );
+    let new = "bearer-token-after-rotation-9876543210";
+    intake.files.0.write(&format!("# rotated\n{new}\n"));
+    let old = intake.bearer(&request("rot-2").to_string(), &[]).await;
+    assert_eq!(old.status, 401, "the removed token is refused at once");
+    let auth = format!("Bearer {new}");
+    let rotated = intake
+        .post(&request("rot-3").to_string(), &[("authorization", &auth)])
+        .await;
+    assert_eq!(rotated.status, 202);
+    let ids: Vec<String> = requests
+        .wait_for(2, WAIT)
+        .await
+        .iter()
+        .map(|r| r.json()["request_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(ids, ["rot-1", "rot-3"]);
     intake.stop().await;
     broker.cleanup().await;
     sim.shutdown().await;

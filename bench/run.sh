@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds the release worker and runs a benchmark: bench/run.sh throughput|throttle|chaos|cluster|soak [ARGS…]
+# Builds the release worker and runs a benchmark: bench/run.sh throughput|throttle|chaos|cluster|soak|intake [ARGS…]
 #   throughput: --jobs 5000 --concurrency 64 --latency-ms 0
 #   throttle:   --jobs 3000 [--only 1|2a|2b|3|4|5]
 #   chaos:      --jobs 5000 [--only NAME] [--outage-secs 120]
@@ -8,9 +8,10 @@
 #               at the end. The system broker is not touched.
 #   cluster:    --jobs 5000 [--only rolling|leader|replicas]   (a private 3-node cluster on 5711-5713)
 #   soak:       --minutes 30 [--rate 40]   (tests/soak.rs in release mode, against the local broker)
+#   intake:     --posts 4000 --batch-posts 200 --connections 16 [--max-secs 60]   (the HTTP intake)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bench=${1:?usage: bench/run.sh throughput|throttle|chaos|cluster|soak [ARGS…]}
+bench=${1:?usage: bench/run.sh throughput|throttle|chaos|cluster|soak|intake [ARGS…]}
 shift
 scripts/ensure-rabbitmq.sh
 case $bench in

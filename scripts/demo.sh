@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole job end to end on this machine: RabbitMQ + graph-sim + the worker + sample jobs,
-# then a summary. Usage: scripts/demo.sh [JOBS]   (default 200)
+# then one signed webhook through the HTTP intake, then a summary.
+# Usage: scripts/demo.sh [JOBS]   (default 200)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 JOBS=${1:-200}
@@ -63,6 +64,32 @@ for _ in $(seq 1 600); do
   sleep 0.2
 done
 finished=$(date +%s.%N)
+
+say "HTTP intake: one signed webhook (docs/intake.md; logs: $work/intake.log)"
+openssl rand -hex 32 >"$work/hmac-secrets"
+UNASSIGN__INTAKE__HMAC_SECRET_FILE="$work/hmac-secrets" \
+  "$BIN" intake --config config/local.toml 2>"$work/intake.log" &
+pids+=($!)
+wait_http "http://127.0.0.1:19465/readyz" "the intake"
+# What an HR system sends: the raw body, signed as "<t>.<body>" with HMAC-SHA256.
+body="{\"request_id\":\"demo-webhook\",\"device_id\":\"${devices[0]}\",\"requested_by\":\"hr-webhook\",\"reason\":\"offboarding\"}"
+t=$(date +%s)
+sig=$(printf '%s.%s' "$t" "$body" | openssl dgst -sha256 -hmac "$(head -n1 "$work/hmac-secrets")" | sed 's/^.* //')
+echo "curl -X POST http://127.0.0.1:18081/v1/requests -H 'X-Unassign-Signature: t=$t,v1=${sig:0:12}…' -d '$body'"
+curl -sS --fail-with-body http://127.0.0.1:18081/v1/requests \
+  -H 'Content-Type: application/json' -H "X-Unassign-Signature: t=$t,v1=$sig" --data-binary "$body"
+echo
+total=$((total + 1))
+for _ in $(seq 1 300); do
+  done_jobs=$(curl -fs "$METRICS/metrics" | awk '/^unassign_jobs_total/ {s += $2} END {print s + 0}')
+  [ "$done_jobs" -ge "$total" ] && break
+  sleep 0.2
+done
+echo "the worker on demo-webhook:"
+grep 'demo-webhook' "$work/worker.log" | sed 's/^/  /'
+echo "  (a job ends only once its outcome event, autopilot.unassign.succeeded for demo-webhook, is"
+echo "   confirmed on demo.autopilot.unassign.events; the summary below counts it)"
+
 curl -fs "$METRICS/metrics" >"$work/metrics.txt"
 curl -fs "http://$SIM/_sim/stats" >"$work/stats.json"
 kill -TERM "$worker"; wait "$worker" || true
@@ -88,7 +115,7 @@ for kind in kinds:
     print(f"    {kind:<21} {get('unassign_dead_letters_total', 'kind', kind)}")
 for reason in ["throttled", "server_error", "network"]:
     print(f"  retries, {reason:<14} {get('unassign_retries_total', 'reason', reason)}")
-print(f"  wall time               {finished - started:.1f} s (enqueue to last outcome)")
+print(f"  wall time               {finished - started:.1f} s (CSV enqueue to its last outcome)")
 print(f"  Graph action calls      {stats['action_calls']}")
 for status, n in sorted(stats["responses_by_status"].items()):
     print(f"    HTTP {status:<19} {n}")
@@ -97,5 +124,5 @@ print(f"  token requests          {stats['token_requests']}")
 print(f"  unexpected requests     {len(stats['unexpected_requests'])}")
 print()
 print("  The unknown device ends as device_not_found in demo.autopilot.unassign.dead;")
-print("  every outcome event is in demo.autopilot.unassign.outcomes.")
+print("  every outcome event (the webhook's, demo-webhook, too) is in demo.autopilot.unassign.outcomes.")
 PY

@@ -27,7 +27,7 @@ const DEFAULTS: &str = include_str!("../config/default.toml");
 pub struct ConfigError(pub String);
 
 impl ConfigError {
-    fn key(key: &str, why: impl std::fmt::Display) -> Self {
+    pub(crate) fn key(key: &str, why: impl std::fmt::Display) -> Self {
         Self(format!("`{key}` {why}"))
     }
 }
@@ -41,6 +41,7 @@ pub struct Settings {
     pub retry: RetrySettings,
     pub worker: WorkerSettings,
     pub http: HttpSettings,
+    pub intake: IntakeSettings,
     pub log: LogSettings,
     /// Further tenant profiles by name (`[tenants.<name>]`); `auth` is the `default` one.
     #[serde(default)]
@@ -351,6 +352,84 @@ pub struct WorkerSettings {
 #[serde(deny_unknown_fields)]
 pub struct HttpSettings {
     pub listen: SocketAddr,
+}
+
+/// The HTTP intake (`unassign-worker intake`, CONTRACT section 9).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IntakeSettings {
+    /// The public port: `/v1/*` only.
+    pub listen: SocketAddr,
+    /// `/metrics`, `/healthz`, `/readyz`, apart from the public port.
+    pub metrics_listen: SocketAddr,
+    /// Bearer tokens, one a line; read again when the file changes.
+    #[serde(default)]
+    pub bearer_token_file: Option<PathBuf>,
+    /// HMAC-SHA256 secrets, one a line; any line verifies, so secrets rotate.
+    #[serde(default)]
+    pub hmac_secret_file: Option<PathBuf>,
+    /// A body above this is answered 413 unread.
+    pub max_body_bytes: usize,
+    /// Requests in one post; more is answered 413.
+    pub max_batch: usize,
+    /// How long a confirmed message-id is remembered, so a repeat publishes nothing.
+    pub idempotency_window_secs: u64,
+    /// How many message-ids are remembered at most (the oldest go first).
+    pub idempotency_capacity: usize,
+    /// Posts per second each credential may make (a token bucket, bursts up to one second's
+    /// worth); 0 = no limit.
+    pub rate_limit_per_second: f64,
+    /// A post whose confirms take longer is answered 503 (and nothing is half-accepted).
+    pub publish_timeout_secs: u64,
+    /// After SIGTERM: how long posts in progress may take to finish their confirms.
+    pub shutdown_grace_secs: u64,
+}
+
+impl IntakeSettings {
+    /// What `intake` needs beyond the defaults' own checks: a credential source, and limits
+    /// that can be met.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.bearer_token_file.is_none() && self.hmac_secret_file.is_none() {
+            return Err(ConfigError(
+                "`intake.bearer_token_file` and `intake.hmac_secret_file` are both unset: \
+                 set at least one (UNASSIGN__INTAKE__BEARER_TOKEN_FILE or \
+                 UNASSIGN__INTAKE__HMAC_SECRET_FILE)"
+                    .to_owned(),
+            ));
+        }
+        if self.listen == self.metrics_listen && self.listen.port() != 0 {
+            return Err(ConfigError::key(
+                "intake.metrics_listen",
+                format!(
+                    "is intake.listen's address ({}): the public port serves only /v1/*",
+                    self.listen
+                ),
+            ));
+        }
+        let at_least_one = [
+            ("intake.max_body_bytes", self.max_body_bytes as u64),
+            ("intake.max_batch", self.max_batch as u64),
+            (
+                "intake.idempotency_capacity",
+                self.idempotency_capacity as u64,
+            ),
+            (
+                "intake.idempotency_window_secs",
+                self.idempotency_window_secs,
+            ),
+            ("intake.publish_timeout_secs", self.publish_timeout_secs),
+        ];
+        if let Some((key, _)) = at_least_one.iter().find(|(_, v)| *v == 0) {
+            return Err(ConfigError::key(key, "must be at least 1"));
+        }
+        if !(self.rate_limit_per_second >= 0.0 && self.rate_limit_per_second.is_finite()) {
+            return Err(ConfigError::key(
+                "intake.rate_limit_per_second",
+                "must be a finite number ≥ 0",
+            ));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -1114,6 +1193,37 @@ mod tests {
             jail.create_file("c.toml", &format!("[worker]\nstate_keys = \"{K1}\"\n"))?;
             let e = err(Settings::load(Some("c.toml".into())));
             assert!(e.contains("worker.state_keys") && !e.contains(K1), "{e}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn intake_settings_name_the_key() {
+        jailed(|jail| {
+            let intake = || Settings::load(None).unwrap().intake;
+            let e = intake().validate().unwrap_err().to_string();
+            assert!(
+                e.contains("intake.bearer_token_file") && e.contains("intake.hmac_secret_file"),
+                "{e}"
+            );
+            jail.set_env("UNASSIGN__INTAKE__HMAC_SECRET_FILE", "/run/secrets/hmac");
+            intake().validate().unwrap();
+            jail.set_env("UNASSIGN__INTAKE__MAX_BATCH", "0");
+            assert!(
+                intake()
+                    .validate()
+                    .unwrap_err()
+                    .to_string()
+                    .contains("intake.max_batch")
+            );
+            jail.set_env("UNASSIGN__INTAKE__MAX_BATCH", "10");
+            jail.set_env("UNASSIGN__INTAKE__METRICS_LISTEN", "0.0.0.0:8080");
+            let e = intake().validate().unwrap_err().to_string();
+            assert!(e.contains("intake.metrics_listen"), "{e}");
+            jail.set_env("UNASSIGN__INTAKE__METRICS_LISTEN", "0.0.0.0:9465");
+            jail.set_env("UNASSIGN__INTAKE__RATE_LIMIT_PER_SECOND", "-1");
+            let e = intake().validate().unwrap_err().to_string();
+            assert!(e.contains("intake.rate_limit_per_second"), "{e}");
             Ok(())
         });
     }

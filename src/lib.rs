@@ -13,6 +13,7 @@ pub mod credential;
 pub mod dlq;
 pub mod graph;
 pub mod http;
+pub mod intake;
 pub mod lookup;
 pub mod metrics;
 pub mod pipeline;

@@ -215,7 +215,7 @@ async fn a_shutdown_the_watchdog_forces_exits_non_zero() {
     let settings = common::settings(&sim, &common::prefix("forced"));
     let broker = Broker::connect(&settings).await;
     let events = broker.collect(&settings.amqp.outcomes_queue).await;
-    let relay = Relay::start(common::broker_addr().await).await;
+    let relay = Relay::to_broker(&common::amqp_url()).await;
     let mut vars = env_for(&sim, &settings);
     vars.retain(|(k, _)| k != "AMQP_URL");
     vars.extend([

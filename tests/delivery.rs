@@ -160,7 +160,7 @@ async fn survives_a_broken_link(test: &str, break_link: fn(&Relay) -> usize, bre
     let broker = Broker::connect(&settings).await;
     let events = broker.collect(&settings.amqp.outcomes_queue).await;
     let dead = broker.collect(&settings.amqp.dead_letter_queue).await;
-    let relay = Relay::start(common::broker_addr().await).await;
+    let relay = Relay::to_broker(&common::amqp_url()).await;
     let mut worker_settings = settings.clone();
     worker_settings.amqp.url = format!("amqp://guest:guest@{}/%2f", relay.addr).into();
     let worker = Worker::start(worker_settings).await;

@@ -48,6 +48,10 @@ const OVERLAY: &str = "deploy/overlays/monitoring";
 /// The Kubernetes versions whose API schemas the built kit must pass: the oldest one the kit
 /// supports and the newest kubernetes-validate ships.
 const KUBERNETES_VERSIONS: [&str; 2] = ["1.29.0", "1.37.0"];
+/// The intake's scrape job: the intake alert groups by it, the dashboard's intake row selects it.
+const INTAKE_JOB: &str = "unassign-intake";
+/// The intake's own kustomization, applied beside the worker's.
+const INTAKE_KIT: &str = "deploy/kubernetes/intake";
 
 /// Absolute paths only: nothing here depends on the current directory.
 fn repo(path: &str) -> PathBuf {
@@ -314,17 +318,14 @@ fn listed_manifests(dir: &str) -> Vec<String> {
     listed.into_iter().map(|f| format!("{dir}/{f}")).collect()
 }
 
-/// The Kubernetes objects of the kustomize base and the monitoring component, as written, by kind
+/// The Kubernetes objects of the kustomizations (or components) in `dirs`, as written, by kind
 /// (one of each).
 struct Manifests(BTreeMap<String, Yaml>);
 
 impl Manifests {
-    fn load() -> Manifests {
+    fn load(dirs: &[&str]) -> Manifests {
         let mut by_kind = BTreeMap::new();
-        for file in listed_manifests(KUSTOMIZE_BASE)
-            .into_iter()
-            .chain(listed_manifests(MONITORING))
-        {
+        for file in dirs.iter().flat_map(|dir| listed_manifests(dir)) {
             for doc in yaml_docs(&repo(&file)) {
                 let kind = str_of(&doc["kind"], "kind").to_owned();
                 assert!(doc["apiVersion"].as_str().is_some(), "{file}: apiVersion");
@@ -409,9 +410,36 @@ fn check_with_workload_identity() -> (Option<i32>, String) {
     (output.status.code(), said)
 }
 
+/// A restrictive security context for the pod `spec` and its container `c`.
+fn restricted(spec: &Yaml, c: &Yaml) {
+    assert_eq!(
+        spec["securityContext"]["runAsNonRoot"].as_bool(),
+        Some(true)
+    );
+    assert!(
+        spec["securityContext"]["runAsUser"]
+            .as_u64()
+            .is_some_and(|u| u > 0)
+    );
+    assert_eq!(
+        spec["securityContext"]["seccompProfile"]["type"].as_str(),
+        Some("RuntimeDefault")
+    );
+    let sc = &c["securityContext"];
+    assert_eq!(sc["allowPrivilegeEscalation"].as_bool(), Some(false));
+    assert_eq!(sc["readOnlyRootFilesystem"].as_bool(), Some(true));
+    assert_eq!(sc["runAsNonRoot"].as_bool(), Some(true));
+    assert_eq!(
+        sc["capabilities"]["drop"]
+            .as_sequence()
+            .map(|d| d.as_slice()),
+        Some([Yaml::from("ALL")].as_slice())
+    );
+}
+
 #[test]
 fn kubernetes_manifests_hang_together() {
-    let m = Manifests::load();
+    let m = Manifests::load(&[KUSTOMIZE_BASE, MONITORING]);
     let deployment = m.get("Deployment");
     let pod = &deployment["spec"]["template"];
     let spec = &pod["spec"];
@@ -495,30 +523,7 @@ fn kubernetes_manifests_hang_together() {
     assert!(c["resources"]["requests"]["memory"].is_string());
     assert!(c["resources"]["limits"]["memory"].is_string());
 
-    // A restrictive security context.
-    assert_eq!(
-        spec["securityContext"]["runAsNonRoot"].as_bool(),
-        Some(true)
-    );
-    assert!(
-        spec["securityContext"]["runAsUser"]
-            .as_u64()
-            .is_some_and(|u| u > 0)
-    );
-    assert_eq!(
-        spec["securityContext"]["seccompProfile"]["type"].as_str(),
-        Some("RuntimeDefault")
-    );
-    let sc = &c["securityContext"];
-    assert_eq!(sc["allowPrivilegeEscalation"].as_bool(), Some(false));
-    assert_eq!(sc["readOnlyRootFilesystem"].as_bool(), Some(true));
-    assert_eq!(sc["runAsNonRoot"].as_bool(), Some(true));
-    assert_eq!(
-        sc["capabilities"]["drop"]
-            .as_sequence()
-            .map(|d| d.as_slice()),
-        Some([Yaml::from("ALL")].as_slice())
-    );
+    restricted(spec, c);
 
     // Azure workload identity: the service account names the app, the pods opt in.
     let sa = m.get("ServiceAccount");
@@ -1002,10 +1007,165 @@ fn the_runbook_base_url_and_the_job_are_set_in_one_place_per_route() {
 }
 
 #[test]
+fn intake_manifests_hang_together() {
+    let m = Manifests::load(&[INTAKE_KIT]);
+    let worker = Manifests::load(&[KUSTOMIZE_BASE, MONITORING]);
+    let settings = settings_with(
+        str_of(
+            &worker.get("ConfigMap")["data"]["config.toml"],
+            "config.toml",
+        ),
+        "the worker's ConfigMap",
+    );
+    let deployment = m.get("Deployment");
+    let pod = &deployment["spec"]["template"];
+    let spec = &pod["spec"];
+    let labels = &pod["metadata"]["labels"];
+    assert!(selects(
+        &deployment["spec"]["selector"]["matchLabels"],
+        labels
+    ));
+    assert!(
+        !selects(
+            &worker.get("Deployment")["spec"]["selector"]["matchLabels"],
+            labels
+        ),
+        "the worker's selectors do not pick the intake's pods"
+    );
+    let c = &spec["containers"][0];
+    assert_eq!(c["args"][0].as_str(), Some("intake"));
+    let termination = spec["terminationGracePeriodSeconds"].as_u64().unwrap();
+    assert!(termination > settings.intake.shutdown_grace_secs + 5);
+    restricted(spec, c);
+
+    // It reads the worker's ConfigMap and broker Secret, and its own credentials files.
+    let config_path = str_of(
+        &env_value(c, "UNASSIGN_CONFIG").expect("UNASSIGN_CONFIG")["value"],
+        "UNASSIGN_CONFIG",
+    );
+    let (volume, _) = mounted(spec, c, config_path).expect("the config file is mounted");
+    assert_eq!(
+        volume["configMap"]["name"],
+        worker.get("ConfigMap")["metadata"]["name"]
+    );
+    assert!(env_value(c, "AMQP_URL").unwrap()["valueFrom"]["secretKeyRef"].is_mapping());
+    let example = yaml("deploy/kubernetes/intake/secret.example.yaml");
+    for var in [
+        "UNASSIGN__INTAKE__BEARER_TOKEN_FILE",
+        "UNASSIGN__INTAKE__HMAC_SECRET_FILE",
+    ] {
+        let path = str_of(&env_value(c, var).expect(var)["value"], var);
+        let (volume, file) = mounted(spec, c, path).unwrap_or_else(|| panic!("{var} is mounted"));
+        assert_eq!(
+            volume["secret"]["secretName"], example["metadata"]["name"],
+            "{var} comes from the intake's Secret"
+        );
+        assert!(
+            example["stringData"][file.as_str()].is_string(),
+            "the Secret has {file}"
+        );
+    }
+
+    // Ports and probes as the settings say; the public port only behind the Service and Ingress.
+    let port = |name: &str| {
+        c["ports"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"].as_str() == Some(name))
+            .unwrap_or_else(|| panic!("a {name} port"))
+            .clone()
+    };
+    let (http, metrics) = (port("http"), port("metrics"));
+    assert_eq!(
+        http["containerPort"].as_u64(),
+        Some(u64::from(settings.intake.listen.port()))
+    );
+    assert_eq!(
+        metrics["containerPort"].as_u64(),
+        Some(u64::from(settings.intake.metrics_listen.port()))
+    );
+    for (probe, path) in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")] {
+        assert_eq!(c[probe]["httpGet"]["path"].as_str(), Some(path));
+        assert_eq!(c[probe]["httpGet"]["port"], metrics["name"], "{probe}");
+    }
+    let service = m.get("Service");
+    assert!(selects(&service["spec"]["selector"], labels));
+    assert_eq!(
+        str_of(&service["metadata"]["name"], "Service name"),
+        INTAKE_JOB,
+        "the ServiceMonitor's job label is the Service name, which the intake alert groups by"
+    );
+    let service_port = |name: &str| {
+        service["spec"]["ports"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"].as_str() == Some(name))
+            .unwrap_or_else(|| panic!("the Service has a {name} port"))
+            .clone()
+    };
+    assert_eq!(service_port("http")["targetPort"], http["name"]);
+    assert_eq!(service_port("metrics")["targetPort"], metrics["name"]);
+    let monitor = m.get("ServiceMonitor");
+    assert!(selects(
+        &monitor["spec"]["selector"]["matchLabels"],
+        &service["metadata"]["labels"]
+    ));
+    assert_eq!(
+        monitor["spec"]["endpoints"][0]["port"].as_str(),
+        Some("metrics")
+    );
+
+    // The Ingress terminates TLS for its host and routes /v1/ to the public port only.
+    let ingress = m.get("Ingress");
+    let rule = &ingress["spec"]["rules"][0];
+    let tls_hosts = &ingress["spec"]["tls"][0]["hosts"];
+    assert!(
+        tls_hosts.as_sequence().unwrap().contains(&rule["host"]),
+        "TLS covers the Ingress host"
+    );
+    assert!(ingress["spec"]["tls"][0]["secretName"].is_string());
+    let paths = rule["http"]["paths"].as_sequence().unwrap();
+    assert_eq!(paths.len(), 1);
+    assert_eq!(paths[0]["path"].as_str(), Some("/v1/"));
+    let backend = &paths[0]["backend"]["service"];
+    assert_eq!(backend["name"], service["metadata"]["name"]);
+    assert_eq!(backend["port"]["name"].as_str(), Some("http"));
+
+    // The NetworkPolicy covers the pods and lets in only the two ports.
+    let policy = m.get("NetworkPolicy");
+    assert!(selects(
+        &policy["spec"]["podSelector"]["matchLabels"],
+        labels
+    ));
+    let allowed: BTreeSet<&str> = policy["spec"]["ingress"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .flat_map(|rule| rule["ports"].as_sequence().unwrap())
+        .map(|p| str_of(&p["port"], "port"))
+        .collect();
+    assert_eq!(allowed, BTreeSet::from(["http", "metrics"]));
+
+    let pdb = m.get("PodDisruptionBudget");
+    assert!(selects(&pdb["spec"]["selector"]["matchLabels"], labels));
+    let replicas = deployment["spec"]["replicas"].as_u64().unwrap_or(1);
+    assert!(pdb["spec"]["minAvailable"].as_u64().unwrap() < replicas);
+}
+
+#[test]
 fn the_compose_stack_hangs_together() {
     let compose = yaml("deploy/compose.yaml");
     let services = compose["services"].as_mapping().expect("services");
-    for name in ["rabbitmq", "worker", "graph-sim", "prometheus", "grafana"] {
+    for name in [
+        "rabbitmq",
+        "worker",
+        "graph-sim",
+        "intake",
+        "prometheus",
+        "grafana",
+    ] {
         assert!(services.contains_key(name), "compose has {name}");
     }
     // Every bind-mounted file exists (relative to deploy/, the compose file's directory).
@@ -1077,6 +1237,39 @@ fn the_compose_stack_hangs_together() {
         prometheus["scrape_configs"][0]["static_configs"][0]["targets"][0].as_str(),
         Some(format!("worker:{}", settings.http.listen.port()).as_str())
     );
+    // The intake: its command, credentials files, grace, and its scrape job.
+    let intake = &compose["services"]["intake"];
+    assert_eq!(intake["command"][0].as_str(), Some("intake"));
+    let env = &intake["environment"];
+    let mounts: Vec<Vec<&str>> = intake["volumes"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|v| str_of(v, "volume").split(':').collect())
+        .collect();
+    for var in [
+        "UNASSIGN__INTAKE__BEARER_TOKEN_FILE",
+        "UNASSIGN__INTAKE__HMAC_SECRET_FILE",
+    ] {
+        let path = str_of(&env[var], var);
+        assert!(
+            mounts.iter().any(|m| m[1] == path),
+            "the intake's {var} ({path}) is mounted"
+        );
+    }
+    let stop = str_of(&intake["stop_grace_period"], "stop_grace_period");
+    let stop: u64 = stop.strip_suffix('s').expect("seconds").parse().unwrap();
+    assert!(stop > settings.intake.shutdown_grace_secs + 5);
+    let intake_job = prometheus["scrape_configs"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|j| j["job_name"].as_str() == Some(INTAKE_JOB))
+        .expect("Prometheus scrapes the intake as unassign-intake");
+    assert_eq!(
+        intake_job["static_configs"][0]["targets"][0].as_str(),
+        Some(format!("intake:{}", settings.intake.metrics_listen.port()).as_str())
+    );
     let datasources = yaml("deploy/compose/grafana/datasources.yaml");
     assert_eq!(
         datasources["datasources"][0]["type"].as_str(),
@@ -1112,6 +1305,7 @@ fn as_sent(expr: &str) -> String {
         .replace("$__rate_interval", "1m")
         .replace("$__interval", "15s")
         .replace("$__range", "1h")
+        .replace("$intake_job", INTAKE_JOB)
         .replace("$job", JOB)
         .replace("$instance", ".*")
         .replace("$tenant", ".*");
@@ -1218,6 +1412,10 @@ fn the_dashboard_is_well_formed() {
         "process_cpu_seconds_total",
         "process_resident_memory_bytes",
         "process_open_fds",
+        "unassign_intake_requests_total",
+        "unassign_intake_request_duration_seconds_bucket",
+        "unassign_intake_messages_published_total",
+        "unassign_intake_amqp_connected",
     ] {
         assert!(
             all.iter().any(|e| e.contains(metric)),
@@ -1253,7 +1451,9 @@ struct Prometheus {
 }
 
 impl Prometheus {
-    fn start(target: std::net::SocketAddr) -> Prometheus {
+    /// Scrapes the worker at `worker` as job `unassign-worker` and the intake at `intake` as
+    /// `unassign-intake`.
+    fn start(worker: std::net::SocketAddr, intake: std::net::SocketAddr) -> Prometheus {
         let dir = std::env::temp_dir().join(format!("unassign-prom-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir_all(&dir).unwrap();
         let config = dir.join("prometheus.yml");
@@ -1262,7 +1462,8 @@ impl Prometheus {
             format!(
                 "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n\
                  rule_files:\n  - {rules}\n\
-                 scrape_configs:\n  - job_name: {JOB}\n    static_configs:\n      - targets: ['{target}']\n",
+                 scrape_configs:\n  - job_name: {JOB}\n    static_configs:\n      - targets: ['{worker}']\n\
+                 \x20 - job_name: {INTAKE_JOB}\n    static_configs:\n      - targets: ['{intake}']\n",
                 rules = repo("deploy/prometheus/alerts.yaml").display(),
             ),
         )
@@ -1370,7 +1571,19 @@ async fn every_dashboard_query_returns_data_from_prometheus_scraping_a_worker() 
         ..sim_options()
     };
     let env = Env::start_with("observe", sim, |_| {}).await;
-    let mut prometheus = Prometheus::start(env.worker.http);
+    // An intake beside the worker, for the dashboard's intake row.
+    let tokens = common::TempFile::new("observability-intake-token-0123456789\n");
+    let mut intake_settings = env.settings().clone();
+    intake_settings.intake.listen = "127.0.0.1:0".parse().unwrap();
+    intake_settings.intake.metrics_listen = "127.0.0.1:0".parse().unwrap();
+    intake_settings.intake.bearer_token_file = Some(tokens.0.clone());
+    let intake = unassign_worker::intake::Server::build(&intake_settings)
+        .await
+        .expect("the intake builds");
+    let (intake_url, intake_metrics) = (intake.addr(), intake.metrics_addr());
+    let intake_stop = tokio_util::sync::CancellationToken::new();
+    let intake = tokio::spawn(intake.run(intake_stop.clone()));
+    let mut prometheus = Prometheus::start(env.worker.http, intake_metrics);
     prometheus.wait_ready().await;
 
     // One throttled call (429, Retry-After 1 s) and its retry, then successes and a 404.
@@ -1391,6 +1604,21 @@ async fn every_dashboard_query_returns_data_from_prometheus_scraping_a_worker() 
         .await;
     env.events.wait_for(5, WAIT).await;
     env.dead.wait_for(1, WAIT).await;
+    // After the worker's own jobs, so that the scripted 429 is theirs.
+    let posted = eventually("a post through the intake", WAIT, || async {
+        let response = reqwest::Client::new()
+            .post(format!("http://{intake_url}/v1/requests"))
+            .bearer_auth("observability-intake-token-0123456789")
+            .header("content-type", "application/json")
+            .body(
+                serde_json::json!({"request_id": "obs-intake", "device_id": known[1]}).to_string(),
+            )
+            .send()
+            .await
+            .ok()?;
+        (response.status() == 202).then_some(())
+    });
+    posted.await;
 
     // Prometheus has scraped what the worker counted.
     let selector = format!("job=\"{JOB}\"");
@@ -1436,6 +1664,10 @@ async fn every_dashboard_query_returns_data_from_prometheus_scraping_a_worker() 
             5.0,
         ),
         (format!("max(up{{{selector}}})"), 1.0),
+        (
+            format!("sum(unassign_intake_messages_published_total{{job=\"{INTAKE_JOB}\"}})"),
+            1.0,
+        ),
     ] {
         eventually(&format!("{query} >= {at_least}"), WAIT, || async {
             prometheus
@@ -1504,6 +1736,8 @@ async fn every_dashboard_query_returns_data_from_prometheus_scraping_a_worker() 
     .await;
 
     drop(prometheus);
+    intake_stop.cancel();
+    intake.await.unwrap().expect("the intake stops cleanly");
     env.finish().await;
     let _ = std::fs::remove_file(devices);
 }

@@ -14,6 +14,7 @@
 mod common;
 mod faults;
 #[path = "../../tests/common/relay.rs"]
+#[allow(dead_code)] // the tests' relay; the intake tests use its broker-down mode, not this bench
 mod relay;
 mod stage;
 

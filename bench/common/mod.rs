@@ -202,27 +202,22 @@ impl WorkerProcess {
         http_port: u16,
         vars: &[(&str, String)],
     ) -> anyhow::Result<Self> {
-        let a = &topology.settings.amqp;
-        let mut cmd = Command::new(BINARY);
-        cmd.arg("run")
-            .env("AMQP_URL", amqp_url())
-            .env("AZURE_TENANT_ID", TENANT)
+        let mut cmd = command("run", topology);
+        cmd.env("AZURE_TENANT_ID", TENANT)
             .env("AZURE_CLIENT_ID", SimOptions::default().client_id)
             .env("AZURE_CLIENT_SECRET", SimOptions::default().client_secret)
             .env("AZURE_AUTHORITY_HOST", sim.authority())
             .env("UNASSIGN__GRAPH__BASE_URL", sim.base_url())
-            .env("UNASSIGN__HTTP__LISTEN", format!("127.0.0.1:{http_port}"))
-            .env("UNASSIGN__LOG__LEVEL", "error")
-            .env("UNASSIGN__AMQP__EXCHANGE", &a.exchange)
-            .env("UNASSIGN__AMQP__QUEUE", &a.queue)
-            .env(
-                "UNASSIGN__AMQP__DEAD_LETTER_EXCHANGE",
-                &a.dead_letter_exchange,
-            )
-            .env("UNASSIGN__AMQP__DEAD_LETTER_QUEUE", &a.dead_letter_queue)
-            .env("UNASSIGN__AMQP__EVENTS_EXCHANGE", &a.events_exchange)
-            .env("UNASSIGN__AMQP__OUTCOMES_QUEUE", &a.outcomes_queue)
-            .stdout(Stdio::null());
+            .env("UNASSIGN__HTTP__LISTEN", format!("127.0.0.1:{http_port}"));
+        Self::start(cmd, vars)
+    }
+
+    /// `unassign-worker intake` on the topology's broker objects.
+    pub fn intake(topology: &Topology, vars: &[(&str, String)]) -> anyhow::Result<Self> {
+        Self::start(command("intake", topology), vars)
+    }
+
+    fn start(mut cmd: Command, vars: &[(&str, String)]) -> anyhow::Result<Self> {
         for (k, v) in vars {
             cmd.env(k, v);
         }
@@ -267,6 +262,27 @@ impl Drop for WorkerProcess {
             let _ = self.child.wait();
         }
     }
+}
+
+/// The release binary running `subcommand` against the local broker and the topology's names,
+/// logging errors only.
+fn command(subcommand: &str, topology: &Topology) -> Command {
+    let a = &topology.settings.amqp;
+    let mut cmd = Command::new(BINARY);
+    cmd.arg(subcommand)
+        .env("AMQP_URL", amqp_url())
+        .env("UNASSIGN__LOG__LEVEL", "error")
+        .env("UNASSIGN__AMQP__EXCHANGE", &a.exchange)
+        .env("UNASSIGN__AMQP__QUEUE", &a.queue)
+        .env(
+            "UNASSIGN__AMQP__DEAD_LETTER_EXCHANGE",
+            &a.dead_letter_exchange,
+        )
+        .env("UNASSIGN__AMQP__DEAD_LETTER_QUEUE", &a.dead_letter_queue)
+        .env("UNASSIGN__AMQP__EVENTS_EXCHANGE", &a.events_exchange)
+        .env("UNASSIGN__AMQP__OUTCOMES_QUEUE", &a.outcomes_queue)
+        .stdout(Stdio::null());
+    cmd
 }
 
 /// CPU seconds (user + system) and peak RSS (KiB) of a running process, from /proc.

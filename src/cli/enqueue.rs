@@ -141,6 +141,7 @@ async fn one(settings: &Settings, args: &EnqueueArgs) -> Result<(Report, String)
     contract::parse_request(&body, None).map_err(|e| CliError::Usage(e.message))?;
     let row = Row {
         line: 1,
+        message_id: request_id.clone(),
         request_id,
         body,
     };
@@ -238,7 +239,7 @@ fn report_parsed(parsed: &Parsed, skip_invalid: bool) {
 async fn publish(
     settings: &Settings,
     rows: &[Row],
-    progress: impl FnMut(usize),
+    mut progress: impl FnMut(usize),
 ) -> Result<usize, CliError> {
     let connection = connect(settings, "enqueue").await?;
     let published = async {
@@ -246,7 +247,8 @@ async fn publish(
         let publisher = Publisher::open(&connection)
             .await
             .context("opening a confirm channel")?;
-        let published = batch::publish_all(&publisher, &settings.amqp, rows, progress).await;
+        let published =
+            batch::publish_all(&publisher, &settings.amqp, rows, |_, n| progress(n)).await;
         publisher.close().await;
         Ok::<_, CliError>(published.map_err(anyhow::Error::from)?)
     }

@@ -100,6 +100,9 @@ enum Command {
         #[command(subcommand)]
         command: dlq::DlqCommand,
     },
+    /// Serve the HTTP intake: webhooks in, requests published with confirms (docs/intake.md).
+    #[command(after_help = EXIT_CODES)]
+    Intake,
     /// Validate the configuration, reach the broker, obtain a token for each tenant: every
     /// check runs and is reported.
     #[command(after_help = check::EXIT_CODES)]
@@ -190,6 +193,7 @@ async fn dispatch(command: Command, config: Option<PathBuf>) -> Result<(), CliEr
         Command::Dlq { command } => dlq::dlq(command, config).await,
         Command::Check(args) => check::check(args, config).await,
         Command::Probe(args) => probe::probe(args, config).await,
+        Command::Intake => intake(config).await,
         Command::Completions { shell } => {
             // Into a buffer first: clap_complete panics on a failed write (`| head`).
             let mut script = Vec::new();
@@ -218,6 +222,17 @@ async fn run(config: Option<PathBuf>) -> Result<(), CliError> {
     let shutdown = CancellationToken::new();
     crate::shutdown::on_signal(shutdown.clone(), grace);
     Ok(app.run(shutdown).await?)
+}
+
+async fn intake(config: Option<PathBuf>) -> Result<(), CliError> {
+    let settings = Settings::load(config)?;
+    telemetry::init(settings.log.format, &settings.log.level)?;
+    let grace = Duration::from_secs(settings.intake.shutdown_grace_secs);
+    let server = crate::intake::Server::build(&settings).await?;
+    tracing::info!(http = %server.metrics_addr(), "serving /metrics, /healthz, /readyz");
+    let shutdown = CancellationToken::new();
+    crate::shutdown::on_signal(shutdown.clone(), grace);
+    Ok(server.run(shutdown).await?)
 }
 
 /// Settings for the operator commands, which need the broker but no credentials. Logs are

@@ -44,10 +44,7 @@ pub fn amqp_url() -> String {
 
 /// The test broker's socket address, for a relay to forward to.
 pub async fn broker_addr() -> std::net::SocketAddr {
-    let url: url::Url = amqp_url().parse().unwrap();
-    let host = url.host_str().unwrap();
-    let addr = format!("{host}:{}", url.port().unwrap_or(5672));
-    tokio::net::lookup_host(addr).await.unwrap().next().unwrap()
+    relay::broker_addr(&amqp_url()).await
 }
 
 pub fn device() -> String {

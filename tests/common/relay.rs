@@ -31,6 +31,8 @@ pub struct Relay {
     links: Arc<Mutex<Vec<Link>>>,
     /// Added before forwarding each chunk, on every connection (milliseconds).
     delay_ms: Arc<AtomicU64>,
+    /// While set, new connections are closed at once: the broker is unreachable.
+    refusing: Arc<AtomicBool>,
     accept: JoinHandle<()>,
 }
 
@@ -48,8 +50,14 @@ impl Relay {
         let registry = links.clone();
         let delay_ms: Arc<AtomicU64> = Arc::default();
         let delay = delay_ms.clone();
+        let refusing: Arc<AtomicBool> = Arc::default();
+        let refuse = refusing.clone();
         let accept = tokio::spawn(async move {
             while let Ok((inbound, _)) = listener.accept().await {
+                if refuse.load(Ordering::SeqCst) {
+                    drop(inbound);
+                    continue;
+                }
                 let stalled = Arc::new(AtomicBool::new(false));
                 let faults = Faults {
                     stalled: stalled.clone(),
@@ -74,8 +82,25 @@ impl Relay {
             addr,
             links,
             delay_ms,
+            refusing,
             accept,
         }
+    }
+
+    /// A relay to the broker of `amqp_url`.
+    pub async fn to_broker(amqp_url: &str) -> Relay {
+        Relay::start(broker_addr(amqp_url).await).await
+    }
+
+    /// The broker becomes unreachable: open connections are cut and new ones refused, until
+    /// [`Relay::up`].
+    pub fn down(&self) -> usize {
+        self.refusing.store(true, Ordering::SeqCst);
+        self.cut()
+    }
+
+    pub fn up(&self) {
+        self.refusing.store(false, Ordering::SeqCst);
     }
 
     /// Drops every open connection at once (both sockets close), as a network cut would.
@@ -141,4 +166,12 @@ impl Drop for Relay {
         self.accept.abort();
         self.cut();
     }
+}
+
+/// The socket address of `amqp_url`'s host and port.
+pub async fn broker_addr(amqp_url: &str) -> SocketAddr {
+    let url: url::Url = amqp_url.parse().expect("an AMQP URL");
+    let host = url.host_str().expect("a host");
+    let addr = format!("{host}:{}", url.port().unwrap_or(5672));
+    tokio::net::lookup_host(addr).await.unwrap().next().unwrap()
 }

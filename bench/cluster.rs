@@ -8,7 +8,7 @@
 //!
 //! The cluster listens on 5711-5713 (AMQP) and is torn down at the end, however the run ends.
 
-#[path = "../tests/common/cluster.rs"]
+#[path = "../tests/it/common/cluster.rs"]
 mod cluster;
 #[path = "common/mod.rs"]
 mod common;

@@ -7,7 +7,7 @@
 #               $CHAOS_RABBITMQ_PORT, default 5801) that it may stop, kill and restart; torn down
 #               at the end. The system broker is not touched.
 #   cluster:    --jobs 5000 [--only rolling|leader|replicas]   (a private 3-node cluster on 5711-5713)
-#   soak:       --minutes 30 [--rate 40]   (tests/soak.rs in release mode, against the local broker)
+#   soak:       --minutes 30 [--rate 40]   (tests/it/soak.rs in release mode, against the local broker)
 #   intake:     --posts 4000 --batch-posts 200 --connections 16 [--max-secs 60]   (the HTTP intake)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,7 +25,7 @@ case $bench in
       esac
     done
     SOAK_SECS=$((minutes * 60)) SOAK_RATE=$rate \
-      cargo test --release --quiet --test soak -- --nocapture
+      cargo test --release --quiet --test it soak:: -- --nocapture
     exit
     ;;
   chaos)

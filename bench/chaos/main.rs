@@ -13,7 +13,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 mod faults;
-#[path = "../../tests/common/relay.rs"]
+#[path = "../../tests/it/common/relay.rs"]
 #[allow(dead_code)] // the tests' relay; the intake tests use its broker-down mode, not this bench
 mod relay;
 mod stage;

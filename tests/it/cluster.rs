@@ -2,7 +2,7 @@
 //! at-least-once holds across it. The cluster is private to this test (its own ports and
 //! directory, `scripts/rabbitmq-cluster.sh`) and torn down even when an assertion fails.
 
-mod common;
+use crate::common;
 
 use std::{collections::HashMap, time::Duration};
 

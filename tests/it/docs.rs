@@ -41,7 +41,7 @@ fn prose(text: &str) -> Vec<&str> {
         .collect()
 }
 
-/// GitHub's anchor for a Markdown heading (as `tests/observability.rs` computes it).
+/// GitHub's anchor for a Markdown heading (as `tests/it/observability.rs` computes it).
 fn slug(heading: &str) -> String {
     heading
         .trim()

@@ -6,7 +6,7 @@
 //! One minute in the test suite; `SOAK_SECS=1800` (or `bench/run.sh soak --minutes 30`) for
 //! the long run. `SOAK_RATE` sets the jobs per second (default 40).
 
-mod common;
+use crate::common;
 
 use std::{
     collections::BTreeMap,

@@ -2,7 +2,7 @@
 //! tenant's token, gate and pause; one tenant's throttling or broken credentials never hold up
 //! the others; metrics name profiles, never tenant ids.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -1,6 +1,6 @@
 //! The success path and the failures that need no retry: event fields, ack, dead letters.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

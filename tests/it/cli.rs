@@ -1,7 +1,7 @@
 //! The binary as a black box: exit codes, `enqueue`, `check`, SIGTERM, the JSON log lines, and
 //! secrets in logs.
 
-mod common;
+use crate::common;
 
 use std::{
     collections::BTreeSet,

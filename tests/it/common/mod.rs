@@ -1,11 +1,12 @@
 //! Shared test harness: a graph-sim on port 0, uniquely named broker objects per test on the
 //! real RabbitMQ (`AMQP_URL`), the worker in-process with a shutdown token, and collectors for
 //! outcome events and dead letters. Every wait polls with a deadline; nothing sleeps blindly.
-#![allow(dead_code)] // each test binary uses a different part of the harness
 
 pub mod bin;
 pub mod cluster;
-#[path = "../../src/test_pki.rs"]
+// Shared with the unit tests, which use the parts these tests do not.
+#[allow(dead_code)]
+#[path = "../../../src/test_pki.rs"]
 pub mod pki;
 pub mod relay;
 

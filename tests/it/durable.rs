@@ -1,7 +1,7 @@
 //! Long retry waits go through the delay queues: they hold no delivery, survive a restart with
 //! their attempt count and budgets intact, and a throttle burst makes every job wait on one gate.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -3,7 +3,7 @@
 //! per-device results, partial failures that neither a retry nor a replay redoes, and reads
 //! budgeted and throttled apart from writes.
 
-mod common;
+use crate::common;
 
 use std::{collections::BTreeMap, time::Duration};
 

@@ -1,7 +1,7 @@
 //! Transient trouble is retried — honouring every Retry-After form, tenant-wide — until the
 //! budgets say stop; only then is a request dead-lettered.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, SystemTime};
 

@@ -1,7 +1,7 @@
 //! The delivery invariants of CONTRACT section 6: no confirm, no ack; connection loss and
 //! shutdown lose nothing; a conflicting topology is a configuration error.
 
-mod common;
+use crate::common;
 
 use std::{collections::BTreeSet, time::Duration};
 

@@ -1,6 +1,6 @@
 //! Credential trouble pauses consumption and never dead-letters; a 401 gets one fresh token.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

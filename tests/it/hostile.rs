@@ -2,7 +2,7 @@
 //! an oversized body, and a message that crashes its worker every time it is delivered. Each
 //! must end in the dead-letter queue without reaching Graph and without harming the worker.
 
-mod common;
+use crate::common;
 
 use std::{
     collections::BTreeMap,

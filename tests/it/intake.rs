@@ -3,7 +3,7 @@
 //! repeated Idempotency-Key publishes once; SIGTERM during a batch loses nothing. Every answer
 //! is checked against the OpenAPI description in docs/intake-openapi.yaml.
 
-mod common;
+use crate::common;
 
 use std::{
     collections::BTreeSet,

@@ -3,7 +3,7 @@
 //! the failure and counts the replay, and duplicates rather than loses when interrupted;
 //! `enqueue --file` validates every row before publishing any.
 
-mod common;
+use crate::common;
 
 use std::{
     collections::BTreeSet,

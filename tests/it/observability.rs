@@ -7,7 +7,7 @@
 //! Needs `promtool` and `prometheus` (scripts/ensure-prometheus.sh), `kubectl` or `kustomize`, and
 //! `kubernetes-validate` (scripts/ensure-k8s-tools.sh) on PATH: scripts/test.sh installs them.
 
-mod common;
+use crate::common;
 
 use std::{
     collections::{BTreeMap, BTreeSet},

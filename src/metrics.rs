@@ -97,6 +97,19 @@ struct Version {
     version: &'static str,
 }
 
+/// What every process of this binary exposes beside its own metrics (the worker's and the
+/// intake's alike): `unassign_build_info{version}` and the standard `process_*` series.
+pub fn register_process(r: &mut Registry) {
+    let build_info = Family::<Version, Gauge>::default();
+    build_info
+        .get_or_create(&Version {
+            version: env!("CARGO_PKG_VERSION"),
+        })
+        .set(1);
+    r.register("unassign_build_info", "Build information", build_info);
+    r.register_collector(Box::new(process::Process));
+}
+
 /// Why a Graph call is retried (`unassign_retries_total{reason}`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RetryReason {
@@ -339,14 +352,7 @@ impl Metrics {
             "Tokio tasks alive in the worker, as of this scrape (a leak shows as steady growth)",
             self.runtime_tasks.clone(),
         );
-        let build_info = Family::<Version, Gauge>::default();
-        build_info
-            .get_or_create(&Version {
-                version: env!("CARGO_PKG_VERSION"),
-            })
-            .set(1);
-        r.register("unassign_build_info", "Build information", build_info);
-        r.register_collector(Box::new(process::Process));
+        register_process(r);
     }
 
     /// The registry in the text exposition format.

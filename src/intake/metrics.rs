@@ -107,13 +107,7 @@ impl IntakeMetrics {
             "Broker connections made after the first",
             m.reconnects.clone(),
         );
-        let build_info = Family::<Version, Gauge>::default();
-        build_info
-            .get_or_create(&Version {
-                version: env!("CARGO_PKG_VERSION"),
-            })
-            .set(1);
-        r.register("unassign_build_info", "Build information", build_info);
+        crate::metrics::register_process(r);
         m
     }
 
@@ -156,9 +150,4 @@ impl IntakeMetrics {
         encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out
     }
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct Version {
-    version: &'static str,
 }

@@ -11,7 +11,7 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use common::{Broker, Collector, Env, TempFile, device, eventually, relay::Relay};
+use common::{Broker, Collector, Env, Received, TempFile, device, eventually, relay::Relay};
 use lapin::{
     options::{QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions},
     types::{AMQPValue, FieldTable},
@@ -187,6 +187,18 @@ fn request(id: &str) -> Value {
     json!({"request_id": id, "device_id": device(), "requested_by": "workday", "reason": "left"})
 }
 
+/// Stops the intake and the simulator and removes the broker objects.
+async fn finish(intake: Intake, broker: Broker, sim: Sim) {
+    intake.stop().await;
+    broker.cleanup().await;
+    sim.shutdown().await;
+}
+
+/// The `request_id` of a message read back from the requests queue.
+fn request_id(message: &Received) -> String {
+    message.json()["request_id"].as_str().unwrap().to_owned()
+}
+
 /// Broker objects for a test without a worker: the requests queue is read back directly.
 async fn broker_only(test: &str) -> (Sim, Broker, Collector) {
     let sim = Sim::start(common::sim_options()).await.unwrap();
@@ -211,7 +223,7 @@ async fn published_ids(intake: &Intake, requests: &Collector) -> Vec<String> {
     })
     .await;
     all.iter()
-        .map(|r| r.json()["request_id"].as_str().unwrap().to_owned())
+        .map(request_id)
         .filter(|id| *id != sentinel)
         .collect()
 }
@@ -338,9 +350,7 @@ async fn wrong_stale_or_replayed_signatures_are_401_and_publish_nothing() {
             .await,
         1.0
     );
-    intake.stop().await;
-    broker.cleanup().await;
-    sim.shutdown().await;
+    finish(intake, broker, sim).await;
 }
 
 #[tokio::test]
@@ -376,9 +386,7 @@ async fn an_unreachable_broker_is_503_publishing_nothing_then_202_once_back() {
     // The relay is back, so the sentinel goes through it too.
     let ids = published_ids(&intake, &requests).await;
     assert_eq!(ids, ["down-1", "down-2"], "each once, nothing from the 503");
-    intake.stop().await;
-    broker.cleanup().await;
-    sim.shutdown().await;
+    finish(intake, broker, sim).await;
 }
 
 /// Nothing is half-accepted: the broker takes only part of a batch — for the first post the
@@ -465,9 +473,7 @@ async fn a_broker_refusing_part_of_a_batch_is_503_and_the_retry_publishes_each_m
         .queue_delete(limiter.as_str().into(), QueueDeleteOptions::default())
         .await
         .unwrap();
-    intake.stop().await;
-    broker.cleanup().await;
-    sim.shutdown().await;
+    finish(intake, broker, sim).await;
 }
 
 /// Also: a malformed body 400, another media type 415, over the limits 413; none publishes.
@@ -514,9 +520,7 @@ async fn a_batch_with_one_bad_line_is_400_naming_it_and_publishes_nothing() {
         published_ids(&intake, &requests).await,
         Vec::<String>::new()
     );
-    intake.stop().await;
-    broker.cleanup().await;
-    sim.shutdown().await;
+    finish(intake, broker, sim).await;
 }
 
 #[tokio::test]
@@ -552,9 +556,7 @@ async fn a_repeated_idempotency_key_publishes_one_message() {
     );
     assert_eq!(*p.delivery_mode(), Some(2), "persistent");
     assert_eq!(intake.metric("unassign_intake_duplicates_total").await, 1.0);
-    intake.stop().await;
-    broker.cleanup().await;
-    sim.shutdown().await;
+    finish(intake, broker, sim).await;
 }
 
 #[tokio::test]
@@ -583,12 +585,10 @@ async fn a_sender_over_its_rate_is_429_and_others_go_ahead() {
         .wait_for(2, WAIT)
         .await
         .iter()
-        .map(|r| r.json()["request_id"].as_str().unwrap().to_owned())
+        .map(request_id)
         .collect();
     assert_eq!(ids, ["rate-1", "rate-3"]);
-    intake.stop().await;
-    broker.cleanup().await;
-    sim.shutdown().await;
+    finish(intake, broker, sim).await;
 }
 
 /// Rotation without a restart: the tokens file is rewritten while the intake runs.
@@ -616,12 +616,10 @@ async fn tokens_rotate_without_a_restart() {
         .wait_for(2, WAIT)
         .await
         .iter()
-        .map(|r| r.json()["request_id"].as_str().unwrap().to_owned())
+        .map(request_id)
         .collect();
     assert_eq!(ids, ["rot-1", "rot-3"]);
-    intake.stop().await;
-    broker.cleanup().await;
-    sim.shutdown().await;
+    finish(intake, broker, sim).await;
 }
 
 /// A sender that retries while its first attempt still waits for confirms (here: three identical
@@ -657,9 +655,7 @@ async fn concurrent_repeats_of_a_post_publish_once() {
         published_ids(&intake, &requests).await,
         ["race-1", "race-2"]
     );
-    intake.stop().await;
-    broker.cleanup().await;
-    sim.shutdown().await;
+    finish(intake, broker, sim).await;
 }
 
 /// The binary as a process: a 100-item batch is in flight over a slow broker link when
@@ -749,7 +745,7 @@ async fn sigterm_during_a_batch_loses_nothing() {
         .wait_for(100, WAIT)
         .await
         .iter()
-        .map(|r| r.json()["request_id"].as_str().unwrap().to_owned())
+        .map(request_id)
         .collect();
     assert_eq!(ids.len(), 100, "every message of the batch is in the queue");
 

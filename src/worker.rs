@@ -271,6 +271,16 @@ impl Supervisor {
         tracing::info!(queue = %self.settings.amqp.queue, "consuming");
         let end = loop {
             self.health.tick();
+            // An error event is judged by the states at the moment it arrives, and a consumer
+            // stream need not end with its channel: whatever the order lapin reports things in,
+            // a connection or consume channel found dead here (every TICK at the latest) ends
+            // the session.
+            if !(connection.status().connected() && channel.status().connected()) {
+                break self.lost(
+                    connection,
+                    "the connection or the consume channel is gone".into(),
+                );
+            }
             tokio::select! {
                 biased;
                 _ = stop.cancelled() => break match session.pause_reason() {

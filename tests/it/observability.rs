@@ -910,6 +910,22 @@ fn kustomize_builds_without_and_with_the_monitoring_component_and_the_kubernetes
     validate(&with, "with-monitoring");
 }
 
+/// The intake's kit (applied beside the worker's) builds with kustomize, and what it builds — and
+/// its example Secret — passes the Kubernetes schemas.
+#[test]
+fn the_intake_kit_builds_and_its_objects_pass_the_kubernetes_schemas() {
+    let built = kustomize_build(&repo(INTAKE_KIT));
+    assert!(
+        built.iter().any(|o| kind_of(o) == "Deployment"),
+        "the intake kit builds a Deployment"
+    );
+    validate(&built, "intake");
+    validate(
+        &yaml_docs(&repo(&format!("{INTAKE_KIT}/secret.example.yaml"))),
+        "intake-secret-example",
+    );
+}
+
 /// The runbook base URL and the job, set once, reach every runbook_url and every job selector —
 /// through the kustomize component and through scripts/render-alerts.sh alike.
 #[test]

@@ -50,8 +50,11 @@ const OVERLAY: &str = "deploy/overlays/monitoring";
 const KUBERNETES_VERSIONS: [&str; 2] = ["1.29.0", "1.37.0"];
 /// The intake's scrape job: the intake alert groups by it, the dashboard's intake row selects it.
 const INTAKE_JOB: &str = "unassign-intake";
-/// The intake's own kustomization, applied beside the worker's.
+/// The intake's own kustomization, applied beside the worker's…
 const INTAKE_KIT: &str = "deploy/kubernetes/intake";
+/// …and its opt-in component with the ServiceMonitor, and the overlay that adds it.
+const INTAKE_MONITORING: &str = "deploy/kubernetes/intake/components/monitoring";
+const INTAKE_OVERLAY: &str = "deploy/overlays/intake-monitoring";
 
 /// Absolute paths only: nothing here depends on the current directory.
 fn repo(path: &str) -> PathBuf {
@@ -910,16 +913,24 @@ fn kustomize_builds_without_and_with_the_monitoring_component_and_the_kubernetes
     validate(&with, "with-monitoring");
 }
 
-/// The intake's kit (applied beside the worker's) builds with kustomize, and what it builds — and
-/// its example Secret — passes the Kubernetes schemas.
+/// The intake's kit (applied beside the worker's) builds with kustomize, with and without its
+/// monitoring component, and what it builds — and its example Secret — passes the Kubernetes
+/// schemas.
 #[test]
 fn the_intake_kit_builds_and_its_objects_pass_the_kubernetes_schemas() {
+    // Like the worker's: no Prometheus operator object unless the component is added.
     let built = kustomize_build(&repo(INTAKE_KIT));
-    assert!(
-        built.iter().any(|o| kind_of(o) == "Deployment"),
-        "the intake kit builds a Deployment"
-    );
+    let kinds: BTreeSet<&str> = built.iter().map(kind_of).collect();
+    assert!(kinds.contains("Deployment"), "{kinds:?}");
+    assert!(!kinds.contains("ServiceMonitor"), "{kinds:?}");
     validate(&built, "intake");
+    let with = kustomize_build(&repo(INTAKE_OVERLAY));
+    assert_eq!(with.len(), built.len() + 1, "the overlay adds one object…");
+    assert!(
+        with.iter().any(|o| kind_of(o) == "ServiceMonitor"),
+        "…the ServiceMonitor"
+    );
+    validate(&with, "intake-with-monitoring");
     validate(
         &yaml_docs(&repo(&format!("{INTAKE_KIT}/secret.example.yaml"))),
         "intake-secret-example",
@@ -1024,7 +1035,7 @@ fn the_runbook_base_url_and_the_job_are_set_in_one_place_per_route() {
 
 #[test]
 fn intake_manifests_hang_together() {
-    let m = Manifests::load(&[INTAKE_KIT]);
+    let m = Manifests::load(&[INTAKE_KIT, INTAKE_MONITORING]);
     let worker = Manifests::load(&[KUSTOMIZE_BASE, MONITORING]);
     let settings = settings_with(
         str_of(

@@ -10,7 +10,7 @@ use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 mod carry;
 mod state;
 
-pub use carry::{carried_headers, carried_properties, is_directive};
+pub use carry::{carried_headers, carried_properties};
 pub use state::{Carried, Limits, MAX_USER_DEVICES, Progress, Rejected, RetryState, StateKeys};
 
 /// The request's fields (section 4), as JSON keys and CSV columns.

@@ -821,14 +821,14 @@ async fn publish_outcome(
                 );
                 if outcome.devices.is_some() {
                     // A replay must not redo the devices already unassigned.
-                    let done = outcome.progress().done;
+                    let progress = outcome.progress();
                     let state = ctx.state_keys.sign_dead_letter(
-                        &done,
+                        &progress.done,
                         &delivery.data,
                         message_id(delivery),
                     );
                     merge(&mut headers, state);
-                    if let Some(list) = outcome.progress().done_list() {
+                    if let Some(list) = progress.done_list() {
                         headers.insert(
                             contract::headers::DEVICES_DONE.into(),
                             AMQPValue::LongString(list.into()),

@@ -41,7 +41,7 @@ fn prose(text: &str) -> Vec<&str> {
         .collect()
 }
 
-/// GitHub's anchor for a Markdown heading (as `tests/it/observability.rs` computes it).
+/// GitHub's anchor for a Markdown heading.
 fn slug(heading: &str) -> String {
     heading
         .trim()
@@ -52,7 +52,9 @@ fn slug(heading: &str) -> String {
         .collect()
 }
 
-fn anchors(markdown: &Path) -> BTreeSet<String> {
+/// The anchors of `markdown`'s headings (outside code blocks); the alert runbook's are checked
+/// with it too.
+pub fn anchors(markdown: &Path) -> BTreeSet<String> {
     let text = std::fs::read_to_string(markdown).unwrap();
     prose(&text)
         .into_iter()

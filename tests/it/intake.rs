@@ -194,6 +194,17 @@ async fn finish(intake: Intake, broker: Broker, sim: Sim) {
     sim.shutdown().await;
 }
 
+/// The `request_id`s in the requests queue, in order, once there are at least `n` (every one
+/// seen, so an extra message still fails the caller's comparison).
+async fn ids_once(requests: &Collector, n: usize) -> Vec<String> {
+    requests
+        .wait_for(n, WAIT)
+        .await
+        .iter()
+        .map(request_id)
+        .collect()
+}
+
 /// The `request_id` of a message read back from the requests queue.
 fn request_id(message: &Received) -> String {
     message.json()["request_id"].as_str().unwrap().to_owned()
@@ -581,12 +592,7 @@ async fn a_sender_over_its_rate_is_429_and_others_go_ahead() {
         "each credential has its own bucket"
     );
     // In order on one channel: a wrongly published rate-2 would come before rate-3.
-    let ids: Vec<String> = requests
-        .wait_for(2, WAIT)
-        .await
-        .iter()
-        .map(request_id)
-        .collect();
+    let ids = ids_once(&requests, 2).await;
     assert_eq!(ids, ["rate-1", "rate-3"]);
     finish(intake, broker, sim).await;
 }
@@ -612,12 +618,7 @@ async fn tokens_rotate_without_a_restart() {
         .post(&request("rot-3").to_string(), &[("authorization", &auth)])
         .await;
     assert_eq!(rotated.status, 202);
-    let ids: Vec<String> = requests
-        .wait_for(2, WAIT)
-        .await
-        .iter()
-        .map(request_id)
-        .collect();
+    let ids = ids_once(&requests, 2).await;
     assert_eq!(ids, ["rot-1", "rot-3"]);
     finish(intake, broker, sim).await;
 }

@@ -160,17 +160,6 @@ fn alert_rules_pass_promtool_check_and_their_unit_tests() {
     }
 }
 
-/// GitHub's anchor for a Markdown heading.
-fn slug(heading: &str) -> String {
-    heading
-        .trim()
-        .to_lowercase()
-        .chars()
-        .filter(|c| c.is_alphanumeric() || *c == '-' || *c == '_' || *c == ' ')
-        .map(|c| if c == ' ' { '-' } else { c })
-        .collect()
-}
-
 fn alert_rules() -> Vec<Yaml> {
     let rules = yaml("deploy/prometheus/alerts.yaml");
     rules["groups"]
@@ -183,12 +172,7 @@ fn alert_rules() -> Vec<Yaml> {
 
 #[test]
 fn every_alert_has_a_severity_a_for_and_a_runbook_url_and_is_tested_both_ways() {
-    let runbook = read(RUNBOOK_DOC);
-    let anchors: BTreeSet<String> = runbook
-        .lines()
-        .filter_map(|line| line.strip_prefix('#'))
-        .map(|heading| slug(heading.trim_start_matches('#')))
-        .collect();
+    let anchors = crate::docs::anchors(&repo(RUNBOOK_DOC));
     let tests = yaml("deploy/prometheus/alerts.test.yaml");
     let mut fires = BTreeSet::new();
     let mut stays_quiet = BTreeSet::new();

@@ -14,10 +14,13 @@ use std::time::Duration;
 
 use aws_lc_rs::{digest, hmac};
 use lapin::types::{AMQPValue, FieldTable, LongString};
-use serde::{Deserialize, Serialize};
-use time::{OffsetDateTime, format_description::well_known::Rfc3339};
+use time::OffsetDateTime;
 
 use super::{DeviceId, header_str, headers};
+
+mod wire;
+
+use wire::Wire;
 
 /// Most devices one user request unassigns; beyond it the request fails before any call, as a
 /// leaver with that many Autopilot devices is more likely a service account or a data error.
@@ -28,6 +31,13 @@ const MAX_STATE_BYTES: usize = 8 * 1024;
 /// Domain separation: a MAC made for anything else never verifies as a state.
 const MAC_CONTEXT: &[u8] = b"unassign-worker/state/v1\0";
 const VERSION: u8 = 1;
+
+/// The longest Retry-After honoured: a header is a producer's data, and one saying "come back in
+/// ten years" (or 2^64 seconds) must neither park a job and hold its tenant for ever nor overflow
+/// the arithmetic on it. Graph's throttling windows are seconds to minutes; an hour is well past
+/// any of them, and a job that cannot wait that long within `retry.max_elapsed_secs` fails as
+/// `retries_exhausted`. It bounds the waits a carried state may claim ([`Limits`]), hence here.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 
 /// What a request carries from one delivery to the next so budgets survive requeues and
 /// restarts: calls made, when it was first received, and a wait still owed.
@@ -168,11 +178,7 @@ impl StateKeys {
         body: &[u8],
         message_id: Option<&str>,
     ) -> FieldTable {
-        let wire = Wire {
-            devices_done: done.iter().map(ToString::to_string).collect(),
-            ..Wire::default()
-        };
-        self.sign_wire(&wire, body, message_id)
+        self.sign_wire(&Wire::dead_letter(done), body, message_id)
     }
 
     fn sign_wire(&self, wire: &Wire, body: &[u8], message_id: Option<&str>) -> FieldTable {
@@ -287,83 +293,6 @@ fn unhex(s: &str) -> Option<Vec<u8>> {
         .step_by(2)
         .map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok())
         .collect()
-}
-
-/// The state as it travels: JSON, so an operator can read it in the management UI.
-#[derive(Debug, Serialize, Deserialize)]
-struct Wire {
-    v: u8,
-    #[serde(default)]
-    attempts: u32,
-    /// Absent on a dead letter: a replay starts its budgets afresh.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    first_received_at: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    retry_at: Option<String>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    devices_done: Vec<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    device_calls: Option<u32>,
-}
-
-impl Default for Wire {
-    fn default() -> Self {
-        Self {
-            v: VERSION,
-            attempts: 0,
-            first_received_at: None,
-            retry_at: None,
-            devices_done: Vec::new(),
-            device_calls: None,
-        }
-    }
-}
-
-impl From<&Carried> for Wire {
-    fn from(c: &Carried) -> Self {
-        Self {
-            v: VERSION,
-            attempts: c.retry.attempts,
-            first_received_at: Some(super::rfc3339(c.retry.first_received_at)),
-            retry_at: c.retry.retry_at.map(super::rfc3339),
-            devices_done: c.progress.done.iter().map(ToString::to_string).collect(),
-            device_calls: c.progress.device_calls,
-        }
-    }
-}
-
-impl Wire {
-    /// Every value within what this worker could have written at `now`.
-    fn clamped(self, now: OffsetDateTime, limits: Limits) -> Carried {
-        let time = |s: Option<&str>| s.and_then(|s| OffsetDateTime::parse(s, &Rfc3339).ok());
-        let attempts = self.attempts.min(limits.max_attempts);
-        let latest_retry = now.checked_add(
-            limits
-                .longest_wait
-                .try_into()
-                .unwrap_or(time::Duration::ZERO),
-        );
-        let retry_at = time(self.retry_at.as_deref())
-            .filter(|at| *at > now)
-            .map(|at| latest_retry.map_or(now, |latest| at.min(latest)));
-        Carried {
-            retry: RetryState {
-                attempts,
-                first_received_at: time(self.first_received_at.as_deref())
-                    .map_or(now, |t| t.min(now)),
-                retry_at,
-            },
-            progress: Progress {
-                done: self
-                    .devices_done
-                    .iter()
-                    .filter_map(|id| DeviceId::parse(id))
-                    .take(MAX_USER_DEVICES)
-                    .collect(),
-                device_calls: self.device_calls.map(|n| n.min(attempts)),
-            },
-        }
-    }
 }
 
 #[cfg(test)]

@@ -339,14 +339,18 @@ mod tests {
     };
 
     use super::*;
-    use crate::credential::{ClientSecret, Credential};
+    use crate::{
+        contract::TenantId,
+        credential::{ClientSecret, Credential},
+    };
 
-    const TOKEN_PATH: &str = "/tenant/oauth2/v2.0/token";
+    const TENANT: &str = "72f988bf-86f1-41af-91ab-2d7cd011db47";
+    const TOKEN_PATH: &str = "/72f988bf-86f1-41af-91ab-2d7cd011db47/oauth2/v2.0/token";
 
     fn source(server: &MockServer) -> Arc<TokenSource> {
         let credentials = Credentials {
             authority_host: server.uri().parse().unwrap(),
-            tenant_id: "tenant".to_owned(),
+            tenant_id: TenantId::parse(TENANT).unwrap(),
             client_id: "app".to_owned(),
             credential: Credential::Secret(ClientSecret::Value("secret".into())),
             scope: "https://graph.microsoft.com/.default".to_owned(),

@@ -28,9 +28,9 @@ use crate::config::{ConfigError, LogFormat};
 pub fn init(format: LogFormat, level: &str) -> Result<(), ConfigError> {
     let filter = match std::env::var("RUST_LOG") {
         Ok(directives) if !directives.is_empty() => EnvFilter::try_new(&directives)
-            .map_err(|e| ConfigError(format!("`RUST_LOG` is not a valid filter: {e}")))?,
+            .map_err(|e| ConfigError::key("RUST_LOG", format!("is not a valid filter: {e}")))?,
         _ => EnvFilter::try_new(level)
-            .map_err(|e| ConfigError(format!("`log.level` is not a valid filter: {e}")))?,
+            .map_err(|e| ConfigError::key("log.level", format!("is not a valid filter: {e}")))?,
     };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

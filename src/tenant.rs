@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     auth::TokenSource,
     config::{TenantName, TenantProfile},
+    contract::TenantId,
     http::Health,
     metrics::Metrics,
     pipeline::Session,
@@ -34,7 +35,7 @@ const FIRST_PAUSE_BACKOFF: Duration = Duration::from_secs(1);
 /// One tenant profile at run time.
 pub struct Tenant {
     pub name: TenantName,
-    pub tenant_id: String,
+    pub tenant_id: TenantId,
     pub tokens: TokenSource,
     /// The tenant's gate for writes (the unassign action)…
     pub gate: Arc<Gate>,
@@ -170,10 +171,7 @@ impl Tenants {
     pub fn select(&self, tenant_id: Option<&str>) -> Option<&Arc<Tenant>> {
         match tenant_id {
             None => self.all.first(),
-            Some(id) => self
-                .all
-                .iter()
-                .find(|t| t.tenant_id.eq_ignore_ascii_case(id)),
+            Some(id) => self.all.iter().find(|t| t.tenant_id.is(id)),
         }
     }
 

@@ -73,7 +73,7 @@ impl App {
         let profiles = settings.tenant_profiles()?;
         let metrics = Arc::new(Metrics::new());
         let health = Arc::new(Health::default());
-        let http = graph::http_client(Duration::from_secs(settings.graph.timeout_secs));
+        let http = graph::http_client(settings.graph.timeout);
         let name = format!(
             "unassign-worker/{}",
             instance_name(&settings.worker.instance)
@@ -82,7 +82,7 @@ impl App {
             amqp: settings.amqp.clone(),
             graph: GraphClient::new(
                 http.clone(),
-                settings.graph.base_url.clone(),
+                settings.graph.base_url.url().clone(),
                 metrics.clone(),
             ),
             tenants: Arc::new(Tenants::new(
@@ -91,10 +91,10 @@ impl App {
                 metrics.clone(),
                 health.clone(),
             )),
-            graph_slots: CallSlots::new(settings.worker.concurrency),
+            graph_slots: CallSlots::new(settings.worker.concurrency.get()),
             metrics: metrics.clone(),
             policy: Policy::from(&settings.retry),
-            park_after: settings.retry.park_after(),
+            park_after: settings.retry.park_after,
             source: name.clone(),
             state_keys: settings.state_keys()?,
             state_limits: settings.state_limits(),
@@ -168,7 +168,11 @@ struct Supervisor {
 
 impl Supervisor {
     async fn run(&self, shutdown: &CancellationToken) -> Result<(), RunError> {
-        let max_reconnect = Duration::from_secs(self.settings.amqp.reconnect_max_delay_secs.max(1));
+        let max_reconnect = self
+            .settings
+            .amqp
+            .reconnect_max_delay
+            .max(Duration::from_secs(1));
         let mut reconnect_delay = Duration::from_millis(500);
         let mut connected_before = false;
         // The node to try first: after losing one, the next in the list, so a node that went
@@ -265,7 +269,7 @@ impl Supervisor {
         let session = Arc::new(Session::new(publisher, stop.clone()));
         let jobs = TaskTracker::new();
         let mut events = connection.events_listener();
-        let poll_every = Duration::from_secs(self.settings.amqp.queue_poll_secs.max(1));
+        let poll_every = self.settings.amqp.queue_poll.max(Duration::from_secs(1));
         let mut queue_poll = tokio::time::interval(poll_every);
         self.health.set_consuming(true);
         tracing::info!(queue = %self.settings.amqp.queue, "consuming");
@@ -333,7 +337,7 @@ impl Supervisor {
             self.spawn_job(&jobs, &session, delivery);
         }
         jobs.close();
-        let grace = Duration::from_secs(self.settings.worker.shutdown_grace_secs);
+        let grace = self.settings.worker.shutdown_grace;
         if tokio::time::timeout(grace, jobs.wait()).await.is_err() {
             tracing::warn!(
                 left = jobs.len(),
@@ -365,7 +369,7 @@ impl Supervisor {
             .create_channel()
             .await
             .context("opening the consume channel")?;
-        let prefetch = amqp.effective_prefetch(self.settings.worker.concurrency);
+        let prefetch = amqp.effective_prefetch(self.settings.worker.concurrency.get());
         channel
             .basic_qos(prefetch, BasicQosOptions::default())
             .await

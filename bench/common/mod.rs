@@ -21,7 +21,6 @@ use lapin::{
     types::FieldTable,
 };
 use unassign_worker::{
-    amqp::delay,
     config::Settings,
     sim::{Sim, SimOptions},
 };
@@ -174,7 +173,7 @@ impl Topology {
 
     pub async fn delete(self) {
         let a = &self.settings.amqp;
-        let tiers = a.delay_tiers_secs.iter().map(|&s| delay::tier_queue(a, s));
+        let tiers = a.delay_tiers_secs.iter().map(|&s| a.tier_queue(s));
         let queues = [
             a.queue.clone(),
             a.dead_letter_queue.clone(),

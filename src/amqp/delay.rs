@@ -7,11 +7,6 @@ use std::time::Duration;
 
 use crate::config::AmqpSettings;
 
-/// The name of the delay queue of `secs`.
-pub fn tier_queue(settings: &AmqpSettings, secs: u64) -> String {
-    format!("{}.delay.{secs}s", settings.queue)
-}
-
 /// The longest tier that fits in `wait`: its queue and its delay.
 pub fn tier_for(settings: &AmqpSettings, wait: Duration) -> Option<(String, Duration)> {
     let secs = settings
@@ -19,7 +14,7 @@ pub fn tier_for(settings: &AmqpSettings, wait: Duration) -> Option<(String, Dura
         .iter()
         .rev()
         .find(|&&t| Duration::from_secs(t) <= wait)?;
-    Some((tier_queue(settings, *secs), Duration::from_secs(*secs)))
+    Some((settings.tier_queue(*secs), Duration::from_secs(*secs)))
 }
 
 /// The shortest tier of at least `wait`, else the longest: a wait that rounds up to a whole tier
@@ -42,7 +37,7 @@ mod tests {
     fn settings() -> AmqpSettings {
         let mut s = crate::config::Settings::load(None).unwrap().amqp;
         s.queue = "q".to_owned();
-        s.delay_tiers_secs = vec![4, 8, 16];
+        s.delay_tiers_secs = vec![4, 8, 16].try_into().unwrap();
         s
     }
 

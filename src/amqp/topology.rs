@@ -59,7 +59,7 @@ pub async fn declare(channel: &Channel, s: &AmqpSettings) -> Result<(), Topology
                 ("x-overflow", text("reject-publish")),
             ],
         );
-        queue(channel, &super::delay::tier_queue(s, secs), args).await?;
+        queue(channel, &s.tier_queue(secs), args).await?;
     }
     Ok(())
 }

@@ -2,7 +2,7 @@
 //! runs, and each is reported once — a line each, or one JSON document — so an operator sees at
 //! once everything that is wrong with a deployment, not only the first thing.
 
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use std::{path::PathBuf, sync::Arc};
 
 use lapin::{options::QueueDeclareOptions, types::FieldTable};
 use serde::Serialize;
@@ -128,7 +128,7 @@ async fn run_checks(config: Option<PathBuf>) -> Vec<Check> {
         Ok(s) => s,
         Err(e) => {
             return vec![
-                Check::new("config", None, Err(e.0)),
+                Check::new("config", None, Err(e.0.to_string())),
                 Check::skipped("broker", NO_CONFIG),
                 Check::skipped("token", NO_CONFIG),
             ];
@@ -149,7 +149,10 @@ async fn run_checks(config: Option<PathBuf>) -> Vec<Check> {
                 .collect();
             (profiles, checks)
         }
-        Err(e) => (Vec::new(), vec![Check::new("config", None, Err(e.0))]),
+        Err(e) => (
+            Vec::new(),
+            vec![Check::new("config", None, Err(e.0.to_string()))],
+        ),
     };
     let broker = async {
         let result = check_broker(&settings)
@@ -179,7 +182,7 @@ fn describe(settings: &Settings, p: &TenantProfile) -> String {
 
 /// One token per tenant profile, obtained the way the worker obtains it.
 async fn check_tokens(settings: &Settings, profiles: Vec<TenantProfile>) -> Vec<Check> {
-    let http = graph::http_client(Duration::from_secs(settings.graph.timeout_secs));
+    let http = graph::http_client(settings.graph.timeout);
     let mut checks = Vec::new();
     for p in profiles {
         let (name, scope, authority) = (

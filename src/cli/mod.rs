@@ -9,7 +9,7 @@ mod output;
 mod probe;
 mod progress;
 
-use std::{ffi::OsString, io::Write as _, path::PathBuf, process::ExitCode, time::Duration};
+use std::{ffi::OsString, io::Write as _, path::PathBuf, process::ExitCode};
 
 use anyhow::Context as _;
 use clap::{CommandFactory, Parser, Subcommand};
@@ -207,7 +207,7 @@ async fn dispatch(command: Command, config: Option<PathBuf>) -> Result<(), CliEr
         Command::GraphSim(options) => {
             telemetry::init(LogFormat::Text, "info")?;
             let shutdown = CancellationToken::new();
-            crate::shutdown::on_signal(shutdown.clone(), Duration::from_secs(5));
+            crate::shutdown::on_signal(shutdown.clone(), std::time::Duration::from_secs(5));
             Ok(crate::sim::run(options, shutdown).await?)
         }
     }
@@ -216,7 +216,7 @@ async fn dispatch(command: Command, config: Option<PathBuf>) -> Result<(), CliEr
 async fn run(config: Option<PathBuf>) -> Result<(), CliError> {
     let settings = Settings::load(config)?;
     telemetry::init(settings.log.format, &settings.log.level)?;
-    let grace = Duration::from_secs(settings.worker.shutdown_grace_secs);
+    let grace = settings.worker.shutdown_grace;
     let app = App::build(settings).await?;
     tracing::info!(http = %app.http_addr(), "serving /metrics, /healthz, /readyz");
     let shutdown = CancellationToken::new();
@@ -227,7 +227,7 @@ async fn run(config: Option<PathBuf>) -> Result<(), CliError> {
 async fn intake(config: Option<PathBuf>) -> Result<(), CliError> {
     let settings = Settings::load(config)?;
     telemetry::init(settings.log.format, &settings.log.level)?;
-    let grace = Duration::from_secs(settings.intake.shutdown_grace_secs);
+    let grace = settings.intake.shutdown_grace;
     let server = crate::intake::Server::build(&settings).await?;
     tracing::info!(http = %server.metrics_addr(), "serving /metrics, /healthz, /readyz");
     let shutdown = CancellationToken::new();

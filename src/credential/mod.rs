@@ -59,20 +59,6 @@ impl Credential {
         })
     }
 
-    /// The setting and variable to name when this source is wrong.
-    pub fn key(&self) -> &'static str {
-        match self {
-            Self::Secret(ClientSecret::Value(_)) => "auth.client_secret (AZURE_CLIENT_SECRET)",
-            Self::Secret(ClientSecret::File(_)) => {
-                "auth.client_secret_file (AZURE_CLIENT_SECRET_FILE)"
-            }
-            Self::Certificate { .. } => {
-                "auth.client_certificate_path (AZURE_CLIENT_CERTIFICATE_PATH)"
-            }
-            Self::FederatedToken(_) => "auth.federated_token_file (AZURE_FEDERATED_TOKEN_FILE)",
-        }
-    }
-
     /// What kind of credential this is, for `check` and logs.
     pub fn describe(&self) -> String {
         match self {

@@ -14,7 +14,7 @@ mod ratelimit;
 mod routes;
 mod window;
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, sync::Arc};
 
 use anyhow::Context as _;
 use tokio::net::TcpListener;
@@ -54,11 +54,8 @@ impl Server {
         config.validate()?;
         let auth = Authenticator::from_settings(config)?;
         let metrics = Arc::new(IntakeMetrics::new());
-        let (broker, supervisor) = publish::link(
-            &settings.amqp,
-            Duration::from_secs(config.publish_timeout_secs),
-            metrics.clone(),
-        );
+        let (broker, supervisor) =
+            publish::link(&settings.amqp, config.publish_timeout, metrics.clone());
         let public = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("binding intake.listen {}", config.listen))?;
@@ -67,16 +64,13 @@ impl Server {
             .with_context(|| format!("binding intake.metrics_listen {}", config.metrics_listen))?;
         let intake = Intake {
             auth,
-            limit: RateLimit::new(config.rate_limit_per_second),
-            confirmed: Confirmed::new(
-                Duration::from_secs(config.idempotency_window_secs),
-                config.idempotency_capacity,
-            ),
+            limit: RateLimit::new(config.rate_limit_per_second.get()),
+            confirmed: Confirmed::new(config.idempotency_window, config.idempotency_capacity.get()),
             inflight: InFlight::default(),
             broker,
             metrics,
-            max_body: config.max_body_bytes,
-            max_batch: config.max_batch,
+            max_body: config.max_body_bytes.get(),
+            max_batch: config.max_batch.get(),
         };
         Ok(Server {
             intake: Arc::new(intake),

@@ -132,7 +132,7 @@ impl Supervisor {
     /// Connects, declares the topology (unless disabled), opens the confirm channel and keeps
     /// it until the connection fails, a post reports it broken, or `stop` is cancelled.
     pub async fn run(mut self, stop: CancellationToken) -> Result<(), TopologyError> {
-        let max_delay = Duration::from_secs(self.amqp.reconnect_max_delay_secs.max(1));
+        let max_delay = self.amqp.reconnect_max_delay.max(Duration::from_secs(1));
         let mut delay = Duration::from_millis(200);
         let mut first_node = 0;
         let mut generation = 0;

@@ -47,7 +47,7 @@ async fn the_worker_fails_over_when_its_node_stops() {
     .await
     .unwrap();
     let mut settings = common::settings(&sim, &common::prefix("cluster"));
-    settings.amqp.url = cluster.urls().into();
+    settings.amqp.url = cluster.urls().parse().unwrap();
     // Declared through node 1, so node 1 leads every queue (client-local leader placement).
     let declarer = broker_on(&cluster.url(1), &settings).await;
     unassign_worker::amqp::declare(&declarer.channel, &settings.amqp)

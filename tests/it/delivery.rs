@@ -135,7 +135,9 @@ async fn a_broker_url_may_name_an_ip_address() {
     for listen in ["127.0.0.2:0", "[::1]:0"] {
         let relay = Relay::start_on(listen, common::broker_addr().await).await;
         let mut settings = unassign_worker::config::Settings::load(None).unwrap();
-        settings.amqp.url = format!("amqp://guest:guest@{}/%2f", relay.addr).into();
+        settings.amqp.url = format!("amqp://guest:guest@{}/%2f", relay.addr)
+            .parse()
+            .unwrap();
         assert_eq!(settings.amqp.url.labels(), [relay.addr.to_string()]);
         let connected = amqp::connect(&settings.amqp, "unassign-worker/test", 0).await;
         let (connection, _) = connected.unwrap_or_else(|e| panic!("{listen}: {e:#}"));
@@ -162,7 +164,9 @@ async fn survives_a_broken_link(test: &str, break_link: fn(&Relay) -> usize, bre
     let dead = broker.collect(&settings.amqp.dead_letter_queue).await;
     let relay = Relay::to_broker(&common::amqp_url()).await;
     let mut worker_settings = settings.clone();
-    worker_settings.amqp.url = format!("amqp://guest:guest@{}/%2f", relay.addr).into();
+    worker_settings.amqp.url = format!("amqp://guest:guest@{}/%2f", relay.addr)
+        .parse()
+        .unwrap();
     let worker = Worker::start(worker_settings).await;
     worker.wait_ready().await;
 
@@ -261,7 +265,7 @@ async fn channel_error_or_reconnect(worker: &Worker, reason: &str, at_least: f64
 #[tokio::test]
 async fn a_missing_queue_in_the_depth_poll_does_not_end_the_session() {
     let env = Env::start_with("pollgone", common::sim_options(), |s| {
-        s.amqp.queue_poll_secs = 1;
+        s.amqp.queue_poll = std::time::Duration::from_secs(1);
     })
     .await;
     let a = env.settings().amqp.clone();

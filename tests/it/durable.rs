@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 
 use common::{Broker, Collector, Worker, device, eventually};
 use unassign_worker::{
-    amqp::delay,
     config::Settings,
     sim::{Scripted, Sim, SimOptions},
 };
@@ -29,8 +28,8 @@ async fn start(
 ) -> (Sim, Broker, Collector, Collector) {
     let sim = Sim::start(common::sim_options()).await.unwrap();
     let mut settings = common::settings(&sim, &common::prefix(test));
-    settings.retry.park_after_secs = 1;
-    settings.retry.max_delay_secs = 30;
+    settings.retry.park_after = std::time::Duration::from_secs(1);
+    settings.retry.max_delay = std::time::Duration::from_secs(30);
     tweak(&mut settings);
     let broker = Broker::connect(&settings).await;
     let events = broker.collect(&settings.amqp.outcomes_queue).await;
@@ -50,7 +49,7 @@ async fn a_long_retry_is_parked_and_survives_a_worker_restart() {
     })
     .await;
     let throttled_at = Instant::now();
-    let tier = delay::tier_queue(&settings.amqp, 2);
+    let tier = settings.amqp.tier_queue(2);
     eventually("the request in the 2 s delay queue", WAIT, || async {
         (broker.depth(&tier).await == 1).then_some(())
     })
@@ -79,12 +78,15 @@ async fn a_long_retry_is_parked_and_survives_a_worker_restart() {
 
 #[tokio::test]
 async fn max_elapsed_holds_across_a_restart() {
-    let (sim, broker, events, _dead) = start("elapsed", |s| s.retry.max_elapsed_secs = 4).await;
+    let (sim, broker, events, _dead) = start("elapsed", |s| {
+        s.retry.max_elapsed = std::time::Duration::from_secs(4)
+    })
+    .await;
     let settings = broker.settings.clone();
     sim.push_script([answer(503, "2.5"), answer(503, "2.5")]);
     let worker = Worker::start(settings.clone()).await;
     broker.publish_request("elapsed-1", &device()).await;
-    let tier = delay::tier_queue(&settings.amqp, 2);
+    let tier = settings.amqp.tier_queue(2);
     eventually("the request in the delay queue", WAIT, || async {
         (broker.depth(&tier).await == 1).then_some(())
     })
@@ -115,8 +117,8 @@ async fn a_throttle_burst_holds_every_job_on_one_gate() {
     };
     let sim = Sim::start(options).await.unwrap();
     let mut settings = common::settings(&sim, &common::prefix("burst"));
-    settings.worker.concurrency = 8;
-    settings.graph.max_requests_per_second = 0.0;
+    settings.worker.concurrency = std::num::NonZeroUsize::new(8).unwrap();
+    settings.graph.max_requests_per_second = 0.0.try_into().unwrap();
     let broker = Broker::connect(&settings).await;
     let events = broker.collect(&settings.amqp.outcomes_queue).await;
     for i in 0..40 {

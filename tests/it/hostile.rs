@@ -421,7 +421,7 @@ fn events_of(env: &Env, request_id: &str) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routing_directives_on_a_request_are_never_obeyed() {
     let env = Env::start_with("cc_bcc", common::sim_options(), |s| {
-        s.retry.park_after_secs = 1;
+        s.retry.park_after = std::time::Duration::from_secs(1);
     })
     .await;
     let a = env.settings().amqp.clone();
@@ -545,7 +545,7 @@ async fn a_user_id_from_another_broker_user_is_not_copied() {
     const PASSWORD: &str = "uw-test-producer-pw";
     common::broker_user(USER, PASSWORD);
     let env = Env::start_with("user_id", common::sim_options(), |s| {
-        s.retry.park_after_secs = 1;
+        s.retry.park_after = std::time::Duration::from_secs(1);
     })
     .await;
     let url = common::amqp_url().replacen("guest:guest", &format!("{USER}:{PASSWORD}"), 1);
@@ -635,7 +635,10 @@ async fn forged_state_headers_are_ignored() {
         inventory: Some(inventory),
         ..common::sim_options()
     };
-    let env = Env::start_with("forged", sim, |s| s.retry.max_attempts = 3).await;
+    let env = Env::start_with("forged", sim, |s| {
+        s.retry.max_attempts = std::num::NonZeroU32::new(3).unwrap()
+    })
+    .await;
     let forge = |pairs: &[(&str, AMQPValue)]| {
         let mut headers = FieldTable::default();
         for (name, value) in pairs {

@@ -48,9 +48,9 @@ fn intake_settings(settings: &Settings) -> (Settings, (TempFile, TempFile)) {
     s.intake.metrics_listen = "127.0.0.1:0".parse().unwrap();
     s.intake.bearer_token_file = Some(tokens.0.clone());
     s.intake.hmac_secret_file = Some(secrets.0.clone());
-    s.intake.publish_timeout_secs = 3;
-    s.intake.max_body_bytes = 64 * 1024;
-    s.intake.max_batch = 100;
+    s.intake.publish_timeout = std::time::Duration::from_secs(3);
+    s.intake.max_body_bytes = std::num::NonZeroUsize::new(64 * 1024).unwrap();
+    s.intake.max_batch = std::num::NonZeroUsize::new(100).unwrap();
     (s, (tokens, secrets))
 }
 
@@ -369,7 +369,9 @@ async fn an_unreachable_broker_is_503_publishing_nothing_then_202_once_back() {
     let (sim, broker, requests) = broker_only("intake-503").await;
     let relay = Relay::to_broker(&common::amqp_url()).await;
     let mut settings = broker.settings.clone();
-    settings.amqp.url = format!("amqp://guest:guest@{}/%2f", relay.addr).into();
+    settings.amqp.url = format!("amqp://guest:guest@{}/%2f", relay.addr)
+        .parse()
+        .unwrap();
     let intake = Intake::start(&settings).await;
 
     assert!(
@@ -574,7 +576,7 @@ async fn a_repeated_idempotency_key_publishes_one_message() {
 async fn a_sender_over_its_rate_is_429_and_others_go_ahead() {
     let (sim, broker, requests) = broker_only("intake-limits").await;
     let intake = Intake::start_with(&broker.settings, |s| {
-        s.intake.rate_limit_per_second = 0.5;
+        s.intake.rate_limit_per_second = 0.5.try_into().unwrap();
     })
     .await;
     let first = intake
@@ -631,7 +633,9 @@ async fn concurrent_repeats_of_a_post_publish_once() {
     let (sim, broker, requests) = broker_only("intake-race").await;
     let relay = Relay::to_broker(&common::amqp_url()).await;
     let mut settings = broker.settings.clone();
-    settings.amqp.url = format!("amqp://guest:guest@{}/%2f", relay.addr).into();
+    settings.amqp.url = format!("amqp://guest:guest@{}/%2f", relay.addr)
+        .parse()
+        .unwrap();
     let intake = Intake::start(&settings).await;
     relay.slow(Duration::from_millis(200));
 

@@ -398,7 +398,7 @@ async fn a_partial_failure_is_dead_lettered_and_a_replay_redoes_only_the_failed_
 #[tokio::test]
 async fn a_request_handed_back_mid_way_resumes_without_redoing_devices() {
     let env = Env::start_with("user_resume", lagging_user(3), |s| {
-        s.retry.park_after_secs = 1;
+        s.retry.park_after = std::time::Duration::from_secs(1);
     })
     .await;
     env.sim.update(|b| b.lagging_unassign = true);
@@ -459,7 +459,7 @@ fn six_devices_a_page_each() -> SimOptions {
 #[tokio::test]
 async fn reads_have_their_own_budget_and_their_429s_are_retried() {
     let env = Env::start_with("read_budget", six_devices_a_page_each(), |s| {
-        s.graph.max_reads_per_second = 5.0;
+        s.graph.max_reads_per_second = 5.0.try_into().unwrap();
     })
     .await;
     env.sim.update(|b| b.lagging_unassign = true);
@@ -523,8 +523,8 @@ async fn reads_have_their_own_budget_and_their_429s_are_retried() {
 #[tokio::test]
 async fn each_page_of_a_lookup_has_its_own_retry_budget() {
     let env = Env::start_with("page_budget", six_devices_a_page_each(), |s| {
-        s.graph.max_reads_per_second = 1000.0;
-        s.retry.max_attempts = 3;
+        s.graph.max_reads_per_second = 1000.0.try_into().unwrap();
+        s.retry.max_attempts = std::num::NonZeroU32::new(3).unwrap();
     })
     .await;
     env.sim.update(|b| {
@@ -639,7 +639,7 @@ async fn worker_concurrency_bounds_lookups_and_actions_together() {
         ..sim_with(devices)
     };
     let env = Env::start_with("lookup_concurrency", sim, |s| {
-        s.worker.concurrency = 2;
+        s.worker.concurrency = std::num::NonZeroUsize::new(2).unwrap();
     })
     .await;
     for n in 1..=8 {

@@ -445,7 +445,7 @@ fn kubernetes_manifests_hang_together() {
     let c = &containers[0];
     let grace = env_value(c, "UNASSIGN__WORKER__SHUTDOWN_GRACE_SECS")
         .map(|e| str_of(&e["value"], "grace").parse::<u64>().unwrap())
-        .unwrap_or(settings.worker.shutdown_grace_secs);
+        .unwrap_or(settings.worker.shutdown_grace.as_secs());
     let termination = spec["terminationGracePeriodSeconds"]
         .as_u64()
         .expect("terminationGracePeriodSeconds is set");
@@ -1046,7 +1046,7 @@ fn intake_manifests_hang_together() {
     let c = &spec["containers"][0];
     assert_eq!(c["args"][0].as_str(), Some("intake"));
     let termination = spec["terminationGracePeriodSeconds"].as_u64().unwrap();
-    assert!(termination > settings.intake.shutdown_grace_secs + 5);
+    assert!(termination > settings.intake.shutdown_grace.as_secs() + 5);
     restricted(spec, c);
 
     // It reads the worker's ConfigMap and broker Secret, and its own credentials files.
@@ -1232,7 +1232,7 @@ fn the_compose_stack_hangs_together() {
     let stop = str_of(&worker["stop_grace_period"], "stop_grace_period");
     let stop: u64 = stop.strip_suffix('s').expect("seconds").parse().unwrap();
     assert!(
-        stop > settings.worker.shutdown_grace_secs + 5,
+        stop > settings.worker.shutdown_grace.as_secs() + 5,
         "stop_grace_period {stop}s must exceed worker.shutdown_grace_secs + 5"
     );
     // Prometheus scrapes the worker under the job name the alerts select on, with the rules.
@@ -1270,7 +1270,7 @@ fn the_compose_stack_hangs_together() {
     }
     let stop = str_of(&intake["stop_grace_period"], "stop_grace_period");
     let stop: u64 = stop.strip_suffix('s').expect("seconds").parse().unwrap();
-    assert!(stop > settings.intake.shutdown_grace_secs + 5);
+    assert!(stop > settings.intake.shutdown_grace.as_secs() + 5);
     let intake_job = prometheus["scrape_configs"]
         .as_sequence()
         .unwrap()

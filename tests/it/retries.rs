@@ -22,7 +22,10 @@ async fn throttled_once_then_succeeds(test: &str, retry_after: impl Fn() -> Stri
     // One call in flight at a time, so every call after the 429 was sent knowing of it (the
     // simulator cannot tell a call already on the wire from an early one). The gate still has
     // to hold the other jobs: each would call the moment the slot frees.
-    let env = Env::start_with(test, common::sim_options(), |s| s.worker.concurrency = 1).await;
+    let env = Env::start_with(test, common::sim_options(), |s| {
+        s.worker.concurrency = std::num::NonZeroUsize::new(1).unwrap()
+    })
+    .await;
     // The first call of a burst is throttled; every other call to the tenant must wait too.
     env.sim.push_script([answer(429, Some(retry_after()))]);
     for i in 0..5 {
@@ -107,7 +110,7 @@ async fn server_error_burst_then_success() {
 #[tokio::test]
 async fn a_slow_graph_is_retried_not_waited_on_forever() {
     let env = Env::start_with("timeout", common::sim_options(), |s| {
-        s.graph.timeout_secs = 1
+        s.graph.timeout = std::time::Duration::from_secs(1)
     })
     .await;
     env.sim.push_script([Scripted {
@@ -133,7 +136,7 @@ async fn a_slow_graph_is_retried_not_waited_on_forever() {
 #[tokio::test]
 async fn retries_exhausted_is_dead_lettered() {
     let env = Env::start_with("exhausted", common::sim_options(), |s| {
-        s.retry.max_attempts = 3
+        s.retry.max_attempts = std::num::NonZeroU32::new(3).unwrap()
     })
     .await;
     env.sim.push_script((0..5).map(|_| answer(503, None)));

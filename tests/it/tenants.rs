@@ -37,17 +37,10 @@ fn with_contoso(s: &mut Settings) {
         tenant_id: CONTOSO.to_owned(),
         client_id: CONTOSO_APP.to_owned(),
         client_secret: Some(CONTOSO_SECRET.into()),
-        client_secret_file: None,
-        client_certificate_path: None,
-        client_certificate_password: None,
-        client_certificate_password_file: None,
-        federated_token_file: None,
-        authority_host: None,
-        max_requests_per_second: None,
-        max_reads_per_second: None,
-        adaptive_throttling: None,
+        ..TenantSettings::default()
     };
-    s.tenants.insert("contoso".to_owned(), contoso);
+    s.tenants
+        .insert("contoso".to_owned().try_into().unwrap(), contoso);
 }
 
 async fn publish(env: &Env, request_id: &str, tenant_id: Option<&str>) {
@@ -108,7 +101,7 @@ async fn a_throttled_tenant_does_not_slow_the_other() {
         with_contoso(s);
         // Contoso's own pace: a 429 is back before the next call goes, so none is early.
         let contoso = s.tenants.get_mut("contoso").unwrap();
-        contoso.max_requests_per_second = Some(5.0);
+        contoso.max_requests_per_second = Some(5.0.try_into().unwrap());
     })
     .await;
     // More contoso jobs than the worker has Graph slots (8): held jobs must not sit on them.
@@ -266,7 +259,7 @@ async fn a_tenant_whose_credentials_fail_pauses_alone() {
     let env = Env::start_with("tenantpause", sim_with_contoso(None), |s| {
         with_contoso(s);
         // Parked hand-backs with the harness's 2 s and 4 s delay tiers.
-        s.retry.park_after_secs = 1;
+        s.retry.park_after = std::time::Duration::from_secs(1);
     })
     .await;
     env.sim.update(|b| {

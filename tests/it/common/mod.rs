@@ -29,7 +29,7 @@ use serde_json::Value;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use unassign_worker::{
-    amqp::{self, Publisher, delay},
+    amqp::{self, Publisher},
     config::Settings,
     contract::OutcomeEvent,
     sim::{Sim, SimOptions},
@@ -103,29 +103,29 @@ pub fn sim_options() -> SimOptions {
 /// Settings pointing at `sim` with broker object names unique to `prefix`.
 pub fn settings(sim: &Sim, prefix: &str) -> Settings {
     let mut s = Settings::load(None).expect("the built-in defaults load");
-    s.amqp.url = amqp_url().into();
+    s.amqp.url = amqp_url().parse().unwrap();
     s.amqp.exchange = format!("{prefix}.requests.x");
     s.amqp.queue = format!("{prefix}.requests");
     s.amqp.dead_letter_exchange = format!("{prefix}.dlx");
     s.amqp.dead_letter_queue = format!("{prefix}.dead");
     s.amqp.events_exchange = format!("{prefix}.events");
     s.amqp.outcomes_queue = format!("{prefix}.outcomes");
-    s.amqp.reconnect_max_delay_secs = 1;
+    s.amqp.reconnect_max_delay = std::time::Duration::from_secs(1);
     // Fewer delay tiers than in production: quorum queues take a moment each to declare.
-    s.amqp.delay_tiers_secs = vec![2, 4];
-    s.auth.authority_host = sim.authority().parse().unwrap();
+    s.amqp.delay_tiers_secs = vec![2, 4].try_into().unwrap();
+    s.auth.authority_host = Some(sim.authority().parse().unwrap());
     s.auth.tenant_id = TENANT.to_owned();
     s.auth.client_id = SimOptions::default().client_id;
     s.auth.client_secret = Some(SECRET.into());
     s.graph.base_url = sim.base_url().parse().unwrap();
     // A high ceiling is where the adaptive budget starts, so tests do not wait for it to grow;
     // Retry-After holds still apply (tests of the budget itself set 0).
-    s.graph.max_requests_per_second = 1000.0;
-    s.graph.timeout_secs = 5;
-    s.retry.base_delay_ms = 20;
-    s.retry.max_delay_secs = 2;
-    s.worker.concurrency = 8;
-    s.worker.shutdown_grace_secs = 5;
+    s.graph.max_requests_per_second = 1000.0.try_into().unwrap();
+    s.graph.timeout = std::time::Duration::from_secs(5);
+    s.retry.base_delay = std::time::Duration::from_millis(20);
+    s.retry.max_delay = std::time::Duration::from_secs(2);
+    s.worker.concurrency = std::num::NonZeroUsize::new(8).unwrap();
+    s.worker.shutdown_grace = std::time::Duration::from_secs(5);
     s.worker.instance = prefix.to_owned();
     s.http.listen = "127.0.0.1:0".parse().unwrap();
     s
@@ -275,10 +275,7 @@ impl Broker {
     pub async fn cleanup(&self) {
         let a = &self.settings.amqp;
         let channel = self.connection.create_channel().await.unwrap();
-        let tiers = a
-            .delay_tiers_secs
-            .iter()
-            .map(|&secs| delay::tier_queue(a, secs));
+        let tiers = a.delay_tiers_secs.iter().map(|&secs| a.tier_queue(secs));
         let queues = [
             a.queue.clone(),
             a.dead_letter_queue.clone(),

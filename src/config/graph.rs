@@ -55,7 +55,12 @@ mod tests {
             assert!(err(Settings::load(None)).contains("graph.base_url"));
             jail.set_env("UNASSIGN__GRAPH__BASE_URL", "http://127.0.0.1:8080/beta");
             jail.set_env("AZURE_AUTHORITY_HOST", "http://login.example.com");
-            assert!(err(Settings::load(None)).contains("auth.authority_host"));
+            let e = err(Settings::load(None));
+            assert!(e.contains("auth.authority_host"), "{e}");
+            assert!(
+                e.contains("azure_authority_host"),
+                "names the variable: {e}"
+            );
             jail.set_env("AZURE_AUTHORITY_HOST", "http://localhost:8080");
             load();
             Ok(())

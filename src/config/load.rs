@@ -5,8 +5,9 @@
 use std::path::PathBuf;
 
 use figment::{
-    Figment, Source,
+    Figment, Metadata, Profile, Provider, Source,
     providers::{Env, Format, Serialized, Toml},
+    value::{Dict, Map},
 };
 
 use super::{ConfigError, Problem, Settings, tenants::inline_secrets};
@@ -40,6 +41,24 @@ pub(super) fn standard_var(key: &str) -> Option<&'static str> {
         .map(|(var, _)| *var)
 }
 
+/// A standard variable's value under the key it sets. A provider of its own so that an error
+/// about the value names the variable the operator set, not the key alone.
+struct StandardVar {
+    name: &'static str,
+    key: &'static str,
+    value: String,
+}
+
+impl Provider for StandardVar {
+    fn metadata(&self) -> Metadata {
+        Metadata::named(format!("the variable {}", self.name))
+    }
+
+    fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
+        Serialized::default(self.key, &self.value).data()
+    }
+}
+
 impl Settings {
     /// Loads the layers from the process environment. `file` is `--config`, else `UNASSIGN_CONFIG`.
     pub fn load(file: Option<PathBuf>) -> Result<Self, ConfigError> {
@@ -54,7 +73,7 @@ impl Settings {
         figment = figment.merge(Env::prefixed("UNASSIGN__").split("__"));
         for (name, key) in STANDARD_VARS {
             if let Some(value) = var(name) {
-                figment = figment.merge(Serialized::default(key, value));
+                figment = figment.merge(StandardVar { name, key, value });
             }
         }
         let settings: Settings = figment

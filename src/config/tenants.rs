@@ -292,31 +292,6 @@ mod tests {
     }
 
     #[test]
-    fn bad_amqp_urls_name_the_entry_and_hide_it() {
-        for (bad, why) in [
-            ("amqp://u:pa55word@n1,http://u:pa55word@n2", "entry 2 of 2"),
-            ("amqp://u:pa55word@n1,", "entry 2 of 2"),
-            ("amqp://u:pa55word@n1,not a url", "entry 2 of 2"),
-            ("amqp://u:pa55word@n1,amqp://", "entry 2 of 2"),
-            ("localhost:5672", "entry 1 of 1"),
-        ] {
-            jailed(|jail| {
-                jail.set_env("AMQP_URL", bad);
-                let e = err(Settings::load(None));
-                assert!(e.contains("amqp.url") && e.contains(why), "{bad}: {e}");
-                assert!(!e.contains("pa55word"), "{bad}: password in {e}");
-                Ok(())
-            });
-        }
-        jailed(|jail| {
-            jail.create_file("c.toml", "[amqp]\nurl = 5")?;
-            let e = err(Settings::load(Some("c.toml".into())));
-            assert!(e.contains("amqp.url"), "{e}");
-            Ok(())
-        });
-    }
-
-    #[test]
     fn an_inline_tenant_secret_comes_from_the_environment_only() {
         jailed(|jail| {
             let contoso = format!(

@@ -100,9 +100,12 @@ impl Observe for Observer {
             } => {
                 m.graph_call(tenant, operation(call), reply.answer.label(), seconds);
                 let response = reply.response();
+                // The job's span names Graph's id of its latest call, for support cases.
+                if let Some(id) = response.and_then(|r| r.request_id.as_deref()) {
+                    tracing::Span::current().record("graph_request_id", id);
+                }
                 tracing::debug!(
                     client_request_id = %reply.client_request_id,
-                    graph_request_id = response.and_then(|r| r.request_id.as_deref()),
                     activity_id = response.and_then(|r| r.error.as_ref()?.activity_id.as_deref()),
                     answer = %reply.describe(),
                     "graph call"

@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use unassign_worker::{
     config::{Credentials, TenantName, TenantProfile},
-    contract::{Carried, Limits, RetryState, StateKeys, TraceContext, headers},
+    contract::{Carried, Limits, RetryState, StateKeys, TraceContext},
     credential::{ClientSecret, Credential},
     executor,
     http::Health,
@@ -397,11 +397,11 @@ async fn a_forged_or_absent_state_starts_afresh() {
     );
     let settle = run(&stage, &Session::default(), device_request()).await;
     assert_eq!(outcome(&settle).attempts, 1);
-    let present = device_request()
-        .headers
-        .inner()
-        .contains_key(headers::STATE);
-    assert!(!present);
+    let metrics = stage.metrics.render();
+    assert!(
+        metrics.contains("unassign_state_rejected_total{reason=\"unsigned\"} 0"),
+        "no state is no forgery"
+    );
 }
 
 /// A user's devices are listed page by page, each page with a retry budget of its own, and

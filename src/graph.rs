@@ -1,20 +1,21 @@
 //! The Microsoft Graph calls: `POST …/windowsAutopilotDeviceIdentities/{id}/unassignUserFromDevice`
-//! and the list `GET …/windowsAutopilotDeviceIdentities` lookups read. I/O only; what an answer
-//! means is decided in [`crate::retry`], what a page holds in [`crate::lookup`].
+//! and the list `GET …/windowsAutopilotDeviceIdentities` lookups read — the real adapter of the
+//! [`ports::Graph`] port. I/O only; what an answer means is decided in [`crate::retry`], what a
+//! page holds in [`crate::lookup`].
 
-use std::{sync::Arc, time::Duration};
+use std::time::Duration;
 
 use reqwest::header::{HeaderMap, RETRY_AFTER};
 use serde::Deserialize;
-use tokio::time::Instant;
 use url::Url;
 
 use crate::{
     auth::AccessToken,
-    config::TenantName,
     contract::DeviceId,
-    metrics::{CallStatus, GraphOperation, Metrics},
-    retry::Answer,
+    job::Call,
+    ports,
+    retry::{Answer, GraphError, Reply, Response},
+    tenant::Tenant,
 };
 
 /// Graph error bodies are small; anything longer is cut before parsing.
@@ -27,87 +28,11 @@ const MAX_MESSAGE: usize = 1024;
 pub struct GraphClient {
     http: reqwest::Client,
     base: Url,
-    metrics: Arc<Metrics>,
-}
-
-/// One call's result.
-#[derive(Debug, Clone)]
-pub struct Reply {
-    pub client_request_id: String,
-    pub outcome: CallOutcome,
-}
-
-#[derive(Debug, Clone)]
-pub enum CallOutcome {
-    Answered(Response),
-    Timeout,
-    ConnectError(String),
-}
-
-#[derive(Debug, Clone)]
-pub struct Response {
-    pub status: u16,
-    pub retry_after: Option<String>,
-    /// Graph's `request-id`, for support cases.
-    pub request_id: Option<String>,
-    pub error: Option<GraphError>,
-    /// A successful read's body (at most [`MAX_PAGE_BODY`]); empty for actions and errors.
-    pub body: Vec<u8>,
-}
-
-/// Graph's `{"error":{"code","message"}}`, with Intune's JSON-in-`message` unwrapped.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct GraphError {
-    pub code: Option<String>,
-    pub message: String,
-    /// Intune's Activity ID, when its wrapped message names one.
-    pub activity_id: Option<String>,
-}
-
-impl Reply {
-    pub fn answer(&self) -> Answer<'_> {
-        match &self.outcome {
-            CallOutcome::Answered(r) => Answer::Status {
-                code: r.status,
-                retry_after: r.retry_after.as_deref(),
-            },
-            CallOutcome::Timeout => Answer::Timeout,
-            CallOutcome::ConnectError(_) => Answer::ConnectError,
-        }
-    }
-
-    pub fn response(&self) -> Option<&Response> {
-        match &self.outcome {
-            CallOutcome::Answered(r) => Some(r),
-            _ => None,
-        }
-    }
-
-    /// A one-line account of the call for events, dead letters and logs.
-    pub fn describe(&self) -> String {
-        match &self.outcome {
-            CallOutcome::Answered(r) => match &r.error {
-                Some(e) => format!(
-                    "Graph answered {} {}: {}",
-                    r.status,
-                    e.code.as_deref().unwrap_or("(no code)"),
-                    e.message
-                ),
-                None => format!("Graph answered {}", r.status),
-            },
-            CallOutcome::Timeout => "Graph did not answer in time".to_owned(),
-            CallOutcome::ConnectError(e) => format!("could not reach Graph: {e}"),
-        }
-    }
 }
 
 impl GraphClient {
-    pub fn new(http: reqwest::Client, base: Url, metrics: Arc<Metrics>) -> Self {
-        Self {
-            http,
-            base,
-            metrics,
-        }
+    pub fn new(http: reqwest::Client, base: Url) -> Self {
+        Self { http, base }
     }
 
     /// The action URL. `DeviceId` is a validated GUID, and the segment is percent-encoded on top.
@@ -129,40 +54,29 @@ impl GraphClient {
         &self.base
     }
 
-    /// Sends the action once with a fresh `client-request-id`; counted for `tenant`.
-    pub async fn unassign(
-        &self,
-        tenant: &TenantName,
-        token: &AccessToken,
-        device: &DeviceId,
-    ) -> Reply {
+    /// Sends the action once with a fresh `client-request-id`.
+    pub async fn unassign(&self, token: &AccessToken, device: &DeviceId) -> Reply {
         let request = self
             .http
             .post(self.unassign_url(device))
             .header(reqwest::header::CONTENT_LENGTH, "0");
-        self.send(tenant, GraphOperation::Unassign, request, token, 0)
-            .await
+        self.send(request, token, 0).await
     }
 
     /// Reads one page of the device list. `url` is built by [`crate::lookup`] or is a
     /// nextLink it vetted: only ever under `graph.base_url`.
-    pub async fn list(&self, tenant: &TenantName, token: &AccessToken, url: Url) -> Reply {
-        let request = self.http.get(url);
-        self.send(tenant, GraphOperation::List, request, token, MAX_PAGE_BODY)
-            .await
+    pub async fn list(&self, token: &AccessToken, url: Url) -> Reply {
+        self.send(self.http.get(url), token, MAX_PAGE_BODY).await
     }
 
     /// Sends once with a fresh `client-request-id`, keeping up to `keep` bytes of a success body.
     async fn send(
         &self,
-        tenant: &TenantName,
-        operation: GraphOperation,
         request: reqwest::RequestBuilder,
         token: &AccessToken,
         keep: usize,
     ) -> Reply {
         let client_request_id = uuid::Uuid::new_v4().to_string();
-        let started = Instant::now();
         let sent = request
             .bearer_auth(token.bearer())
             .header("client-request-id", &client_request_id)
@@ -170,25 +84,38 @@ impl GraphClient {
             .header(reqwest::header::ACCEPT, "application/json")
             .send()
             .await;
-        let outcome = match sent {
+        let answer = match sent {
             Ok(response) => match read(response, keep).await {
-                Ok(response) => CallOutcome::Answered(response),
-                Err(e) if e.is_timeout() => CallOutcome::Timeout,
-                Err(e) => CallOutcome::ConnectError(e.to_string()),
+                Ok(response) => Answer::Answered(response),
+                Err(e) if e.is_timeout() => Answer::Timeout,
+                Err(e) => Answer::ConnectError(e.to_string()),
             },
-            Err(e) if e.is_timeout() => CallOutcome::Timeout,
-            Err(e) => CallOutcome::ConnectError(e.to_string()),
+            Err(e) if e.is_timeout() => Answer::Timeout,
+            Err(e) => Answer::ConnectError(e.to_string()),
         };
-        let status = match &outcome {
-            CallOutcome::Answered(r) => CallStatus::Http(r.status),
-            CallOutcome::Timeout => CallStatus::Timeout,
-            CallOutcome::ConnectError(_) => CallStatus::ConnectError,
-        };
-        self.metrics
-            .graph_call(tenant, operation, status, started.elapsed().as_secs_f64());
         Reply {
             client_request_id,
-            outcome,
+            answer,
+        }
+    }
+}
+
+/// The real Graph: the tenant's token source, then HTTP.
+impl ports::Graph for GraphClient {
+    type Token = AccessToken;
+
+    async fn token(&self, tenant: &Tenant) -> Result<AccessToken, String> {
+        tenant.tokens.token().await.map_err(|e| e.to_string())
+    }
+
+    fn invalidate(&self, tenant: &Tenant, token: &AccessToken) {
+        tenant.tokens.invalidate(token);
+    }
+
+    async fn call(&self, token: &AccessToken, call: &Call) -> Reply {
+        match call {
+            Call::Unassign(device) => self.unassign(token, device).await,
+            Call::List(url) => self.list(token, url.clone()).await,
         }
     }
 }
@@ -340,7 +267,6 @@ mod tests {
         let client = GraphClient::new(
             reqwest::Client::new(),
             Url::parse("https://graph.microsoft.com/beta/").unwrap(),
-            Arc::new(Metrics::new()),
         );
         let id = DeviceId::parse("7b7c4c1e-6f5a-4c39-9a43-2b1e5b0c1d2e").unwrap();
         assert_eq!(

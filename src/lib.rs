@@ -1,7 +1,8 @@
 //! `unassign-worker`: takes departing employees off their Windows Autopilot devices.
 //! HR systems enqueue requests on RabbitMQ; the worker calls Microsoft Graph's
 //! `unassignUserFromDevice`, publishes an outcome event per request and dead-letters what
-//! truly failed. Start reading at [`pipeline`], which follows one job from delivery to ack.
+//! truly failed. Start reading at [`executor`], which follows one job from delivery to ack, and [`job`],
+//! where every decision about it is made.
 
 pub mod amqp;
 pub mod auth;
@@ -11,13 +12,18 @@ pub mod config;
 pub mod contract;
 pub mod credential;
 pub mod dlq;
+pub mod executor;
 pub mod graph;
 pub mod http;
 pub mod intake;
+pub mod job;
 pub mod lookup;
 pub mod metrics;
-pub mod pipeline;
+pub mod observe;
+pub mod ports;
 pub mod retry;
+pub mod session;
+pub mod settle;
 pub mod shutdown;
 #[cfg(feature = "graph-sim")]
 pub mod sim;

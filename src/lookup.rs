@@ -1,6 +1,6 @@
 //! Resolving a serial number or a user to Autopilot identity ids: the OData filters, the list
 //! URLs, which `@odata.nextLink` may be followed, and matching on the client. Pure, no I/O; the
-//! pipeline makes the calls.
+//! lookups' planner (`job::listing`) drives them.
 //!
 //! Nothing here is cached: every request lists afresh, so a device that changed hands since
 //! is never unassigned on stale knowledge.
@@ -117,7 +117,7 @@ pub fn parse_page(body: &[u8]) -> Result<Page, String> {
 }
 
 /// The matches found so far, without duplicates, in the order Graph listed them.
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Matches(Vec<DeviceId>);
 
 impl Matches {

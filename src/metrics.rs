@@ -1,5 +1,5 @@
-//! The one place that names metrics (CONTRACT section 7). The rest of the worker calls typed
-//! methods; no label ever carries an unbounded value (ids, user names).
+//! The one place that names metrics (CONTRACT section 7). The observer ([`crate::observe`]) and
+//! the connection supervisor call its typed methods; no label ever carries an unbounded value (ids, user names).
 
 mod process;
 
@@ -19,6 +19,7 @@ use prometheus_client::{
 use crate::{
     config::TenantName,
     contract::{ErrorKind, Rejected},
+    retry::RetryReason,
 };
 
 /// Profile names only: configured at start, so the label stays bounded.
@@ -110,24 +111,6 @@ pub fn register_process(r: &mut Registry) {
     r.register_collector(Box::new(process::Process));
 }
 
-/// Why a Graph call is retried (`unassign_retries_total{reason}`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RetryReason {
-    Throttled,
-    ServerError,
-    Network,
-}
-
-impl RetryReason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Throttled => "throttled",
-            Self::ServerError => "server_error",
-            Self::Network => "network",
-        }
-    }
-}
-
 /// Which channel the broker closed while the connection lived on
 /// (`unassign_amqp_channel_errors_total{reason}`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -167,14 +150,6 @@ impl GraphOperation {
             Self::List => "list",
         }
     }
-}
-
-/// How a Graph call ended, as the `status` label: an HTTP code, `timeout` or `connect_error`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CallStatus {
-    Http(u16),
-    Timeout,
-    ConnectError,
 }
 
 pub struct Metrics {
@@ -381,11 +356,7 @@ impl Metrics {
                 tenant: tenant.clone(),
             });
         }
-        for reason in [
-            RetryReason::Throttled,
-            RetryReason::ServerError,
-            RetryReason::Network,
-        ] {
+        for reason in RetryReason::ALL {
             let _ = self.retries.get_or_create(&Reason {
                 reason: reason.as_str(),
                 tenant: tenant.clone(),
@@ -430,14 +401,9 @@ impl Metrics {
         &self,
         tenant: &TenantName,
         operation: GraphOperation,
-        status: CallStatus,
+        status: std::borrow::Cow<'static, str>,
         seconds: f64,
     ) {
-        let status = match status {
-            CallStatus::Http(code) => code.to_string().into(),
-            CallStatus::Timeout => "timeout".into(),
-            CallStatus::ConnectError => "connect_error".into(),
-        };
         let operation = operation.as_str();
         self.graph_duration
             .get_or_create(&Operation {
@@ -557,13 +523,8 @@ mod tests {
         let m = Metrics::new();
         let tenant = TenantName::default_profile();
         m.register_tenant(&tenant);
-        m.graph_call(
-            &tenant,
-            GraphOperation::Unassign,
-            CallStatus::Http(204),
-            0.01,
-        );
-        m.graph_call(&tenant, GraphOperation::List, CallStatus::Timeout, 30.0);
+        m.graph_call(&tenant, GraphOperation::Unassign, "204".into(), 0.01);
+        m.graph_call(&tenant, GraphOperation::List, "timeout".into(), 30.0);
         m.job_finished(&tenant, false, 1.0);
         m.set_amqp_node(&["a:5701".into(), "b:5702".into()], Some(1));
         let text = m.render();

@@ -62,7 +62,7 @@ fn json_lines() -> WithTraceIds<format::Format<format::Json>> {
 }
 
 /// A span's W3C trace context, taken from its `trace_id` and `span_id` fields (the job span's,
-/// see `pipeline::handle`). Both are validated lowercase hex by `TraceContext::parse`.
+/// see `executor::handle`). Both are validated lowercase hex by `TraceContext::parse`.
 #[derive(Clone, Debug, Default)]
 struct TraceIds {
     trace_id: Option<String>,

@@ -19,11 +19,10 @@ use crate::{
     auth::TokenSource,
     config::{TenantName, TenantProfile},
     contract::TenantId,
-    http::Health,
     metrics::Metrics,
-    pipeline::Session,
+    observe::{Happened, Observe},
     retry::PauseReason,
-    throttle::Gate,
+    throttle::{Budget, Gate},
 };
 
 /// Probing after a credential pause backs off up to this (CONTRACT section 6, item 3).
@@ -83,6 +82,19 @@ impl PauseState {
 }
 
 impl Tenant {
+    /// The gate a call spending `budget` goes through.
+    pub fn gate(&self, budget: Budget) -> &Arc<Gate> {
+        match budget {
+            Budget::Writes => &self.gate,
+            Budget::Reads => &self.read_gate,
+        }
+    }
+
+    /// How much longer calls to the tenant are held back by a Retry-After, if they are.
+    pub fn held_for(&self) -> Option<Duration> {
+        self.gate.held_for().max(self.read_gate.held_for())
+    }
+
     /// A Retry-After speaks for the whole tenant: reads and writes alike wait it out.
     pub fn hold(&self, duration: Duration) {
         self.gate.hold(duration);
@@ -120,22 +132,21 @@ pub struct Tenants {
     paused: watch::Sender<usize>,
     /// Stops the probe tasks when the worker stops.
     probes: CancellationToken,
-    metrics: Arc<Metrics>,
-    health: Arc<Health>,
+    observe: Arc<dyn Observe>,
 }
 
 impl Tenants {
     pub fn new(
         profiles: Vec<TenantProfile>,
         http: &reqwest::Client,
-        metrics: Arc<Metrics>,
-        health: Arc<Health>,
+        metrics: &Arc<Metrics>,
+        observe: Arc<dyn Observe>,
     ) -> Self {
         let all = profiles
             .into_iter()
             .map(|profile| {
                 let name = profile.name;
-                metrics.register_tenant(&name);
+                observe.report(Happened::TenantServed(&name));
                 Arc::new(Tenant {
                     tenant_id: profile.credentials.tenant_id.clone(),
                     tokens: TokenSource::new(
@@ -161,8 +172,7 @@ impl Tenants {
             transitions: Mutex::new(()),
             paused: watch::Sender::new(0),
             probes: CancellationToken::new(),
-            metrics,
-            health,
+            observe,
         }
     }
 
@@ -183,24 +193,26 @@ impl Tenants {
         *self.paused.borrow() == self.all.len()
     }
 
-    /// Credential trouble in `tenant`: its jobs hand themselves back and a probe starts. If no
-    /// tenant is left working, the whole `session` pauses — before the tenant's pause is
-    /// visible, so that its jobs see the session stopping and go straight back to the queue.
-    pub fn pause(self: &Arc<Self>, tenant: &Arc<Tenant>, reason: PauseReason, session: &Session) {
-        let _transition = self.lock_transitions();
+    /// Credential trouble in `tenant`: `None` if it is paused already, else the pause to
+    /// [`Pausing::commit`] — after the caller has acted on [`Pausing::last`]: when no tenant is
+    /// left working the whole consume session pauses, and it must stop before the tenant's
+    /// pause is visible, so that its jobs see the session stopping and go straight back to the
+    /// queue rather than into a delay queue.
+    pub fn pause(
+        self: &Arc<Self>,
+        tenant: &Arc<Tenant>,
+        reason: PauseReason,
+    ) -> Option<Pausing<'_>> {
+        let transition = self.lock_transitions();
         if tenant.pause_reason().is_some() {
-            return;
+            return None;
         }
-        if *self.paused.borrow() + 1 == self.all.len() {
-            session.pause(reason);
-        }
-        tenant.lock().pause(reason, Instant::now());
-        self.paused.send_modify(|n| *n += 1);
-        self.metrics.set_tenant_paused(&tenant.name, true);
-        self.health
-            .set_tenant_paused(tenant.name.as_str(), Some(reason.as_str()));
-        tracing::error!(tenant = %tenant.name, reason = reason.as_str(), "tenant paused");
-        tokio::spawn(self.clone().probe(tenant.clone()));
+        Some(Pausing {
+            tenants: self,
+            tenant: tenant.clone(),
+            reason,
+            _transition: transition,
+        })
     }
 
     /// Waits out the backoff, then asks for a fresh token, until one comes (or the worker stops).
@@ -226,9 +238,10 @@ impl Tenants {
         let _transition = self.lock_transitions();
         tenant.lock().resume(Instant::now());
         self.paused.send_modify(|n| *n -= 1);
-        self.metrics.set_tenant_paused(&tenant.name, false);
-        self.health.set_tenant_paused(tenant.name.as_str(), None);
-        tracing::info!(tenant = %tenant.name, "credentials work again; resuming the tenant");
+        self.observe.report(Happened::TenantPaused {
+            tenant: &tenant.name,
+            reason: None,
+        });
     }
 
     /// Resolves once at least one tenant works (at once if one does).
@@ -244,6 +257,39 @@ impl Tenants {
 
     fn lock_transitions(&self) -> MutexGuard<'_, ()> {
         self.transitions.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A tenant's pause, decided but not yet visible (see [`Tenants::pause`]). Holds the
+/// transition lock, so "every tenant is paused" cannot change meanwhile.
+pub struct Pausing<'a> {
+    tenants: &'a Arc<Tenants>,
+    tenant: Arc<Tenant>,
+    reason: PauseReason,
+    _transition: MutexGuard<'a, ()>,
+}
+
+impl Pausing<'_> {
+    /// This is the last tenant working: the consume session must pause as a whole.
+    pub fn last(&self) -> bool {
+        *self.tenants.paused.borrow() + 1 == self.tenants.all.len()
+    }
+
+    /// Makes the pause visible — the tenant's jobs hand themselves back — and starts probing.
+    pub fn commit(self) {
+        let Self {
+            tenants,
+            tenant,
+            reason,
+            _transition,
+        } = self;
+        tenant.lock().pause(reason, Instant::now());
+        tenants.paused.send_modify(|n| *n += 1);
+        tenants.observe.report(Happened::TenantPaused {
+            tenant: &tenant.name,
+            reason: Some(reason),
+        });
+        tokio::spawn(tenants.clone().probe(tenant));
     }
 }
 

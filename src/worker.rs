@@ -17,11 +17,16 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     amqp::{self, Publisher, TopologyError},
     config::{ConfigError, Settings},
+    executor,
     graph::{self, GraphClient},
     http::{self, Health},
+    job::Policy,
     metrics::{ChannelErrorReason, Metrics},
-    pipeline::{self, CallSlots, Context, Session},
-    retry::{PauseReason, Policy},
+    observe::{Observe, Observer},
+    ports::SystemClock,
+    retry::PauseReason,
+    session::{CallSlots, Context, Session},
+    settle::{Broker, Delivered},
     tenant::Tenants,
 };
 
@@ -54,6 +59,7 @@ impl RunError {
 pub struct App {
     settings: Settings,
     ctx: Arc<Context>,
+    broker: Arc<Broker>,
     health: Arc<Health>,
     metrics: Arc<Metrics>,
     listener: TcpListener,
@@ -78,26 +84,26 @@ impl App {
             "unassign-worker/{}",
             instance_name(&settings.worker.instance)
         );
-        let ctx = Context {
-            amqp: settings.amqp.clone(),
-            graph: GraphClient::new(
-                http.clone(),
-                settings.graph.base_url.url().clone(),
-                metrics.clone(),
-            ),
-            tenants: Arc::new(Tenants::new(
-                profiles,
-                &http,
-                metrics.clone(),
-                health.clone(),
-            )),
-            graph_slots: CallSlots::new(settings.worker.concurrency.get()),
+        let observe: Arc<dyn Observe> = Arc::new(Observer {
             metrics: metrics.clone(),
-            policy: Policy::from(&settings.retry),
-            park_after: settings.retry.park_after,
-            source: name.clone(),
-            state_keys: settings.state_keys()?,
+            health: health.clone(),
+        });
+        let state_keys = Arc::new(settings.state_keys()?);
+        let policy = Policy::new(&settings);
+        let ctx = Context {
+            graph: GraphClient::new(http.clone(), settings.graph.base_url.url().clone()),
+            clock: SystemClock,
+            tenants: Arc::new(Tenants::new(profiles, &http, &metrics, observe.clone())),
+            graph_slots: CallSlots::new(settings.worker.concurrency.get()),
+            observe,
+            policy,
+            state_keys: state_keys.clone(),
             state_limits: settings.state_limits(),
+        };
+        let broker = Broker {
+            amqp: settings.amqp.clone(),
+            source: name.clone(),
+            state_keys,
         };
         let listener = TcpListener::bind(settings.http.listen)
             .await
@@ -105,6 +111,7 @@ impl App {
         Ok(App {
             settings,
             ctx: Arc::new(ctx),
+            broker: Arc::new(broker),
             health,
             metrics,
             listener,
@@ -123,6 +130,7 @@ impl App {
         let App {
             settings,
             ctx,
+            broker,
             health,
             metrics,
             listener,
@@ -143,6 +151,7 @@ impl App {
             nodes: settings.amqp.url.labels(),
             settings,
             ctx,
+            broker,
             health,
             metrics,
             name,
@@ -161,6 +170,7 @@ struct Supervisor {
     /// `host:port` of each configured broker node, for logs and the `node` metric label.
     nodes: Vec<String>,
     ctx: Arc<Context>,
+    broker: Arc<Broker>,
     health: Arc<Health>,
     metrics: Arc<Metrics>,
     name: String,
@@ -266,7 +276,7 @@ impl Supervisor {
             Err(e) => return SessionEnd::Lost(format!("{e:#}")),
         };
         let stop = shutdown.child_token();
-        let session = Arc::new(Session::new(publisher, stop.clone()));
+        let session = Arc::new(Session::new(stop.clone()));
         let jobs = TaskTracker::new();
         let mut events = connection.events_listener();
         let poll_every = self.settings.amqp.queue_poll.max(Duration::from_secs(1));
@@ -305,7 +315,7 @@ impl Supervisor {
                     None => break SessionEnd::Lost("connection events ended".to_owned()),
                 },
                 delivery = consumer.next() => match delivery {
-                    Some(Ok(delivery)) => self.spawn_job(&jobs, &session, delivery),
+                    Some(Ok(delivery)) => self.spawn_job(&jobs, &session, &publisher, delivery),
                     Some(Err(e)) => break self.lost(connection, e.to_string()),
                     None => break SessionEnd::Lost("the broker cancelled the consumer".to_owned()),
                 },
@@ -334,7 +344,7 @@ impl Supervisor {
         while let Ok(Some(Ok(delivery))) =
             tokio::time::timeout(Duration::from_secs(1), consumer.next()).await
         {
-            self.spawn_job(&jobs, &session, delivery);
+            self.spawn_job(&jobs, &session, &publisher, delivery);
         }
         jobs.close();
         let grace = self.settings.worker.shutdown_grace;
@@ -347,7 +357,7 @@ impl Supervisor {
         // Closed here, not on drop: a drop-time close racing the connection's close makes
         // lapin report a spurious connection error.
         let _ = channel.close(200, "session over".into()).await;
-        session.publisher.close().await;
+        publisher.close().await;
         end
     }
 
@@ -428,10 +438,12 @@ impl Supervisor {
         &self,
         jobs: &TaskTracker,
         session: &Arc<Session>,
+        publisher: &Publisher,
         delivery: lapin::message::Delivery,
     ) {
         let (ctx, session) = (self.ctx.clone(), session.clone());
-        jobs.spawn(async move { pipeline::handle(&ctx, &session, delivery).await });
+        let (message, settle) = Delivered::new(self.broker.clone(), publisher.clone(), delivery);
+        jobs.spawn(async move { executor::handle(&ctx, &session, message, settle).await });
     }
 
     /// Credential trouble in every tenant: not ready, nothing consumed, until one tenant's

@@ -1,7 +1,6 @@
 //! RabbitMQ: connecting, declaring the topology and publishing with confirms. The connection
 //! supervisor that uses these lives in [`crate::worker`].
 
-pub mod delay;
 pub mod publisher;
 pub mod topology;
 

@@ -1,5 +1,9 @@
-//! The broker objects of CONTRACT section 3, declared idempotently, and the delay queues of
-//! [`super::delay`].
+//! The broker objects of CONTRACT section 3, declared idempotently, and the delay queues.
+//!
+//! Durable retry waits: RabbitMQ expires messages only at a queue's head, so every delay gets a
+//! queue of its own (`<queue>.delay.<n>s`, one TTL each) that dead-letters back to the request
+//! exchange. The planner (`job::Policy`) picks the longest tier that fits a wait; the rest is
+//! waited on the next delivery, so precision is that of the last, in-process wait. No plugin.
 
 use lapin::{
     Channel, ExchangeKind,

@@ -14,6 +14,8 @@ mod durable;
 mod happy_path;
 mod hostile;
 mod intake;
+mod layout;
+mod lifecycle;
 mod lookup;
 mod observability;
 mod ops;

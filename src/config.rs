@@ -19,6 +19,10 @@ use crate::{
     throttle::{Budget, GateConfig},
 };
 
+mod replicas;
+
+pub use replicas::ReplicasSettings;
+
 const DEFAULTS: &str = include_str!("../config/default.toml");
 
 /// A configuration problem; the message names the key and says why.
@@ -43,6 +47,7 @@ pub struct Settings {
     pub http: HttpSettings,
     pub intake: IntakeSettings,
     pub log: LogSettings,
+    pub replicas: ReplicasSettings,
     /// Further tenant profiles by name (`[tenants.<name>]`); `auth` is the `default` one.
     #[serde(default)]
     pub tenants: BTreeMap<String, TenantSettings>,

@@ -17,6 +17,7 @@ pub mod intake;
 pub mod lookup;
 pub mod metrics;
 pub mod pipeline;
+pub mod replicas;
 pub mod retry;
 pub mod shutdown;
 #[cfg(feature = "graph-sim")]

@@ -193,12 +193,7 @@ fn scaled(d: Duration, jitter: f64) -> Duration {
     Duration::try_from_secs_f64(d.as_secs_f64() * fraction).map_or(d, |scaled| scaled.min(d))
 }
 
-/// The longest Retry-After honoured: a header is a producer's data, and one saying "come back in
-/// ten years" (or 2^64 seconds) must neither park a job and hold its tenant for ever nor overflow
-/// the arithmetic on it. Graph's throttling windows are seconds to minutes; an hour is well past
-/// any of them, and a job that cannot wait that long within `retry.max_elapsed_secs` fails as
-/// `retries_exhausted`.
-pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+pub use crate::throttle::MAX_RETRY_AFTER;
 
 /// Parses every Retry-After form Graph sends: delta-seconds, fractional seconds (`2.128`) and
 /// an HTTP-date (RFC 9110), capped at [`MAX_RETRY_AFTER`]. A date in the past means "now";

@@ -21,6 +21,7 @@ use crate::{
     http::{self, Health},
     metrics::{ChannelErrorReason, Metrics},
     pipeline::{self, CallSlots, Context, Session},
+    replicas,
     retry::{PauseReason, Policy},
     tenant::Tenants,
 };
@@ -139,6 +140,7 @@ impl App {
             concurrency = settings.worker.concurrency,
             "worker starting"
         );
+        let control = replicas::ControlPlane::spawn_for(&settings, &ctx.tenants, &metrics, &name)?;
         let supervisor = Supervisor {
             nodes: settings.amqp.url.labels(),
             settings,
@@ -148,6 +150,9 @@ impl App {
             name,
         };
         let result = supervisor.run(&shutdown).await;
+        if let Some(control) = control {
+            control.stop().await;
+        }
         supervisor.ctx.tenants.stop_probing();
         http_stop.cancel();
         let _ = server.await;

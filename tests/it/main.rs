@@ -17,6 +17,7 @@ mod intake;
 mod lookup;
 mod observability;
 mod ops;
+mod replicas;
 mod retries;
 mod soak;
 mod tenants;

@@ -277,11 +277,17 @@ impl Shared {
     }
 
     fn rebalance(&self) {
-        let others = u32::try_from(self.lock_peers().len()).unwrap_or(u32::MAX);
-        let live = others.saturating_add(1);
+        let (others, before) = {
+            let peers = self.lock_peers();
+            let before = peers.keys().filter(|id| **id < self.id).count();
+            (peers.len(), before)
+        };
+        let live = u32::try_from(others).unwrap_or(u32::MAX).saturating_add(1);
+        // Every replica orders the live ones by id alike.
+        let rank = u32::try_from(before).unwrap_or(u32::MAX);
         for t in &self.tenants {
-            t.writes.set_replicas(live);
-            t.reads.set_replicas(live);
+            t.writes.set_replicas(live, rank);
+            t.reads.set_replicas(live, rank);
         }
         self.metrics.set_replicas_live(live);
         tracing::debug!(live, "replicas sharing the tenants' budgets");

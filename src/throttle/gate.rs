@@ -13,6 +13,9 @@ use super::{
     schedule::Schedule,
 };
 
+/// The stagger after a hold never exceeds this, however many replicas and however low the budget.
+const MAX_STAGGER: Duration = Duration::from_secs(1);
+
 /// A call's pass through the gate: when it went.
 #[derive(Debug, Clone, Copy)]
 pub struct Ticket {
@@ -24,9 +27,23 @@ struct State {
     /// `None`: a fixed budget (the ceiling, or none at all).
     aimd: Option<Aimd>,
     fixed_interval: Option<Duration>,
+    /// This replica's place among the live ones (0 alone, or first).
+    rank: u32,
 }
 
 impl State {
+    /// How much later than the end of a hold this replica resumes: one turn at the shared
+    /// budget per replica ranked before it, so that replicas come back one after another as
+    /// the tenant's window frees a slot at a time, not all at once into a fresh 429.
+    fn stagger(&self) -> Duration {
+        match &self.aimd {
+            Some(aimd) if self.rank > 0 => {
+                Duration::from_secs_f64(f64::from(self.rank) / aimd.rate()).min(MAX_STAGGER)
+            }
+            _ => Duration::ZERO,
+        }
+    }
+
     fn interval(&self) -> Option<Duration> {
         match &self.aimd {
             Some(aimd) => Some(Duration::from_secs_f64(1.0 / aimd.share())),
@@ -75,6 +92,7 @@ impl Gate {
             schedule: Schedule::default(),
             aimd,
             fixed_interval: ceiling.map(|c| Duration::from_secs_f64(1.0 / c)),
+            rank: 0,
         };
         let gate = Self {
             state: Mutex::new(state),
@@ -172,9 +190,17 @@ impl Gate {
 
     /// `true` if the hold was extended.
     fn hold_until(self: &Arc<Self>, until: Instant) -> bool {
-        if !self.adaptive || !self.lock().schedule.hold(until) {
+        if !self.adaptive {
             return false;
         }
+        let until = {
+            let mut state = self.lock();
+            let until = until + state.stagger();
+            if !state.schedule.hold(until) {
+                return false;
+            }
+            until
+        };
         // The write gate alone reports the tenant's hold.
         if self.budget == Budget::Writes {
             self.observer.held(true);
@@ -222,9 +248,11 @@ impl Gate {
         self.lock().aimd.as_ref().and_then(Aimd::learned)
     }
 
-    /// How many replicas (this one included) share the tenant's budget now.
-    pub fn set_replicas(&self, replicas: u32) {
+    /// How many replicas (this one included) share the tenant's budget now, and this one's
+    /// place among them (0 to `replicas - 1`, the same order in every replica).
+    pub fn set_replicas(&self, replicas: u32, rank: u32) {
         self.update(|aimd, _| aimd.set_replicas(replicas));
+        self.lock().rank = rank;
     }
 
     fn update<T>(&self, f: impl FnOnce(&mut Aimd, Instant) -> T) -> Option<T> {
@@ -364,9 +392,22 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn replicas_resume_one_turn_apart_after_a_hold() {
+        let first = gate(10.0, true, Budget::Writes);
+        let third = gate(10.0, true, Budget::Writes);
+        first.set_replicas(3, 0);
+        third.set_replicas(3, 2);
+        let start = Instant::now();
+        first.hold(Duration::from_secs(1));
+        third.peer_hold(start + Duration::from_secs(1));
+        assert_eq!(first.held_for(), Some(Duration::from_secs(1)));
+        assert_eq!(third.held_for(), Some(Duration::from_millis(1200)));
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn replicas_divide_the_spacing() {
         let gate = gate(10.0, true, Budget::Writes);
-        gate.set_replicas(2);
+        gate.set_replicas(2, 0);
         let start = Instant::now();
         gate.admit().await;
         gate.admit().await;

@@ -259,9 +259,8 @@ impl Shared {
     }
 
     /// Forgets peers not heard for [`MISSED_HEARTBEATS`] and shares the budgets among the rest.
-    fn expire(&self) {
+    fn expire(&self, now: Instant) {
         let horizon = self.heartbeat * MISSED_HEARTBEATS;
-        let now = Instant::now();
         let before = self.lock_peers().len();
         self.lock_peers()
             .retain(|_, seen| now.saturating_duration_since(*seen) <= horizon);
@@ -449,7 +448,7 @@ impl Runner {
                 },
                 Some(msg) = self.outbox.recv() => self.publish(&channel, msg).await?,
                 _ = beat.tick() => {
-                    self.shared.expire();
+                    self.shared.expire(Instant::now());
                     let msg = self.shared.heartbeat();
                     self.publish(&channel, msg).await?;
                 }
@@ -471,5 +470,104 @@ impl Runner {
             )
             .await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::throttle::GateConfig;
+
+    fn shared() -> Shared {
+        let gate = |budget| {
+            let config = GateConfig {
+                max_per_second: 0.0,
+                adaptive: true,
+                budget,
+            };
+            let metrics = Arc::new(Metrics::new());
+            Gate::new(
+                config,
+                metrics.gate_observer(&TenantName::default_profile()),
+            )
+        };
+        Shared {
+            id: 1,
+            keys: StateKeys::new(&["a replica control test key, 32+ chars"]).unwrap(),
+            tenants: vec![TenantGates {
+                name: TenantName::default_profile(),
+                writes: gate(Budget::Writes),
+                reads: gate(Budget::Reads),
+            }],
+            metrics: Arc::new(Metrics::new()),
+            peers: Mutex::new(HashMap::new()),
+            heartbeat: Duration::from_secs(1),
+        }
+    }
+
+    /// `msg` as replica `from` sends it.
+    fn from(shared: &Shared, from: u64, msg: Msg) -> Vec<u8> {
+        let envelope = Envelope {
+            v: 1,
+            from,
+            sent_ms: wire::unix_ms(SystemTime::now()),
+            msg,
+        };
+        wire::encode(&shared.keys, &envelope)
+    }
+
+    fn hold_for(secs: u64) -> Msg {
+        Msg::Hold {
+            tenant: "default".into(),
+            until_ms: wire::unix_ms(SystemTime::now() + Duration::from_secs(secs)),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_peer_hold_holds_both_gates_and_counts_the_peer() {
+        let s = shared();
+        s.receive(&from(&s, 2, hold_for(5)));
+        let t = &s.tenants[0];
+        assert!(t.writes.held_for().is_some() && t.reads.held_for().is_some());
+        assert_eq!(s.lock_peers().len(), 1);
+        s.receive(&from(&s, 2, Msg::Leaving));
+        assert!(s.lock_peers().is_empty());
+    }
+
+    #[tokio::test]
+    async fn its_own_unsigned_or_unknown_messages_change_nothing() {
+        let s = shared();
+        s.receive(&from(&s, 1, hold_for(5)));
+        let mut forged = from(&s, 2, hold_for(5));
+        forged[0] ^= 1;
+        s.receive(&forged);
+        s.receive(&from(
+            &s,
+            3,
+            Msg::Hold {
+                tenant: "nobody".into(),
+                until_ms: u64::MAX,
+            },
+        ));
+        assert_eq!(s.tenants[0].writes.held_for(), None);
+        assert_eq!(s.lock_peers().len(), 1, "only the signed stranger's id");
+    }
+
+    #[tokio::test]
+    async fn peers_are_bounded_and_expire() {
+        let s = shared();
+        for id in 2..(MAX_PEERS as u64 + 100) {
+            s.receive(&from(&s, id, Msg::Leaving));
+            s.receive(&from(&s, id, hold_for(0)));
+        }
+        assert_eq!(s.lock_peers().len(), MAX_PEERS);
+        s.expire(Instant::now() + Duration::from_secs(1));
+        assert_eq!(
+            s.lock_peers().len(),
+            MAX_PEERS,
+            "heard within three heartbeats"
+        );
+        s.expire(Instant::now() + Duration::from_secs(10));
+        assert!(s.lock_peers().is_empty());
     }
 }

@@ -3,6 +3,8 @@
 //!
 //!     bench/run.sh throttle                       # all scenarios, 3,000 jobs each
 //!     cargo run --release --example throttle -- --jobs 3000 --only 1
+//!     bench/run.sh throttle --only r              # replicas sharing one tenant (issue 13)
+//!     bench/run.sh throttle --only b              # the same with the control plane off
 
 #[path = "common/mod.rs"]
 mod common;
@@ -16,7 +18,7 @@ use unassign_worker::sim::{RetryAfterMode, Sim, SimOptions};
 const LIMIT: u32 = 50;
 
 struct Scenario {
-    name: &'static str,
+    name: String,
     sim: SimOptions,
     replicas: u16,
     /// Extra worker settings.
@@ -26,8 +28,12 @@ struct Scenario {
 }
 
 fn throttled(retry_after: RetryAfterMode) -> SimOptions {
+    limited(LIMIT, retry_after)
+}
+
+fn limited(limit: u32, retry_after: RetryAfterMode) -> SimOptions {
     SimOptions {
-        throttle_limit: LIMIT,
+        throttle_limit: limit,
         throttle_window_ms: 1000,
         retry_after,
         ..SimOptions::default()
@@ -40,35 +46,35 @@ fn scenarios() -> Vec<Scenario> {
     let limit = f64::from(LIMIT);
     vec![
         Scenario {
-            name: "1 throttled, fractional Retry-After",
+            name: "1 throttled, fractional Retry-After".into(),
             sim: throttled(RetryAfterMode::Fractional),
             replicas: 1,
             vars: adaptive(),
             ideal: limit,
         },
         Scenario {
-            name: "2a throttled, no Retry-After",
+            name: "2a throttled, no Retry-After".into(),
             sim: throttled(RetryAfterMode::Absent),
             replicas: 1,
             vars: adaptive(),
             ideal: limit,
         },
         Scenario {
-            name: "2b throttled, HTTP-date Retry-After",
+            name: "2b throttled, HTTP-date Retry-After".into(),
             sim: throttled(RetryAfterMode::HttpDate),
             replicas: 1,
             vars: adaptive(),
             ideal: limit,
         },
         Scenario {
-            name: "3 throttled, 3 replicas",
+            name: "3 throttled, 3 replicas".into(),
             sim: throttled(RetryAfterMode::Fractional),
             replicas: 3,
             vars: adaptive(),
             ideal: limit,
         },
         Scenario {
-            name: "4 latency 200 ms, no limit, concurrency 64",
+            name: "4 latency 200 ms, no limit, concurrency 64".into(),
             sim: SimOptions {
                 latency_ms: 200,
                 ..SimOptions::default()
@@ -82,7 +88,7 @@ fn scenarios() -> Vec<Scenario> {
             ideal: 64.0 / 0.2,
         },
         Scenario {
-            name: "5 naive baseline (scenario 1, gate and adaptive off)",
+            name: "5 naive baseline (scenario 1, gate and adaptive off)".into(),
             sim: throttled(RetryAfterMode::Fractional),
             replicas: 1,
             vars: vec![
@@ -92,6 +98,36 @@ fn scenarios() -> Vec<Scenario> {
             ideal: limit,
         },
     ]
+    .into_iter()
+    .chain(sharing())
+    .collect()
+}
+
+/// Replicas on one tenant, adaptive-only, at two limits: `r…` with the control plane (holds,
+/// decreases and membership shared), `b…` the same replicas with it off — each learning the
+/// tenant's budget from its own 429s, which is how every replica worked before it.
+fn sharing() -> Vec<Scenario> {
+    let mut out = Vec::new();
+    for limit in [50, 20] {
+        for (replicas, shared) in [(1, true), (3, true), (6, true), (3, false), (6, false)] {
+            let mut vars = vec![("UNASSIGN__GRAPH__MAX_REQUESTS_PER_SECOND", "0".to_owned())];
+            if !shared {
+                vars.push(("UNASSIGN__REPLICAS__ENABLED", "false".to_owned()));
+            }
+            let name = match shared {
+                true => format!("r{replicas} {limit}/s, {replicas} replica(s), shared"),
+                false => format!("b{replicas} {limit}/s, {replicas} replicas, control plane off"),
+            };
+            out.push(Scenario {
+                name,
+                sim: limited(limit, RetryAfterMode::Fractional),
+                replicas,
+                vars,
+                ideal: f64::from(limit),
+            });
+        }
+    }
+    out
 }
 
 struct Row {
@@ -101,6 +137,7 @@ struct Row {
     wall: f64,
     calls: u64,
     throttled: u64,
+    late: u64,
 }
 
 async fn run(scenario: &Scenario, jobs: usize) -> anyhow::Result<Row> {
@@ -126,6 +163,7 @@ async fn run(scenario: &Scenario, jobs: usize) -> anyhow::Result<Row> {
         wall,
         calls: stats.action_calls,
         throttled: stats.responses_by_status.get(&429).copied().unwrap_or(0),
+        late: stats.late_calls,
     })
 }
 
@@ -133,9 +171,9 @@ async fn run(scenario: &Scenario, jobs: usize) -> anyhow::Result<Row> {
 async fn main() -> anyhow::Result<()> {
     let (jobs, only) = common::jobs_and_only(3000)?;
     println!(
-        "| scenario | jobs | succeeded jobs/s | of ideal | 429s / calls | dead letters | wall |"
+        "| scenario | jobs | succeeded jobs/s | of ideal | 429s / calls | late calls | dead letters | wall |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
     for scenario in scenarios() {
         if only
             .as_deref()
@@ -146,7 +184,7 @@ async fn main() -> anyhow::Result<()> {
         let row = run(&scenario, jobs).await?;
         let rate = row.succeeded as f64 / row.wall;
         println!(
-            "| {} | {} | {:.1} | {:.1} % | {:.2} % ({} / {}) | {} | {:.1} s |",
+            "| {} | {} | {:.1} | {:.1} % | {:.2} % ({} / {}) | {} | {} | {:.1} s |",
             scenario.name,
             row.jobs,
             rate,
@@ -154,10 +192,14 @@ async fn main() -> anyhow::Result<()> {
             100.0 * row.throttled as f64 / row.calls.max(1) as f64,
             row.throttled,
             row.calls,
+            row.late,
             row.failed,
             row.wall,
         );
     }
     println!("(wall: from the workers' start, including connecting, to the last outcome event)");
+    println!(
+        "(late calls: arriving more than 0.1 s after any replica was told to wait, before it ended)"
+    );
     Ok(())
 }

@@ -21,6 +21,7 @@ pub mod lookup;
 pub mod metrics;
 pub mod observe;
 pub mod ports;
+pub mod replicas;
 pub mod retry;
 pub mod session;
 pub mod settle;

@@ -2,6 +2,9 @@
 //! the connection supervisor call its typed methods; no label ever carries an unbounded value (ids, user names).
 
 mod process;
+mod replicas;
+
+pub use replicas::ControlRejected;
 
 use std::sync::atomic::AtomicU64;
 
@@ -173,6 +176,7 @@ pub struct Metrics {
     queue_messages: Family<Queue, Gauge>,
     state_rejected: Family<StateRejected, Counter>,
     runtime_tasks: Gauge,
+    replicas: replicas::ReplicaMetrics,
 }
 
 impl Default for Metrics {
@@ -210,6 +214,7 @@ impl Metrics {
             queue_messages: Family::default(),
             state_rejected: Family::default(),
             runtime_tasks: Gauge::default(),
+            replicas: replicas::ReplicaMetrics::default(),
         };
         for queue in ["requests", "dead_letter"] {
             let _ = m.queue_messages.get_or_create(&Queue { queue });
@@ -328,6 +333,7 @@ impl Metrics {
             self.runtime_tasks.clone(),
         );
         register_process(r);
+        self.replicas.register(r);
     }
 
     /// The registry in the text exposition format.
@@ -430,32 +436,11 @@ impl Metrics {
             .inc();
     }
 
-    pub fn set_throttled(&self, tenant: &TenantName, throttled: bool) {
-        let tenant = tenant.clone();
-        self.throttled
-            .get_or_create(&Tenant { tenant })
-            .set(throttled.into());
-    }
-
-    pub fn set_rate_limit(&self, tenant: &TenantName, per_second: f64) {
-        let tenant = tenant.clone();
-        self.rate_limit
-            .get_or_create(&Tenant { tenant })
-            .set(per_second);
-    }
-
     pub fn set_tenant_paused(&self, tenant: &TenantName, paused: bool) {
         let tenant = tenant.clone();
         self.tenant_paused
             .get_or_create(&Tenant { tenant })
             .set(paused.into());
-    }
-
-    pub fn set_read_rate_limit(&self, tenant: &TenantName, per_second: f64) {
-        let tenant = tenant.clone();
-        self.read_rate_limit
-            .get_or_create(&Tenant { tenant })
-            .set(per_second);
     }
 
     pub fn inflight_inc(&self) {

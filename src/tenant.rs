@@ -155,8 +155,8 @@ impl Tenants {
                         name.clone(),
                         metrics.clone(),
                     ),
-                    gate: Gate::new(profile.gate, name.clone(), metrics.clone()),
-                    read_gate: Gate::new(profile.read_gate, name.clone(), metrics.clone()),
+                    gate: Gate::new(profile.gate, metrics.gate_observer(&name)),
+                    read_gate: Gate::new(profile.read_gate, metrics.gate_observer(&name)),
                     name,
                     pause: Mutex::new(PauseState {
                         paused: None,

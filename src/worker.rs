@@ -24,6 +24,7 @@ use crate::{
     metrics::{ChannelErrorReason, Metrics},
     observe::{Observe, Observer},
     ports::SystemClock,
+    replicas,
     retry::PauseReason,
     session::{CallSlots, Context, Session},
     settle::{Broker, Delivered},
@@ -147,6 +148,7 @@ impl App {
             concurrency = settings.worker.concurrency,
             "worker starting"
         );
+        let control = replicas::ControlPlane::spawn_for(&settings, &ctx.tenants, &metrics, &name)?;
         let supervisor = Supervisor {
             nodes: settings.amqp.url.labels(),
             settings,
@@ -157,6 +159,9 @@ impl App {
             name,
         };
         let result = supervisor.run(&shutdown).await;
+        if let Some(control) = control {
+            control.stop().await;
+        }
         supervisor.ctx.tenants.stop_probing();
         http_stop.cancel();
         let _ = server.await;

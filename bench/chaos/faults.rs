@@ -107,6 +107,74 @@ pub async fn sigterm_throttled(f: &Flags) -> anyhow::Result<Row> {
         .await
 }
 
+/// Three replicas share a tenant limited to 50 calls a second (adaptive-only): one is SIGKILLed,
+/// then another is SIGKILLed while a Retry-After holds the tenant and restarted at once. The
+/// figure: how long until the survivor sends the tenant's budget over the two replicas left.
+pub async fn replicas(f: &Flags) -> anyhow::Result<Row> {
+    let sim = SimOptions {
+        throttle_limit: 50,
+        throttle_window_ms: 1000,
+        ..Stage::sim_options()
+    };
+    let mut stage = Stage::new("replicas", f.jobs, sim)
+        .await?
+        .with("UNASSIGN__GRAPH__MAX_REQUESTS_PER_SECOND", "0");
+    stage.load = "3 replicas, conc. 16, Graph 20 ms, limit 50/s".into();
+    let (survivor, port) = stage.worker()?;
+    let (victim, _) = stage.worker()?;
+    let (restarted, restarted_port) = stage.worker()?;
+    let mut faults =
+        faults("SIGKILL one of 3 replicas; SIGKILL another while throttled, restarted");
+    stage.progress(0.25).await?;
+    victim.kill()?;
+    let killed = Instant::now();
+    faults.cleared.push(SystemTime::now());
+    let deadline = killed + Duration::from_secs(30);
+    while metric(port, "unassign_replicas_live").await? != 2.0 {
+        anyhow::ensure!(Instant::now() < deadline, "the survivors never took over");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let shared = "unassign_tenant_shared_budget_per_second{tenant=\"default\",budget=\"writes\"}";
+    let share = metric(port, "unassign_rate_limit_per_second{tenant=\"default\"}").await?;
+    faults.notes.push(format!(
+        "after the SIGKILL the survivors took over its share in {:.2} s (shared budget {:.1}/s, the survivor's share {share:.1}/s)",
+        killed.elapsed().as_secs_f64(),
+        metric(port, shared).await?,
+    ));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while metric(restarted_port, "unassign_throttled{tenant=\"default\"}").await? != 1.0 {
+        anyhow::ensure!(Instant::now() < deadline, "the tenant was never throttled");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    restarted.kill()?;
+    let (restarted, _) = stage.worker()?;
+    faults.cleared.push(SystemTime::now());
+    faults
+        .notes
+        .push("the second replica SIGKILLed while unassign_throttled was 1".into());
+    stage.tracker.until_done(f.jobs, IDLE).await;
+    let stats = stage.sim.stats();
+    faults.notes.push(format!(
+        "{} of {} calls answered 429, {} late calls",
+        stats.responses_by_status.get(&429).copied().unwrap_or(0),
+        stats.action_calls,
+        stats.late_calls
+    ));
+    let (status, _) = restarted.stop()?;
+    anyhow::ensure!(
+        status.success(),
+        "the restarted replica exited with {status}"
+    );
+    stage
+        .finish(
+            "replicas: SIGKILL and restart while throttled",
+            survivor,
+            faults,
+            IDLE,
+        )
+        .await
+}
+
 /// The private broker node of the bench, driven by `scripts/rabbitmq-cluster.sh`.
 fn broker(args: &[&str]) -> anyhow::Result<()> {
     let port = std::env::var("CHAOS_RABBITMQ_PORT")

@@ -83,6 +83,10 @@ const SCENARIOS: &[Scenario] = &[
         name: "credentials",
         run: |f| Box::pin(faults::credentials_revoked(f)),
     },
+    Scenario {
+        name: "replicas",
+        run: |f| Box::pin(faults::replicas(f)),
+    },
 ];
 
 fn flags() -> anyhow::Result<(Flags, Option<String>)> {

@@ -14,6 +14,7 @@ mod credentials;
 mod graph;
 mod intake;
 mod load;
+mod replicas;
 mod retry;
 mod tenants;
 mod units;
@@ -27,6 +28,7 @@ pub use amqp::{AmqpSettings, BrokerUrls, DelayTiers, redact_url};
 pub use credentials::Credentials;
 pub use graph::GraphSettings;
 pub use intake::IntakeSettings;
+pub use replicas::ReplicasSettings;
 pub use retry::RetrySettings;
 pub use tenants::{TenantName, TenantProfile, TenantSettings};
 pub use units::{Rate, SecureUrl};
@@ -94,6 +96,7 @@ pub struct Settings {
     pub http: HttpSettings,
     pub intake: IntakeSettings,
     pub log: LogSettings,
+    pub replicas: ReplicasSettings,
     /// Further tenant profiles by name (`[tenants.<name>]`), the same settings as `auth`.
     #[serde(default)]
     pub tenants: BTreeMap<TenantName, TenantSettings>,

@@ -244,6 +244,9 @@ pub struct Stats {
     pub early_reads: u64,
     /// Action calls that arrived before a Retry-After deadline this simulator had given to that tenant.
     pub early_calls: u64,
+    /// Action calls that arrived more than 0.1 s after any client of that tenant was told to
+    /// wait and before that wait ended (replicas sharing holds send none).
+    pub late_calls: u64,
     /// Requests to paths/methods the simulator does not serve, "METHOD path?query", at most 100 kept.
     pub unexpected_requests: Vec<String>,
     /// Most Graph calls (actions and reads) in flight at once.

@@ -13,7 +13,7 @@ use rand::distr::Alphanumeric;
 
 use super::assertion::Issuer;
 use super::devices::{Device, Devices, Filter, ListQuery};
-use super::throttle::{self, Window};
+use super::throttle::{self, Told, Window};
 use super::token::{self, AadError, Form};
 use super::{Behaviour, Scripted, SimOptions, Stats};
 
@@ -58,6 +58,8 @@ struct Inner {
     read_windows: HashMap<String, Window>,
     /// Per tenant, the latest instant a Retry-After sent to it denoted.
     not_before: HashMap<String, SystemTime>,
+    /// Every wait told to each tenant's clients, for `late_calls`.
+    told: HashMap<String, Told>,
     devices: Option<Devices>,
 }
 
@@ -163,6 +165,7 @@ impl Shared {
             windows: HashMap::new(),
             read_windows: HashMap::new(),
             not_before: HashMap::new(),
+            told: HashMap::new(),
             devices,
         };
         Ok(Shared {
@@ -393,6 +396,8 @@ impl Inner {
         }
         let now = SystemTime::now();
         self.stats.early_calls += u64::from(self.is_early(&tenant, now));
+        let late = self.told.get(&tenant).is_some_and(|t| t.is_late(now));
+        self.stats.late_calls += u64::from(late);
         let answer = self
             .script
             .pop_front()
@@ -413,6 +418,8 @@ impl Inner {
             .as_deref()
             .and_then(|v| throttle::deadline(v, now));
         if let Some(deadline) = deadline {
+            let told = self.told.entry(tenant.clone()).or_default();
+            told.tell(now, deadline);
             let latest = self.not_before.entry(tenant).or_insert(deadline);
             *latest = (*latest).max(deadline);
         }

@@ -27,6 +27,33 @@ impl Window {
     }
 }
 
+/// A call this long after a client of the tenant was told to wait still counts as in flight.
+const LATE_GRACE: Duration = Duration::from_millis(100);
+/// Waits remembered per tenant (the latest); older ones have ended long before in any run.
+const TOLD_KEPT: usize = 256;
+
+/// The waits the simulator told a tenant's clients (Retry-After given, until when), to count the
+/// calls that arrive more than [`LATE_GRACE`] after *any* client was told to wait and before that
+/// wait ended: replicas that share their holds send none.
+#[derive(Debug, Default)]
+pub(super) struct Told(VecDeque<(SystemTime, SystemTime)>);
+
+impl Told {
+    pub fn tell(&mut self, at: SystemTime, until: SystemTime) {
+        self.0.retain(|(_, end)| *end > at);
+        if self.0.len() == TOLD_KEPT {
+            self.0.pop_front();
+        }
+        self.0.push_back((at, until));
+    }
+
+    pub fn is_late(&self, now: SystemTime) -> bool {
+        self.0
+            .iter()
+            .any(|&(told, until)| now >= told + LATE_GRACE && now < until)
+    }
+}
+
 /// Writes a wait as a `Retry-After` value, always rounding up so a client that waits exactly the
 /// advertised time is never early.
 pub(super) fn format(mode: RetryAfterMode, wait: Duration, now: SystemTime) -> Option<String> {
@@ -75,6 +102,29 @@ mod tests {
         let at = t0 + Duration::from_secs(6);
         assert_eq!(window.hit(at, 2, w), Some(Duration::from_secs(19)));
         assert_eq!(window.hit(t0 + Duration::from_secs(25), 2, w), None);
+    }
+
+    #[test]
+    fn a_call_is_late_only_well_after_any_wait_was_told_and_before_it_ended() {
+        let t0 = UNIX_EPOCH + Duration::from_secs(1_000);
+        let ms = Duration::from_millis;
+        let mut told = Told::default();
+        told.tell(t0, t0 + ms(500));
+        assert!(
+            !told.is_late(t0 + ms(50)),
+            "in flight when the wait was told"
+        );
+        assert!(told.is_late(t0 + ms(100)));
+        assert!(!told.is_late(t0 + ms(500)), "the wait is over");
+        told.tell(t0 + ms(400), t0 + ms(450));
+        assert!(
+            told.is_late(t0 + ms(420)),
+            "the earlier, longer wait still runs"
+        );
+        for i in 0..1000 {
+            told.tell(t0 + ms(i), t0 + ms(2_000));
+        }
+        assert!(told.0.len() <= TOLD_KEPT);
     }
 
     #[test]

@@ -11,12 +11,6 @@ use std::{
 const MAX_FILE_LINES: usize = 600;
 const MAX_EXECUTOR_LINES: usize = 300;
 
-/// Cycles that other work in flight removes: `config` uses `throttle` (the gate's types), and
-/// `throttle` uses `config` (the tenant's name) and reports to `metrics` itself, which the
-/// replicas work ends. An entry that no longer is a cycle fails the test too, so the list only
-/// shrinks.
-const KNOWN_CYCLES: &[&[&str]] = &[&["config", "metrics", "throttle"]];
-
 /// Files over the limit that other work in flight splits (configuration, contract, the gate,
 /// operator tools, the simulator's crate).
 const KNOWN_LONG: &[&str] = &[
@@ -212,18 +206,8 @@ fn all_sources() -> Vec<(String, String)> {
 fn no_cycle_between_top_level_modules() {
     let graph = graph(&all_sources());
     let found = cycles(&graph);
-    let known: Vec<Vec<String>> = KNOWN_CYCLES
-        .iter()
-        .map(|c| c.iter().map(|m| (*m).to_owned()).collect())
-        .collect();
-    let new: Vec<_> = found.iter().filter(|c| !known.contains(c)).collect();
-    assert!(new.is_empty(), "module cycles: {}", describe(&graph, &new));
-    let gone: Vec<_> = known.iter().filter(|c| !found.contains(c)).collect();
-    let gone = describe(&graph, &gone);
-    assert!(
-        gone.is_empty(),
-        "no longer cycles, remove them from KNOWN_CYCLES: {gone}"
-    );
+    let found: Vec<_> = found.iter().collect();
+    assert!(found.is_empty(), "module cycles: {}", describe(&graph, &found));
 }
 
 /// Each cycle's modules, and the uses between them that make it one.

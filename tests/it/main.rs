@@ -19,6 +19,7 @@ mod lifecycle;
 mod lookup;
 mod observability;
 mod ops;
+mod replicas;
 mod retries;
 mod soak;
 mod tenants;

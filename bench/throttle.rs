@@ -4,8 +4,7 @@
 //!     bench/run.sh throttle                       # all scenarios, 3,000 jobs each
 //!     cargo run --release --example throttle -- --jobs 3000 --only 1
 
-#[path = "common/mod.rs"]
-mod common;
+use test_support::bench as common;
 
 use std::time::Instant;
 

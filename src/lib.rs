@@ -5,25 +5,23 @@
 
 pub mod amqp;
 pub mod auth;
-pub mod batch;
 pub mod cli;
 pub mod config;
 pub mod contract;
 pub mod credential;
-pub mod dlq;
 pub mod graph;
 pub mod http;
 pub mod intake;
 pub mod lookup;
 pub mod metrics;
+pub mod ops;
 pub mod pipeline;
 pub mod retry;
 pub mod shutdown;
+/// graph-sim, the crate of its own under `crates/graph-sim`, as the `graph-sim` command serves it.
 #[cfg(feature = "graph-sim")]
-pub mod sim;
+pub use graph_sim as sim;
 pub mod telemetry;
 pub mod tenant;
-#[cfg(test)]
-mod test_pki;
 pub mod throttle;
 pub mod worker;

@@ -582,7 +582,7 @@ fn help_shows_examples_exit_codes_environment_and_kinds() {
     }
     let (code, out, _) = output(command(&[]).args(["dlq", "replay", "--help"]));
     assert_eq!(code, 0);
-    for kind in unassign_worker::dlq::known_kinds() {
+    for kind in unassign_worker::ops::dlq::known_kinds() {
         assert!(
             out.contains(kind),
             "--error-kind does not offer {kind}:\n{out}"

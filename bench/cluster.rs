@@ -8,18 +8,17 @@
 //!
 //! The cluster listens on 5711-5713 (AMQP) and is torn down at the end, however the run ends.
 
-#[path = "../tests/it/common/cluster.rs"]
-mod cluster;
-#[path = "common/mod.rs"]
-mod common;
-
 use std::{
     sync::Arc,
     time::{Duration, SystemTime},
 };
 
-use cluster::Cluster;
-use common::{Topology, WorkerProcess, outcomes::Outcomes};
+use test_support::{
+    bench::{Topology, WorkerProcess, jobs_and_only},
+    broker::ready,
+    cluster::Cluster,
+    outcomes::Outcomes,
+};
 use unassign_worker::sim::{Sim, SimOptions};
 
 const BASE_PORT: u16 = 5711;
@@ -130,16 +129,9 @@ impl Run {
 /// Ready messages in `queue`, asked of node 1 (up again at the end of every scenario).
 async fn depth(cluster: &Cluster, queue: &str) -> anyhow::Result<u32> {
     let connection = lapin::Connection::connect(&cluster.url(1), Default::default()).await?;
-    let channel = connection.create_channel().await?;
-    let passive = lapin::options::QueueDeclareOptions {
-        passive: true,
-        ..Default::default()
-    };
-    let declared = channel
-        .queue_declare(queue.into(), passive, Default::default())
-        .await?;
+    let ready = ready(&connection, queue).await?;
     let _ = connection.close(200, "done".into()).await;
-    Ok(declared.message_count())
+    Ok(ready)
 }
 
 /// Loses node `node` (`stop` or `kill`) and returns when it was lost: the moment its AMQP port
@@ -251,7 +243,7 @@ async fn replicas(cluster: &Arc<Cluster>, jobs: usize) -> anyhow::Result<Row> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let (jobs, only) = common::jobs_and_only(5000)?;
+    let (jobs, only) = jobs_and_only(5000)?;
     let started = std::time::Instant::now();
     let cluster = Arc::new(
         tokio::task::spawn_blocking(|| Cluster::up(3, Some(BASE_PORT)))

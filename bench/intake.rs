@@ -8,8 +8,7 @@
 //!     bench/run.sh intake                   # builds the release binary, then runs this
 //!     cargo run --release --example intake -- --posts 4000 --batch-posts 200 --connections 16
 
-#[path = "common/mod.rs"]
-mod common;
+use test_support::bench as common;
 
 use std::{
     sync::{

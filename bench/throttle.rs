@@ -6,8 +6,7 @@
 //!     bench/run.sh throttle --only r              # replicas sharing one tenant (issue 13)
 //!     bench/run.sh throttle --only b              # the same with the control plane off
 
-#[path = "common/mod.rs"]
-mod common;
+use test_support::bench as common;
 
 use std::time::Instant;
 

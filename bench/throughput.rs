@@ -4,8 +4,7 @@
 //!     bench/run.sh throughput               # builds the release binary, then runs this
 //!     cargo run --release --example throughput -- --jobs 5000 --concurrency 64
 
-#[path = "common/mod.rs"]
-mod common;
+use test_support::bench as common;
 
 use std::time::Instant;
 

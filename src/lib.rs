@@ -6,12 +6,10 @@
 
 pub mod amqp;
 pub mod auth;
-pub mod batch;
 pub mod cli;
 pub mod config;
 pub mod contract;
 pub mod credential;
-pub mod dlq;
 pub mod executor;
 pub mod graph;
 pub mod http;
@@ -20,17 +18,17 @@ pub mod job;
 pub mod lookup;
 pub mod metrics;
 pub mod observe;
+pub mod ops;
 pub mod ports;
 pub mod replicas;
 pub mod retry;
 pub mod session;
 pub mod settle;
 pub mod shutdown;
+/// graph-sim, the crate of its own under `crates/graph-sim`, as the `graph-sim` command serves it.
 #[cfg(feature = "graph-sim")]
-pub mod sim;
+pub use graph_sim as sim;
 pub mod telemetry;
 pub mod tenant;
-#[cfg(test)]
-mod test_pki;
 pub mod throttle;
 pub mod worker;

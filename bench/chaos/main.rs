@@ -10,13 +10,10 @@
 //! broker scenarios stop, start and kill the broker node named by `CHAOS_RABBITMQ_NODE`, which
 //! `bench/run.sh` points at a private node so that nothing else on the machine is disturbed.
 
-#[path = "../common/mod.rs"]
-mod common;
 mod faults;
-#[path = "../../tests/it/common/relay.rs"]
-#[allow(dead_code)] // the tests' relay; the intake tests use its broker-down mode, not this bench
-mod relay;
 mod stage;
+
+use test_support::bench as common;
 
 use std::time::Duration;
 

@@ -2,21 +2,15 @@
 //! and a relay between the worker process and the broker. A scenario injects its faults through
 //! these and says when each one was over; the stage turns that into a table row.
 
-use std::{
-    net::SocketAddr,
-    time::{Duration, SystemTime},
-};
+use std::time::{Duration, SystemTime};
 
-use anyhow::Context as _;
-use unassign_worker::sim::{Sim, SimOptions};
-
-use crate::{
-    common::{
-        self, Topology, WorkerProcess,
-        outcomes::{Outcomes, Tally},
-    },
+use test_support::{
+    amqp_url,
+    bench::{Topology, WorkerProcess},
+    outcomes::{Outcomes, Tally},
     relay::Relay,
 };
+use unassign_worker::sim::{Sim, SimOptions};
 
 /// How the worker runs in every scenario unless the scenario says otherwise.
 const WORKER_VARS: &[(&str, &str)] = &[
@@ -56,10 +50,10 @@ impl Stage {
         let topology = Topology::declare(&format!("chaos-{name}")).await?;
         topology.publish(jobs).await?;
         let tracker = Outcomes::track(
-            vec![common::amqp_url()],
+            vec![amqp_url()],
             topology.settings.amqp.outcomes_queue.clone(),
         );
-        let relay = Relay::start(broker_addr()?).await;
+        let relay = Relay::to_broker(&amqp_url()).await;
         Ok(Stage {
             sim,
             topology,
@@ -101,7 +95,7 @@ impl Stage {
 
     /// The broker URL with the relay's address in place of the broker's.
     fn relay_url(&self) -> anyhow::Result<String> {
-        let mut url = url::Url::parse(&common::amqp_url())?;
+        let mut url = url::Url::parse(&amqp_url())?;
         url.set_ip_host(self.relay.addr.ip())
             .map_err(|()| anyhow::anyhow!("AMQP_URL cannot take an IP host"))?;
         url.set_port(Some(self.relay.addr.port()))
@@ -162,16 +156,6 @@ impl Stage {
         self.sim.shutdown().await;
         Ok(row)
     }
-}
-
-/// The broker's socket address, from `AMQP_URL`.
-fn broker_addr() -> anyhow::Result<SocketAddr> {
-    let url = url::Url::parse(&common::amqp_url())?;
-    let addrs = url.socket_addrs(|| Some(5672))?;
-    addrs
-        .into_iter()
-        .next()
-        .context("AMQP_URL names no address")
 }
 
 /// One line of the RELIABILITY.md table.

@@ -1,5 +1,5 @@
 //! `dlq list` and `dlq replay`: the operator's view of the dead-letter queue. The broker work is
-//! in [`crate::dlq`]; this file parses flags, asks before moving everything, and prints.
+//! in [`crate::ops::dlq`]; this file parses flags, asks before moving everything, and prints.
 
 use std::io::{BufRead as _, IsTerminal as _, Write as _};
 use std::path::PathBuf;
@@ -17,7 +17,7 @@ use super::{
 use crate::{
     config::Settings,
     contract,
-    dlq::{self, DeadLetter, DlqError, Filter, ReplayOptions},
+    ops::dlq::{self, DeadLetter, DlqError, Filter, ReplayOptions},
 };
 
 /// Widest request id and message shown in the table (`-o json` has them whole).

@@ -20,9 +20,9 @@ use super::{
 };
 use crate::{
     amqp::Publisher,
-    batch::{self, BadRow, Format, Parsed, Row},
     config::Settings,
     contract,
+    ops::batch::{self, BadRow, Format, Parsed, Row},
 };
 
 pub const EXAMPLES: &str = "\

@@ -386,6 +386,6 @@ mod tests {
             .iter()
             .map(|v| v.get_name().to_owned())
             .collect();
-        assert_eq!(offered, crate::dlq::known_kinds());
+        assert_eq!(offered, crate::ops::dlq::known_kinds());
     }
 }

@@ -272,7 +272,7 @@ mod tests {
                 e.contains("AZURE_CLIENT_CERTIFICATE_PATH") && e.contains("PRIVATE KEY"),
                 "{e}"
             );
-            let pki = crate::test_pki::TestCertificate::generate();
+            let pki = test_support::pki::TestCertificate::generate();
             jail.create_file("cert.pem", &pki.pem())?;
             let creds = default_credentials(&load()).unwrap();
             assert!(format!("{creds:?}").contains("cert.pem"));

@@ -164,7 +164,7 @@ mod tests {
     use serde_json::Value;
 
     use super::*;
-    use crate::test_pki::TestCertificate;
+    use test_support::pki::TestCertificate;
 
     const URL: &str = "https://login.microsoftonline.com/t/oauth2/v2.0/token";
 

@@ -15,7 +15,7 @@ use super::{
     auth::{Client, Rejected},
     routes::{ErrorItem, RETRY_AFTER_SECS, Refused},
 };
-use crate::batch::{self, Ids, Parsed, Row};
+use crate::ops::batch::{self, Ids, Parsed, Row};
 
 const SIGNATURE: &str = "x-unassign-signature";
 const IDEMPOTENCY_KEY: &str = "idempotency-key";

@@ -9,7 +9,7 @@ use std::{
 };
 
 use super::{auth::sha256, window::WindowMap};
-use crate::batch::Row;
+use crate::ops::batch::Row;
 
 pub struct Confirmed {
     ids: Mutex<WindowMap<String, [u8; 32]>>,

@@ -12,7 +12,7 @@ use std::{
 
 use tokio::sync::Notify;
 
-use crate::batch::Row;
+use crate::ops::batch::Row;
 
 #[derive(Default)]
 pub struct InFlight {

@@ -13,8 +13,8 @@ use tokio_util::sync::CancellationToken;
 use super::metrics::IntakeMetrics;
 use crate::{
     amqp::{self, PublishError, Publisher, TopologyError},
-    batch::{self, PublishFailed, Row},
     config::AmqpSettings,
+    ops::batch::{self, PublishFailed, Row},
 };
 
 const CONNECTION_NAME: &str = "unassign-worker/intake";

@@ -20,7 +20,7 @@ use serde_json::json;
 use tracing::Instrument as _;
 
 use super::{Intake, accept::Accepted};
-use crate::batch::BadRow;
+use crate::ops::batch::BadRow;
 
 /// Seconds a client is asked to wait after a 503.
 pub const RETRY_AFTER_SECS: u64 = 5;

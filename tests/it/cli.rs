@@ -230,10 +230,10 @@ async fn a_shutdown_the_watchdog_forces_exits_non_zero() {
     let child = spawn_worker(&vars);
     broker.publish_request("forced-1", &device()).await;
     events.wait_for(1, WAIT).await;
-    assert_eq!(
-        relay.stall(),
-        1,
-        "the worker's connection went through the relay"
+    // The consume connection and the replicas' control connection both go through it.
+    assert!(
+        relay.stall() >= 1,
+        "the worker's connections went through the relay"
     );
     sigterm(&child);
     let (code, took, logs) = wait_exit(child, Duration::from_secs(15)).await;
@@ -582,7 +582,7 @@ fn help_shows_examples_exit_codes_environment_and_kinds() {
     }
     let (code, out, _) = output(command(&[]).args(["dlq", "replay", "--help"]));
     assert_eq!(code, 0);
-    for kind in unassign_worker::dlq::known_kinds() {
+    for kind in unassign_worker::ops::dlq::known_kinds() {
         assert!(
             out.contains(kind),
             "--error-kind does not offer {kind}:\n{out}"

@@ -207,7 +207,11 @@ fn no_cycle_between_top_level_modules() {
     let graph = graph(&all_sources());
     let found = cycles(&graph);
     let found: Vec<_> = found.iter().collect();
-    assert!(found.is_empty(), "module cycles: {}", describe(&graph, &found));
+    assert!(
+        found.is_empty(),
+        "module cycles: {}",
+        describe(&graph, &found)
+    );
 }
 
 /// Each cycle's modules, and the uses between them that make it one.

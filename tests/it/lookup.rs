@@ -12,7 +12,7 @@ use lapin::BasicProperties;
 use serde_json::{Value, json};
 use unassign_worker::{
     contract::{header_int, header_str, headers},
-    dlq,
+    ops::dlq,
     sim::{Device, Scripted, Sim, SimOptions, Stats},
 };
 

@@ -26,7 +26,7 @@ use serde_json::Value;
 use unassign_worker::{
     config::Settings,
     contract::{self, ErrorKind, Failure, header_int, header_str, headers},
-    dlq::{self, DELIVERY_LIMIT, DeadLetter, DlqError, Filter, ReplayOptions},
+    ops::dlq::{self, DELIVERY_LIMIT, DeadLetter, DlqError, Filter, ReplayOptions},
     sim::{Scripted, Sim},
 };
 
@@ -205,7 +205,7 @@ impl Ops {
 }
 
 fn contract_properties(request_id: &str) -> BasicProperties {
-    unassign_worker::batch::request_properties(request_id)
+    unassign_worker::ops::batch::request_properties(request_id)
 }
 
 fn ids(letters: &[DeadLetter]) -> BTreeSet<String> {

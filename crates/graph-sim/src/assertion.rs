@@ -14,9 +14,11 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 
-use super::Behaviour;
-use super::token::{AadError, aad};
-use crate::credential::{self, JWT_BEARER};
+use crate::Behaviour;
+use crate::aad::{AadError, aad};
+
+/// The client assertion type of RFC 7523, the only one Entra takes.
+pub const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 
 /// The issuer of the simulated cluster's service-account tokens.
 pub const FEDERATED_ISSUER: &str = "https://oidc.graph-sim.local/cluster";
@@ -25,7 +27,7 @@ pub const FEDERATED_AUDIENCE: &str = "api://AzureADTokenExchange";
 /// Clock skew Entra ID tolerates on `nbf` and `exp`.
 const CLOCK_SKEW_SECS: u64 = 300;
 
-/// Which credential authenticated a token request, for [`super::Stats`].
+/// Which credential authenticated a token request, for [`crate::Stats`].
 pub(super) type Kind = &'static str;
 
 /// The simulated cluster's OIDC issuer: an ES256 key made at start that signs service-account
@@ -133,14 +135,13 @@ fn certificate(
             "Invalid JWT token. No certificate thumbprint specified in token header.".into(),
         )
     })?;
-    let public = registered_key(b, x5t)
+    let key = registered_key(b, x5t)
         .ok_or_else(|| invalid_signature("The key was not found.", Some(x5t)))?;
     if !matches!(header.alg, Algorithm::RS256 | Algorithm::PS256) {
         return Err(malformed());
     }
     let mut rules = rules(header.alg, token_url, client_id);
     rules.sub = Some(client_id.to_owned());
-    let key = DecodingKey::from_rsa_der(&public);
     jsonwebtoken::decode::<Value>(assertion, &key, &rules)
         .map(drop)
         .map_err(|e| match e.kind() {
@@ -217,15 +218,33 @@ fn rules(alg: Algorithm, audience: &str, issuer: &str) -> Validation {
     rules
 }
 
-/// The public key of the registered certificate with this `x5t#S256`, if any.
-fn registered_key(b: &Behaviour, x5t: &str) -> Option<Vec<u8>> {
+/// The RSA key of the registered certificate with this `x5t#S256`, if any.
+fn registered_key(b: &Behaviour, x5t: &str) -> Option<DecodingKey> {
     b.client_certificates
         .iter()
         .filter_map(|text| pem::parse_many(text).ok())
         .flatten()
         .filter(|block| block.tag() == "CERTIFICATE")
-        .find(|block| credential::thumbprint_s256(block.contents()) == x5t)
-        .and_then(|block| credential::rsa_public_key(block.contents()).ok())
+        .find(|block| thumbprint(block.contents()) == x5t)
+        .and_then(|block| rsa_key(block.contents()))
+}
+
+/// A certificate's `x5t#S256` (base64url of the SHA-256 of its DER), by which Entra finds the
+/// registered certificate an assertion names. Computed here on its own, not borrowed from the
+/// worker, so that the simulator checks the worker's thumbprint rather than repeating it.
+pub(crate) fn thumbprint(certificate_der: &[u8]) -> String {
+    use base64::Engine as _;
+    use sha2::Digest as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(certificate_der))
+}
+
+/// The certificate's public key when it is an RSA key (RS256 and PS256 are what Entra takes).
+fn rsa_key(certificate_der: &[u8]) -> Option<DecodingKey> {
+    use x509_cert::der::{Decode as _, oid::db::rfc5912::RSA_ENCRYPTION};
+    let certificate = x509_cert::Certificate::from_der(certificate_der).ok()?;
+    let spki = certificate.tbs_certificate.subject_public_key_info;
+    let key = spki.subject_public_key.as_bytes()?;
+    (spki.algorithm.oid == RSA_ENCRYPTION).then(|| DecodingKey::from_rsa_der(key))
 }
 
 fn malformed() -> AadError {
@@ -283,24 +302,43 @@ mod tests {
     use clap::Parser;
 
     use super::*;
-    use crate::credential::ClientCertificate;
-    use crate::sim::SimOptions;
-    use crate::test_pki::TestCertificate;
+    use crate::SimOptions;
 
     const CLIENT: &str = "00000000-0000-0000-0000-00000000c11e";
     const URL: &str = "http://127.0.0.1:1/t/oauth2/v2.0/token";
     const SUBJECT: &str = "system:serviceaccount:unassign-worker:unassign-worker";
 
+    /// An RSA key (PEM) and its self-signed certificate (PEM and thumbprint).
+    struct Pki {
+        key_pem: String,
+        cert_pem: String,
+        x5t: String,
+    }
+
+    fn pki() -> Pki {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).unwrap();
+        let cert = rcgen::CertificateParams::default()
+            .self_signed(&key)
+            .unwrap();
+        let (key_pem, cert_pem) = (key.serialize_pem(), cert.pem());
+        let x5t = thumbprint(cert.der());
+        Pki {
+            key_pem,
+            cert_pem,
+            x5t,
+        }
+    }
+
     struct Fixture {
         issuer: Issuer,
         behaviour: Behaviour,
-        pki: TestCertificate,
+        pki: Pki,
     }
 
     impl Fixture {
         /// A simulator whose app registration holds one certificate.
         fn new() -> Fixture {
-            let pki = TestCertificate::generate();
+            let pki = pki();
             let mut behaviour = Behaviour::from(&SimOptions::parse_from(["graph-sim"]));
             behaviour.client_certificates.push(pki.cert_pem.clone());
             Fixture {
@@ -327,28 +365,24 @@ mod tests {
 
         /// An assertion with these claims, signed by `key_pem`, naming the registered certificate.
         fn signed(&self, key_pem: &str, claims: Value) -> String {
-            let header = Header {
-                x5t_s256: Some(credential::thumbprint_s256(&self.pki.cert_der)),
-                ..Header::new(Algorithm::PS256)
-            };
-            let key = EncodingKey::from_rsa_pem(key_pem.as_bytes()).unwrap();
-            jsonwebtoken::encode(&header, &claims, &key).unwrap()
+            signed(key_pem, &self.pki.x5t, claims)
         }
+    }
+
+    /// An assertion as the worker makes it (PS256, `x5t#S256`), signed by `key_pem`.
+    fn signed(key_pem: &str, x5t: &str, claims: Value) -> String {
+        let header = Header {
+            x5t_s256: Some(x5t.to_owned()),
+            ..Header::new(Algorithm::PS256)
+        };
+        let key = EncodingKey::from_rsa_pem(key_pem.as_bytes()).unwrap();
+        jsonwebtoken::encode(&header, &claims, &key).unwrap()
     }
 
     fn claims(aud: &str, sub: &str, exp_from_now: i64) -> Value {
         let now = now();
         json!({"aud": aud, "iss": CLIENT, "sub": sub, "jti": "1", "nbf": now,
                "exp": now.saturating_add_signed(exp_from_now)})
-    }
-
-    #[test]
-    fn accepts_the_workers_certificate_assertion() {
-        let f = Fixture::new();
-        let cert = ClientCertificate::from_pem(f.pki.pem().as_bytes(), None).unwrap();
-        let assertion = cert.assertion(CLIENT, URL).unwrap();
-        use secrecy::ExposeSecret as _;
-        assert_eq!(f.verify(assertion.expose_secret()), Ok("certificate"));
     }
 
     #[test]
@@ -359,7 +393,7 @@ mod tests {
             f.verify(&f.signed(key, claims(URL, CLIENT, 600))),
             Ok("certificate")
         );
-        let impostor = TestCertificate::generate();
+        let impostor = pki();
         let forged = f.signed(&impostor.key_pem, claims(URL, CLIENT, 600));
         assert_eq!(f.verify(&forged), Err(700027), "wrong signature");
         let expired = f.signed(key, claims(URL, CLIENT, -3600));
@@ -370,17 +404,15 @@ mod tests {
         assert_eq!(f.verify(&other_sub), Err(700021), "sub is not the client");
         assert_eq!(f.verify("not.a.jwt"), Err(50027));
 
-        let unregistered = ClientCertificate::from_pem(impostor.pem().as_bytes(), None).unwrap();
-        let assertion = unregistered.assertion(CLIENT, URL).unwrap();
-        use secrecy::ExposeSecret as _;
-        let e = f.check(assertion.expose_secret()).unwrap_err();
+        let unregistered = signed(&impostor.key_pem, &impostor.x5t, claims(URL, CLIENT, 600));
+        let e = f.check(&unregistered).unwrap_err();
         assert_eq!((e.code, e.status.as_u16()), (700027, 401));
         assert!(
             e.description.contains("The key was not found"),
             "{}",
             e.description
         );
-        assert!(e.description.contains(unregistered.x5t_s256()));
+        assert!(e.description.contains(&impostor.x5t));
 
         let e = verify(&f.issuer, &f.behaviour, CLIENT, URL, Some("jwt"), "a.b.c").unwrap_err();
         assert_eq!(e.code, 50027, "wrong client_assertion_type");

@@ -11,11 +11,12 @@ use anyhow::Context;
 use rand::RngExt;
 use rand::distr::Alphanumeric;
 
-use super::assertion::Issuer;
-use super::devices::{Device, Devices, Filter, ListQuery};
-use super::throttle::{self, Told, Window};
-use super::token::{self, AadError, Form};
-use super::{Behaviour, Scripted, SimOptions, Stats};
+use crate::aad::AadError;
+use crate::assertion::Issuer;
+use crate::devices::{Device, Devices, Filter, ListQuery, is_guid};
+use crate::throttle::{self, Told, Window};
+use crate::token::{self, App, Form};
+use crate::{Behaviour, Scripted, SimOptions, Stats};
 
 const MAX_UNEXPECTED: usize = 100;
 /// Filters and arrival times of list calls kept in the stats.
@@ -26,11 +27,9 @@ const MANUAL_OUTAGE_WAIT: Duration = Duration::from_secs(1);
 
 /// Settings fixed for the simulator's lifetime.
 pub(super) struct Config {
-    pub tenant_id: Option<String>,
-    pub client_id: String,
+    pub app: App,
     pub token_ttl: Duration,
     pub page_size: usize,
-    pub issuer: Issuer,
     outages: Vec<(f64, f64)>,
     started: Instant,
 }
@@ -138,11 +137,13 @@ impl Shared {
             None => opts.devices.as_deref().map(Devices::load).transpose()?,
         };
         let cfg = Config {
-            tenant_id: opts.tenant_id.clone(),
-            client_id: opts.client_id.clone(),
+            app: App {
+                tenant_id: opts.tenant_id.clone(),
+                client_id: opts.client_id.clone(),
+                issuer: Issuer::generate()?,
+            },
             token_ttl: Duration::from_secs(opts.token_ttl_secs),
             page_size: opts.page_size.max(1),
-            issuer: Issuer::generate()?,
             outages: opts.outages.clone(),
             started: Instant::now(),
         };
@@ -245,7 +246,7 @@ impl Shared {
         if let Some(assertion) = form.get("client_assertion") {
             keep_latest(&mut inner.assertions, assertion.clone());
         }
-        let result = token::validate(&self.cfg, &inner.behaviour, tenant, token_url, form);
+        let result = token::validate(&self.cfg.app, &inner.behaviour, tenant, token_url, form);
         let result = result.map(|kind| {
             *inner
                 .stats
@@ -565,14 +566,4 @@ fn keep_latest(kept: &mut VecDeque<String>, value: String) {
 enum Kind {
     Write,
     Read,
-}
-
-/// Graph ids are GUIDs in 8-4-4-4-12 hex form.
-pub(super) fn is_guid(s: &str) -> bool {
-    let groups: Vec<&str> = s.split('-').collect();
-    groups.len() == 5
-        && groups
-            .iter()
-            .zip([8, 4, 4, 4, 12])
-            .all(|(g, len)| g.len() == len && g.bytes().all(|b| b.is_ascii_hexdigit()))
 }

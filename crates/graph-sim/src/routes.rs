@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
@@ -12,8 +13,8 @@ use time::OffsetDateTime;
 use time::macros::format_description;
 use uuid::Uuid;
 
-use super::state::{Answer, Shared};
-use super::{Behaviour, Scripted, Stats, token};
+use crate::state::{Answer, Shared};
+use crate::{Behaviour, Scripted, Stats, aad, token};
 
 const DEVICES: &str = "/beta/deviceManagement/windowsAutopilotDeviceIdentities";
 /// Where Intune says the failing call went, inside its wrapped error messages.
@@ -25,7 +26,7 @@ const MISSING_PERMISSION: &str = "Application is not authorized to perform this 
 
 pub(super) fn router(sim: Arc<Shared>) -> Router {
     Router::new()
-        .route("/{tenant}/oauth2/v2.0/token", post(token::handler))
+        .route("/{tenant}/oauth2/v2.0/token", post(token))
         .route(DEVICES, get(list))
         .route(
             &format!("{DEVICES}/{{id}}/unassignUserFromDevice"),
@@ -39,6 +40,37 @@ pub(super) fn router(sim: Arc<Shared>) -> Router {
         .fallback(unexpected)
         .method_not_allowed_fallback(unexpected)
         .with_state(sim)
+}
+
+/// `POST /{tenant}/oauth2/v2.0/token`.
+async fn token(
+    State(sim): State<Arc<Shared>>,
+    Path(tenant): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let form: token::Form = url::form_urlencoded::parse(&body).into_owned().collect();
+    // Where the client sent this request, as a client assertion's audience must name it.
+    let host = headers
+        .get(axum::http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or_default();
+    let token_url = format!("http://{host}/{tenant}/oauth2/v2.0/token");
+    let (result, delay) = sim.token(&tenant, &token_url, &form);
+    tokio::time::sleep(delay).await;
+    match result {
+        Ok(access_token) => {
+            let ttl = sim.cfg.token_ttl.as_secs();
+            Json(json!({
+                "token_type": "Bearer",
+                "expires_in": ttl,
+                "ext_expires_in": ttl,
+                "access_token": access_token,
+            }))
+            .into_response()
+        }
+        Err(e) => aad::error_response(e, &headers),
+    }
 }
 
 /// Ids Graph puts on every response: its own `request-id` and the caller's `client-request-id`

@@ -2,47 +2,24 @@
 //! client assertion), answering errors in Entra's AADSTS shape.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 
-use axum::Json;
-use axum::body::Bytes;
-use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
-use serde_json::json;
-use time::OffsetDateTime;
-use time::macros::format_description;
-use uuid::Uuid;
+use axum::http::StatusCode;
 
-use super::Behaviour;
-use super::assertion::{self, Kind};
-use super::state::{Config, Shared, is_guid};
+use crate::Behaviour;
+use crate::aad::{AadError, aad};
+use crate::assertion::{self, Issuer, Kind};
+use crate::devices::is_guid;
+
+/// The app registration a token request must match: its tenant (any GUID when `None`), its
+/// client id, and the cluster issuer whose tokens its federated credential trusts.
+pub(crate) struct App {
+    pub tenant_id: Option<String>,
+    pub client_id: String,
+    pub issuer: Issuer,
+}
 
 /// The urlencoded form fields of a token request.
-pub(super) type Form = HashMap<String, String>;
-
-/// An Entra error: HTTP status, OAuth `error`, AADSTS number and its description.
-#[derive(Debug)]
-pub(super) struct AadError {
-    pub status: StatusCode,
-    pub error: &'static str,
-    pub code: u32,
-    pub description: String,
-}
-
-pub(super) fn aad(
-    status: StatusCode,
-    error: &'static str,
-    code: u32,
-    description: String,
-) -> AadError {
-    AadError {
-        status,
-        error,
-        code,
-        description,
-    }
-}
+pub(crate) type Form = HashMap<String, String>;
 
 fn missing(param: &str) -> AadError {
     aad(
@@ -55,8 +32,8 @@ fn missing(param: &str) -> AadError {
 
 /// Checks a token request in the order Entra does: service, tenant, grant, client, scope, then
 /// the secret or assertion sent to `token_url`; tells which kind of credential passed.
-pub(super) fn validate(
-    cfg: &Config,
+pub(crate) fn validate(
+    cfg: &App,
     b: &Behaviour,
     tenant: &str,
     token_url: &str,
@@ -158,62 +135,4 @@ pub(super) fn validate(
         ),
         Some(_) => Ok("secret"),
     }
-}
-
-/// `POST /{tenant}/oauth2/v2.0/token`.
-pub(super) async fn handler(
-    State(sim): State<Arc<Shared>>,
-    Path(tenant): Path<String>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let form: Form = url::form_urlencoded::parse(&body).into_owned().collect();
-    // Where the client sent this request, as a client assertion's audience must name it.
-    let host = headers
-        .get(axum::http::header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .unwrap_or_default();
-    let token_url = format!("http://{host}/{tenant}/oauth2/v2.0/token");
-    let (result, delay) = sim.token(&tenant, &token_url, &form);
-    tokio::time::sleep(delay).await;
-    match result {
-        Ok(access_token) => {
-            let ttl = sim.cfg.token_ttl.as_secs();
-            Json(json!({
-                "token_type": "Bearer",
-                "expires_in": ttl,
-                "ext_expires_in": ttl,
-                "access_token": access_token,
-            }))
-            .into_response()
-        }
-        Err(e) => error_response(e, &headers),
-    }
-}
-
-/// Entra's error body; the correlation id echoes the caller's `client-request-id` as Entra's does.
-fn error_response(e: AadError, headers: &HeaderMap) -> Response {
-    let trace_id = Uuid::new_v4().to_string();
-    let correlation_id = headers
-        .get("client-request-id")
-        .and_then(|v| v.to_str().ok())
-        .map_or_else(|| Uuid::new_v4().to_string(), str::to_owned);
-    let timestamp = OffsetDateTime::now_utc()
-        .format(format_description!(
-            "[year]-[month]-[day] [hour]:[minute]:[second]Z"
-        ))
-        .unwrap_or_default();
-    let body = json!({
-        "error": e.error,
-        "error_description": format!(
-            "AADSTS{}: {} Trace ID: {trace_id} Correlation ID: {correlation_id} Timestamp: {timestamp}",
-            e.code, e.description
-        ),
-        "error_codes": [e.code],
-        "timestamp": timestamp,
-        "trace_id": trace_id,
-        "correlation_id": correlation_id,
-        "error_uri": format!("https://login.microsoftonline.com/error?code={}", e.code),
-    });
-    (e.status, Json(body)).into_response()
 }

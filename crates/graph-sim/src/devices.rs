@@ -235,6 +235,16 @@ fn string_literal(text: &str) -> Option<String> {
     (!inner.replace("''", "").contains('\'')).then(|| inner.replace("''", "'").to_lowercase())
 }
 
+/// Graph ids are GUIDs in 8-4-4-4-12 hex form.
+pub(crate) fn is_guid(s: &str) -> bool {
+    let groups: Vec<&str> = s.split('-').collect();
+    groups.len() == 5
+        && groups
+            .iter()
+            .zip([8, 4, 4, 4, 12])
+            .all(|(g, len)| g.len() == len && g.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,5 +1,5 @@
-//! Throw-away RSA keys and self-signed certificates for tests. Unit tests use it as a module;
-//! the integration harness includes this file by path, so both share one generator.
+//! Throw-away RSA keys and self-signed certificates for tests (the worker's unit tests and the
+//! integration tests), made per run so that no private key is committed as a fixture.
 
 /// An RSA key and a self-signed certificate for it, both PEM.
 pub struct TestCertificate {

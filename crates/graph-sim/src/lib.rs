@@ -1,7 +1,12 @@
 //! `graph-sim`: a stand-in for the Microsoft identity platform token endpoint and the Graph
 //! Autopilot endpoints the worker calls, faithful to their throttling, token and error behaviour,
 //! with knobs (latency, injected errors, outages, throttling, scripted answers) for tests and demos.
+//!
+//! A crate of its own, independent of the worker: it plays Entra ID and Graph from their
+//! documented behaviour, so it must not borrow the worker's reading of them. The worker's
+//! `graph-sim` command (a default cargo feature) serves it; the production image leaves it out.
 
+mod aad;
 mod assertion;
 mod devices;
 mod routes;
@@ -28,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 pub use devices::Device;
 use state::Shared;
 
-pub use assertion::{FEDERATED_AUDIENCE, FEDERATED_ISSUER};
+pub use assertion::{FEDERATED_AUDIENCE, FEDERATED_ISSUER, JWT_BEARER};
 
 /// CLI options of `unassign-worker graph-sim`; also used by tests (via `Default` or `parse_from`).
 #[derive(Parser, Debug, Clone)]
@@ -334,7 +339,7 @@ impl Sim {
     /// A service-account token from the simulated cluster's OIDC issuer, as Kubernetes projects
     /// it for workload identity; it expires `valid_for_secs` from now (negative: already expired).
     pub fn federated_token(&self, subject: &str, valid_for_secs: i64) -> String {
-        self.shared.cfg.issuer.token(subject, valid_for_secs)
+        self.shared.cfg.app.issuer.token(subject, valid_for_secs)
     }
 
     /// The latest access tokens issued (up to 100), for tests that must not find them in logs.
@@ -399,7 +404,7 @@ fn parse_tenant(s: &str) -> Result<(String, TenantApp), String> {
     else {
         return Err("expected TENANT_ID,CLIENT_ID,SECRET".to_owned());
     };
-    if !state::is_guid(tenant) {
+    if !devices::is_guid(tenant) {
         return Err(format!("tenant {tenant:?} is not a GUID"));
     }
     let app = TenantApp {

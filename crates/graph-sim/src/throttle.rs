@@ -4,7 +4,7 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use super::RetryAfterMode;
+use crate::RetryAfterMode;
 
 /// Arrival times of the most recent calls of one tenant.
 ///

@@ -1,9 +1,6 @@
-//! What the benchmarks share: a uniquely named topology on the local broker, bulk publishing
-//! with pipelined confirms, worker processes pointed at an in-process graph-sim, and an event
-//! counter. The worker always runs as its own release process, as in production.
-#![allow(dead_code)] // each benchmark uses a different part
-
-pub mod outcomes;
+//! What the benchmarks add: a topology with bulk publishing (pipelined confirms) and an event
+//! counter, worker processes pointed at an in-process graph-sim, their CPU and memory, and the
+//! scenario flags. The worker always runs as its own release process, as in production.
 
 use std::{
     process::{Child, Command, ExitStatus, Stdio},
@@ -12,25 +9,20 @@ use std::{
 
 use anyhow::Context as _;
 use futures_util::StreamExt;
+use graph_sim::{Sim, SimOptions};
 use lapin::{
     BasicProperties, Channel, Connection,
-    options::{
-        BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions,
-        QueueDeclareOptions, QueueDeleteOptions,
-    },
+    options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions},
     types::FieldTable,
 };
-use unassign_worker::{
-    config::Settings,
-    sim::{Sim, SimOptions},
+use unassign_worker::config::Settings;
+
+use crate::{
+    amqp_url,
+    broker::{delete_objects, name_objects, ready},
+    prefix,
+    process::{broker_env, sim_env, worker_binary},
 };
-
-pub const TENANT: &str = "3f1c3a8e-5c1b-4f5e-9a7d-0d2f6a1b2c3d";
-pub const BINARY: &str = "target/release/unassign-worker";
-
-pub fn amqp_url() -> String {
-    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
-}
 
 /// `--jobs N` and `--only NAME`, the flags of the scenario benchmarks.
 pub fn jobs_and_only(default_jobs: usize) -> anyhow::Result<(usize, Option<String>)> {
@@ -63,18 +55,8 @@ impl Topology {
 
     /// Declares through the broker node at `url` (on a cluster, the quorum queues' leader).
     pub async fn declare_on(name: &str, url: &str) -> anyhow::Result<Topology> {
-        let prefix = format!(
-            "bench.{name}.{}",
-            &uuid::Uuid::new_v4().simple().to_string()[..6]
-        );
         let mut settings = Settings::load(None)?;
-        let a = &mut settings.amqp;
-        a.exchange = format!("{prefix}.x");
-        a.queue = format!("{prefix}.requests");
-        a.dead_letter_exchange = format!("{prefix}.dlx");
-        a.dead_letter_queue = format!("{prefix}.dead");
-        a.events_exchange = format!("{prefix}.events");
-        a.outcomes_queue = format!("{prefix}.outcomes");
+        name_objects(&mut settings.amqp, &prefix(&format!("bench-{name}")));
         let connection = Connection::connect(url, Default::default()).await?;
         let channel = connection.create_channel().await?;
         unassign_worker::amqp::declare(&channel, &settings.amqp).await?;
@@ -160,31 +142,11 @@ impl Topology {
 
     /// Messages ready in `queue`.
     pub async fn ready(&self, queue: &str) -> anyhow::Result<u32> {
-        let options = QueueDeclareOptions {
-            passive: true,
-            ..QueueDeclareOptions::default()
-        };
-        let q = self
-            .channel
-            .queue_declare(queue.into(), options, FieldTable::default())
-            .await?;
-        Ok(q.message_count())
+        Ok(ready(&self.connection, queue).await?)
     }
 
     pub async fn delete(self) {
-        let a = &self.settings.amqp;
-        let tiers = a.delay_tiers_secs.iter().map(|&s| a.tier_queue(s));
-        let queues = [
-            a.queue.clone(),
-            a.dead_letter_queue.clone(),
-            a.outcomes_queue.clone(),
-        ];
-        for q in queues.into_iter().chain(tiers) {
-            let _ = self
-                .channel
-                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-                .await;
-        }
+        delete_objects(&self.connection, &self.settings.amqp).await;
     }
 }
 
@@ -201,12 +163,9 @@ impl WorkerProcess {
         http_port: u16,
         vars: &[(&str, String)],
     ) -> anyhow::Result<Self> {
+        let app = SimOptions::default();
         let mut cmd = command("run", topology);
-        cmd.env("AZURE_TENANT_ID", TENANT)
-            .env("AZURE_CLIENT_ID", SimOptions::default().client_id)
-            .env("AZURE_CLIENT_SECRET", SimOptions::default().client_secret)
-            .env("AZURE_AUTHORITY_HOST", sim.authority())
-            .env("UNASSIGN__GRAPH__BASE_URL", sim.base_url())
+        cmd.envs(sim_env(sim, &app.client_id, &app.client_secret))
             .env("UNASSIGN__HTTP__LISTEN", format!("127.0.0.1:{http_port}"));
         Self::start(cmd, vars)
     }
@@ -220,9 +179,10 @@ impl WorkerProcess {
         for (k, v) in vars {
             cmd.env(k, v);
         }
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("starting {BINARY} (cargo build --release)"))?;
+        let child = cmd.spawn().with_context(|| {
+            let binary = worker_binary();
+            format!("starting {} (cargo build --release)", binary.display())
+        })?;
         Ok(Self { child })
     }
 
@@ -266,20 +226,10 @@ impl Drop for WorkerProcess {
 /// The release binary running `subcommand` against the local broker and the topology's names,
 /// logging errors only.
 fn command(subcommand: &str, topology: &Topology) -> Command {
-    let a = &topology.settings.amqp;
-    let mut cmd = Command::new(BINARY);
+    let mut cmd = Command::new(worker_binary());
     cmd.arg(subcommand)
-        .env("AMQP_URL", amqp_url())
+        .envs(broker_env(&topology.settings))
         .env("UNASSIGN__LOG__LEVEL", "error")
-        .env("UNASSIGN__AMQP__EXCHANGE", &a.exchange)
-        .env("UNASSIGN__AMQP__QUEUE", &a.queue)
-        .env(
-            "UNASSIGN__AMQP__DEAD_LETTER_EXCHANGE",
-            &a.dead_letter_exchange,
-        )
-        .env("UNASSIGN__AMQP__DEAD_LETTER_QUEUE", &a.dead_letter_queue)
-        .env("UNASSIGN__AMQP__EVENTS_EXCHANGE", &a.events_exchange)
-        .env("UNASSIGN__AMQP__OUTCOMES_QUEUE", &a.outcomes_queue)
         .stdout(Stdio::null());
     cmd
 }

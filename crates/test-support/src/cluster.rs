@@ -1,7 +1,6 @@
 //! A private local RabbitMQ cluster for a test or a benchmark, through
 //! `scripts/rabbitmq-cluster.sh`: its own ports and state directory, torn down when dropped (a
 //! failing assertion included). Nodes are numbered from 1, as the script numbers them.
-#![allow(dead_code)] // the tests and the cluster bench use different parts
 
 use std::{
     path::{Path, PathBuf},
@@ -43,7 +42,8 @@ impl Cluster {
 
     /// Runs the script with this cluster's options; its stdout, or its stderr as the error.
     fn script(&self, args: &[&str]) -> Result<String, String> {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/rabbitmq-cluster.sh");
+        let script =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/rabbitmq-cluster.sh");
         let output = Command::new(script)
             .arg("--nodes")
             .arg(self.nodes.to_string())

@@ -12,7 +12,7 @@ if [ "$#" -gt 0 ]; then
 fi
 nextest=$(scripts/ensure-nextest.sh)
 # `--tests`: every test target, but not the bench examples, which clippy already checks and no
-# test runs (linking them was a fifth of the test build).
+# test runs: linking five bench binaries is work no test reads.
 run() { "$nextest" nextest run --locked --workspace --tests --no-fail-fast "$@"; }
 # The soak smoke test (load with a fault every few seconds) and the cluster fail-over (three
 # broker nodes) each load both cores on their own: they run after the rest and apart from each

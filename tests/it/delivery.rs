@@ -10,7 +10,11 @@ use lapin::{
     options::{QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions},
     types::{AMQPValue, FieldTable},
 };
-use unassign_worker::{amqp, sim::Sim, worker::App};
+use unassign_worker::{
+    amqp::{self, publisher::CONFIRM_TIMEOUT},
+    sim::Sim,
+    worker::App,
+};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -119,6 +123,50 @@ async fn a_cut_broker_connection_is_rebuilt_and_every_job_finishes() {
 #[tokio::test]
 async fn a_stalled_broker_connection_is_noticed_by_heartbeats() {
     survives_a_broken_link("stall", Relay::stall, true).await;
+}
+
+/// A job whose outcome went out just as its link went silent waits for a confirm that cannot
+/// come. Once heartbeats declare the connection dead, lapin fails the confirms still pending on
+/// it, so the job gives up at once — the broker requeues the delivery by itself — and the worker
+/// is idle again within seconds, not after the publisher's confirm timeout (which is for a live
+/// link whose confirm is late).
+#[tokio::test]
+async fn a_publish_on_a_link_found_dead_stops_waiting_for_its_confirm() {
+    let sim_options = unassign_worker::sim::SimOptions {
+        latency_ms: 300,
+        ..common::sim_options()
+    };
+    let sim = Sim::start(sim_options).await.unwrap();
+    let mut settings = common::settings(&sim, &common::prefix("deadconfirm"));
+    settings.amqp.heartbeat_secs = 1;
+    let broker = Broker::connect(&settings).await;
+    let events = broker.collect(&settings.amqp.outcomes_queue).await;
+    let relay = Relay::to_broker(&common::amqp_url()).await;
+    let mut worker_settings = settings.clone();
+    worker_settings.amqp.url = format!("amqp://guest:guest@{}/%2f", relay.addr)
+        .parse()
+        .unwrap();
+    let worker = Worker::start(worker_settings).await;
+    worker.wait_ready().await;
+
+    broker.publish_request("deadconfirm-1", &device()).await;
+    eventually("the Graph call under way", WAIT, || async {
+        (sim.stats().action_calls == 1).then_some(())
+    })
+    .await;
+    // Graph answers 0.3 s after the call, well before heartbeats can find the link dead: the
+    // outcome is published into the silent link.
+    assert!(relay.stall() >= 1, "the worker's link went through the relay");
+    events.wait_for(1, WAIT).await;
+    let idle_within = CONFIRM_TIMEOUT / 2;
+    eventually("no job in flight", idle_within, || async {
+        (worker.metric("unassign_inflight_jobs").await == 0.0).then_some(())
+    })
+    .await;
+    assert!(worker.metric("unassign_amqp_reconnects_total").await >= 1.0);
+    worker.stop().await;
+    broker.cleanup().await;
+    sim.shutdown().await;
 }
 
 /// 100 ms more each way on every chunk: slower, but nothing breaks and nothing is lost.

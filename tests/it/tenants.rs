@@ -94,9 +94,9 @@ async fn tenant_labels(env: &Env) -> std::collections::BTreeSet<String> {
 
 #[tokio::test]
 async fn a_throttled_tenant_does_not_slow_the_other() {
-    // Contoso: two calls per 4 s, then 429 with a Retry-After of up to 4 s; default: no limit.
+    // Contoso: two calls per 2 s, then 429 with a Retry-After of up to 2 s; default: no limit.
     let mut sim = sim_with_contoso(Some(2));
-    sim.throttle_window_ms = 4_000;
+    sim.throttle_window_ms = 2_000;
     let env = Env::start_with("tenantthrottle", sim, |s| {
         with_contoso(s);
         // Contoso's own pace: a 429 is back before the next call goes, so none is early.

@@ -103,7 +103,7 @@ impl Run {
             .until_done(self.jobs, Duration::from_secs(60))
             .await;
         for worker in workers {
-            worker.stop()?;
+            worker.stop().await?;
         }
         let mut failovers = Vec::new();
         for t in &lost_at {

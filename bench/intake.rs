@@ -117,7 +117,7 @@ async fn main() -> anyhow::Result<()> {
         "{answered} messages answered 202, {queued} in the queue"
     );
     let (_, peak_rss_kib) = common::process_usage(intake.pid())?;
-    let (status, _) = intake.stop()?;
+    let (status, _) = intake.stop().await?;
     ensure!(status.success(), "the intake exited with {status}");
 
     println!(

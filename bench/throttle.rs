@@ -150,7 +150,7 @@ async fn run(scenario: &Scenario, jobs: usize) -> anyhow::Result<Row> {
     let (succeeded, failed) = topology.await_outcomes(jobs).await?;
     let wall = started.elapsed().as_secs_f64();
     for worker in workers {
-        worker.stop()?;
+        worker.stop().await?;
     }
     let stats = sim.stats();
     topology.delete().await;

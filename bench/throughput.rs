@@ -62,7 +62,7 @@ async fn main() -> anyhow::Result<()> {
     let (_, failed) = topology.await_outcomes(args.jobs).await?;
     let wall = started.elapsed().as_secs_f64();
     let (cpu_secs, peak_rss_kib) = common::process_usage(worker.pid())?;
-    worker.stop()?;
+    worker.stop().await?;
 
     println!(
         "| jobs | concurrency | latency | jobs/s | CPU µs/job | peak RSS | Graph calls | failed | publish (bench) |"

@@ -46,7 +46,7 @@ async fn sigterm_and_restart(
     worker: WorkerProcess,
     faults: &mut Faults,
 ) -> anyhow::Result<WorkerProcess> {
-    let (status, took) = worker.stop()?;
+    let (status, took) = worker.stop().await?;
     anyhow::ensure!(status.success(), "SIGTERM: the worker exited with {status}");
     anyhow::ensure!(
         took <= GRACE,
@@ -160,7 +160,7 @@ pub async fn replicas(f: &Flags) -> anyhow::Result<Row> {
         stats.action_calls,
         stats.late_calls
     ));
-    let (status, _) = restarted.stop()?;
+    let (status, _) = restarted.stop().await?;
     anyhow::ensure!(
         status.success(),
         "the restarted replica exited with {status}"

@@ -120,7 +120,7 @@ impl Stage {
         idle: Duration,
     ) -> anyhow::Result<Row> {
         self.tracker.until_done(self.jobs, idle).await;
-        let (status, took) = worker.stop()?;
+        let (status, took) = worker.stop().await?;
         anyhow::ensure!(status.success(), "the worker exited with {status}");
         anyhow::ensure!(
             took < GRACE + Duration::from_secs(5),

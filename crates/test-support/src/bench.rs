@@ -3,7 +3,7 @@
 //! scenario flags. The worker always runs as its own release process, as in production.
 
 use std::{
-    process::{Child, Command, ExitStatus, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -150,12 +150,11 @@ impl Topology {
     }
 }
 
-/// A worker process: the release binary with the environment of `vars` on top of the
-/// simulator's credentials and the topology's names.
-pub struct WorkerProcess {
-    child: Child,
-}
+pub use crate::process::WorkerProcess;
 
+/// The benches' ways to start a worker process: the release binary with the environment of
+/// `vars` on top of the simulator's credentials and the topology's names, its logs (errors
+/// only) on the bench's stderr.
 impl WorkerProcess {
     pub fn spawn(
         sim: &Sim,
@@ -167,60 +166,27 @@ impl WorkerProcess {
         let mut cmd = command("run", topology);
         cmd.envs(sim_env(sim, &app.client_id, &app.client_secret))
             .env("UNASSIGN__HTTP__LISTEN", format!("127.0.0.1:{http_port}"));
-        Self::start(cmd, vars)
+        start(cmd, vars, Some(([127, 0, 0, 1], http_port).into()))
     }
 
     /// `unassign-worker intake` on the topology's broker objects.
     pub fn intake(topology: &Topology, vars: &[(&str, String)]) -> anyhow::Result<Self> {
-        Self::start(command("intake", topology), vars)
-    }
-
-    fn start(mut cmd: Command, vars: &[(&str, String)]) -> anyhow::Result<Self> {
-        for (k, v) in vars {
-            cmd.env(k, v);
-        }
-        let child = cmd.spawn().with_context(|| {
-            let binary = worker_binary();
-            format!("starting {} (cargo build --release)", binary.display())
-        })?;
-        Ok(Self { child })
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// SIGKILL: a crash, nothing settled.
-    pub fn kill(mut self) -> anyhow::Result<()> {
-        self.child.kill()?;
-        self.child.wait()?;
-        Ok(())
-    }
-
-    /// Whether the process is still running.
-    pub fn alive(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-
-    /// SIGTERM, then wait for the exit: its status, and how long it took.
-    pub fn stop(mut self) -> anyhow::Result<(ExitStatus, Duration)> {
-        let sent = Instant::now();
-        Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()?;
-        let status = self.child.wait()?;
-        Ok((status, sent.elapsed()))
+        start(command("intake", topology), vars, None)
     }
 }
 
-/// A benchmark that fails half-way does not leave its workers running (and holding their ports).
-impl Drop for WorkerProcess {
-    fn drop(&mut self) {
-        if self.alive() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+fn start(
+    mut cmd: Command,
+    vars: &[(&str, String)],
+    http: Option<std::net::SocketAddr>,
+) -> anyhow::Result<WorkerProcess> {
+    for (k, v) in vars {
+        cmd.env(k, v);
     }
+    WorkerProcess::start(cmd, http).with_context(|| {
+        let binary = worker_binary();
+        format!("starting {} (cargo build --release)", binary.display())
+    })
 }
 
 /// The release binary running `subcommand` against the local broker and the topology's names,

@@ -180,8 +180,8 @@ pub async fn ready(connection: &Connection, queue: &str) -> lapin::Result<u32> {
     Ok(q.message_count())
 }
 
-/// Deletes the queues (delay tiers included) and exchanges `amqp` names; what is already gone
-/// is no error.
+/// Deletes the queues (delay tiers included) and exchanges `amqp` names, and the replicas'
+/// control exchange; what is already gone is no error.
 pub async fn delete_objects(connection: &Connection, amqp: &AmqpSettings) {
     let Ok(channel) = connection.create_channel().await else {
         return;
@@ -200,10 +200,13 @@ pub async fn delete_objects(connection: &Connection, amqp: &AmqpSettings) {
             .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
             .await;
     }
+    // The replicas' control exchange is durable too: the workers declare it, nobody deletes it.
+    let control = unassign_worker::replicas::control_exchange(amqp);
     for x in [
         &amqp.exchange,
         &amqp.dead_letter_exchange,
         &amqp.events_exchange,
+        &control,
     ] {
         let _ = channel
             .exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())

@@ -85,6 +85,21 @@ pub fn prefix(test: &str) -> String {
     )
 }
 
+/// The sum of the samples in a `/metrics` text named like `sample` that carry its labels (and
+/// maybe more): `unassign_jobs_total{outcome="succeeded"}` adds up every tenant's series.
+pub fn sum_samples(text: &str, sample: &str) -> f64 {
+    let (name, wanted) = sample_labels(sample);
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| line.rsplit_once(' '))
+        .filter(|(series, _)| {
+            let (series_name, labels) = sample_labels(series);
+            series_name == name && wanted.iter().all(|l| labels.contains(l))
+        })
+        .filter_map(|(_, value)| value.parse::<f64>().ok())
+        .sum()
+}
+
 /// A sample's metric name and its `label="value"` pairs (values hold no comma in our metrics).
 pub fn sample_labels(sample: &str) -> (&str, Vec<&str>) {
     match sample.split_once('{') {

@@ -1,15 +1,18 @@
 //! The worker as a black box: its binary, the environment that points it at a graph-sim and a
-//! run's broker objects, and its exit code and output. Tests and benches start it the same way.
+//! run's broker objects, its exit code and output, and a running worker process driven from
+//! outside. Tests and benches start it the same way.
 
 use std::{
-    path::PathBuf,
-    process::{Command, Output},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Output, Stdio},
+    time::{Duration, Instant},
 };
 
 use graph_sim::Sim;
 use unassign_worker::config::Settings;
 
-use crate::{SECRET, TENANT, amqp_url};
+use crate::{SECRET, TENANT, amqp_url, eventually, sum_samples};
 
 /// The `unassign-worker` binary of the profile this test or example was built in: cargo puts
 /// test binaries in `target/<profile>/deps` and examples in `target/<profile>/examples`, the
@@ -105,4 +108,141 @@ pub fn output(cmd: &mut Command) -> (i32, String, String) {
         String::from_utf8_lossy(&stdout).into(),
         String::from_utf8_lossy(&stderr).into(),
     )
+}
+
+/// A worker process (`run`, or the benches' `intake`) driven from outside, as an orchestrator
+/// would: its HTTP endpoints, SIGTERM, SIGKILL. Dropped while still running — a test or a bench
+/// that failed half-way — it is killed, and the path of its log, if it has one, is printed.
+pub struct WorkerProcess {
+    child: Child,
+    /// Where its `/metrics`, `/healthz` and `/readyz` answer, when known.
+    http: Option<SocketAddr>,
+    /// Its logs (stderr), when they go to a file.
+    log: Option<PathBuf>,
+}
+
+impl WorkerProcess {
+    /// Starts `cmd` (the binary with its subcommand and environment), serving HTTP on `http`.
+    pub fn start(mut cmd: Command, http: Option<SocketAddr>) -> std::io::Result<WorkerProcess> {
+        let child = cmd.spawn()?;
+        Ok(WorkerProcess {
+            child,
+            http,
+            log: None,
+        })
+    }
+
+    /// `unassign-worker run` with exactly `vars` (see [`command`]), its logs written to `log` and
+    /// kept for a failure to be read. It may listen on port 0: where it serves is read from its
+    /// log, so the logs must be JSON (the default) at `info` or finer.
+    pub async fn run(vars: &[(String, String)], log: &Path) -> WorkerProcess {
+        if let Some(dir) = log.parent() {
+            std::fs::create_dir_all(dir).expect("the log's directory");
+        }
+        let file = std::fs::File::create(log).expect("the worker's log file");
+        let mut cmd = command(vars);
+        cmd.arg("run").stdout(Stdio::null()).stderr(file);
+        let mut worker = WorkerProcess::start(cmd, None).expect("the worker starts");
+        worker.log = Some(log.to_owned());
+        let http = eventually(
+            &format!("the worker to serve HTTP (its log: {})", log.display()),
+            Duration::from_secs(20),
+            || {
+                let exited = worker.child.try_wait().expect("the worker's status");
+                assert!(exited.is_none(), "the worker exited: {}", read(log));
+                async { serving_at(&read(log)) }
+            },
+        )
+        .await;
+        worker.http = Some(http);
+        worker
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Where its `/metrics`, `/healthz` and `/readyz` answer.
+    pub fn http(&self) -> SocketAddr {
+        self.http.expect("a worker started with its HTTP address")
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, String) {
+        let response = reqwest::get(format!("http://{}{path}", self.http()))
+            .await
+            .expect("the worker's HTTP answers");
+        (response.status().as_u16(), response.text().await.unwrap())
+    }
+
+    /// The sum of its `/metrics` samples named like `sample` that carry its labels (and maybe
+    /// more), as [`crate::Worker::metric`].
+    pub async fn metric(&self, sample: &str) -> f64 {
+        sum_samples(&self.get("/metrics").await.1, sample)
+    }
+
+    pub async fn wait_ready(&self) {
+        eventually("/readyz 200", Duration::from_secs(20), || async {
+            (self.get("/readyz").await.0 == 200).then_some(())
+        })
+        .await;
+    }
+
+    /// SIGKILL: a crash, nothing settled.
+    pub fn kill(mut self) -> std::io::Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
+    }
+
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// SIGTERM, then waits for the exit without blocking the runtime (a graph-sim or a collector
+    /// on it may be what the worker waits for): its status, and how long it took.
+    pub async fn stop(mut self) -> std::io::Result<(ExitStatus, Duration)> {
+        let sent = Instant::now();
+        Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()?;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok((status, sent.elapsed()));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Where its logs are, if they go to a file.
+    pub fn log(&self) -> Option<&Path> {
+        self.log.as_deref()
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        if self.alive() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        if let (true, Some(log)) = (std::thread::panicking(), &self.log) {
+            eprintln!("the worker's log: {}", log.display());
+        }
+    }
+}
+
+/// The file's contents so far ("" before it exists).
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+/// Where a worker serves HTTP, from the JSON line it logs once it does (its fields are at the
+/// top level).
+fn serving_at(log: &str) -> Option<SocketAddr> {
+    log.lines().find_map(|line| {
+        let line: serde_json::Value = serde_json::from_str(line).ok()?;
+        let serving = line["message"].as_str()?.starts_with("serving /metrics");
+        serving.then(|| line["http"].as_str()?.parse().ok())?
+    })
 }

@@ -13,7 +13,7 @@ use unassign_worker::{
 
 use crate::{
     Broker, Collector, SECRET, TENANT, amqp_url, broker::name_objects, eventually, prefix,
-    sample_labels,
+    sum_samples,
 };
 
 pub fn sim_options() -> SimOptions {
@@ -88,17 +88,7 @@ impl Worker {
     /// The sum of the `/metrics` samples named like `sample` that carry its labels (and maybe
     /// more): `unassign_jobs_total{outcome="succeeded"}` adds up every tenant's series.
     pub async fn metric(&self, sample: &str) -> f64 {
-        let (_, text) = self.get("/metrics").await;
-        let (name, wanted) = sample_labels(sample);
-        text.lines()
-            .filter(|line| !line.starts_with('#'))
-            .filter_map(|line| line.rsplit_once(' '))
-            .filter(|(series, _)| {
-                let (series_name, labels) = sample_labels(series);
-                series_name == name && wanted.iter().all(|l| labels.contains(l))
-            })
-            .filter_map(|(_, value)| value.parse::<f64>().ok())
-            .sum()
+        sum_samples(&self.get("/metrics").await.1, sample)
     }
 
     pub async fn wait_ready(&self) {

@@ -156,7 +156,10 @@ async fn a_publish_on_a_link_found_dead_stops_waiting_for_its_confirm() {
     .await;
     // Graph answers 0.3 s after the call, well before heartbeats can find the link dead: the
     // outcome is published into the silent link.
-    assert!(relay.stall() >= 1, "the worker's link went through the relay");
+    assert!(
+        relay.stall() >= 1,
+        "the worker's link went through the relay"
+    );
     events.wait_for(1, WAIT).await;
     let idle_within = CONFIRM_TIMEOUT / 2;
     eventually("no job in flight", idle_within, || async {

@@ -750,12 +750,6 @@ async fn enqueue_by_serial_or_user_and_from_stdin_with_json_output() {
     sim.shutdown().await;
 }
 
-/// A port nothing listens on now (another process could take it; these tests do not).
-fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().port()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn probe_exits_0_on_a_ready_worker_and_1_on_nothing() {
     let sim = Sim::start(common::sim_options()).await.unwrap();
@@ -765,7 +759,7 @@ async fn probe_exits_0_on_a_ready_worker_and_1_on_nothing() {
     // The worker's way of writing it: probe reaches a wildcard address on loopback.
     vars.push((
         "UNASSIGN__HTTP__LISTEN".into(),
-        format!("0.0.0.0:{}", free_port()),
+        format!("0.0.0.0:{}", common::free_port()),
     ));
     let started = Instant::now();
     let (code, _, err) = output(command(&vars).args(["probe", "--timeout", "1"]));

@@ -670,7 +670,7 @@ async fn sigterm_during_a_batch_loses_nothing() {
     let (sim, broker, requests) = broker_only("intake-sigterm").await;
     let relay = Relay::to_broker(&common::amqp_url()).await;
     let (settings, _files) = intake_settings(&broker.settings);
-    let (listen, ops) = (free_port(), free_port());
+    let (listen, ops) = (common::free_port(), common::free_port());
     let mut vars = common::bin::env_for(&sim, &broker.settings);
     vars.retain(|(k, _)| k != "AMQP_URL");
     vars.extend(
@@ -800,14 +800,6 @@ impl Drop for ProcessIntake {
             let _ = self.0.wait();
         }
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 async fn get(url: &str) -> (u16, String) {

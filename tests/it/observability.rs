@@ -11,7 +11,6 @@ use crate::common;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::TcpListener,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::Duration,
@@ -1479,11 +1478,7 @@ impl Prometheus {
             ),
         )
         .unwrap();
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = common::free_port();
         let log = std::fs::File::create(dir.join("prometheus.log")).unwrap();
         let child = tool("prometheus")
             .arg(format!("--config.file={}", config.display()))

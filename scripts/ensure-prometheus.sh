@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Makes sure `promtool` and `prometheus` are on PATH for tests/it/observability.rs: installs Debian's
+# Makes sure `promtool` and `prometheus` are on PATH for tests/it/observability/: installs Debian's
 # `prometheus` package if either is missing. The tests run their own Prometheus on a free loopback
 # port, so the package's own service must not run: it is kept from starting during the install
 # (policy-rc.d) and stopped if it started anyway, so nothing is left listening on :9090.

@@ -9,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# The placeholders deploy/prometheus/alerts.yaml ships with (tests/it/observability.rs checks them).
+# The placeholders deploy/prometheus/alerts.yaml ships with (tests/it/observability/ checks them).
 DEFAULT_BASE='https://runbook.invalid/unassign-worker'
 DEFAULT_JOB='unassign-worker'
 

@@ -5,8 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/ensure-rabbitmq.sh
-scripts/ensure-prometheus.sh   # promtool + prometheus for tests/it/observability.rs
-scripts/ensure-k8s-tools.sh    # kustomize + kubernetes-validate for tests/it/observability.rs
+scripts/ensure-prometheus.sh   # promtool + prometheus for tests/it/observability/
+scripts/ensure-k8s-tools.sh    # kustomize + kubernetes-validate for tests/it/observability/
 if [ "$#" -gt 0 ]; then
   exec cargo test --locked "$@"
 fi

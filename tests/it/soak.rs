@@ -198,11 +198,7 @@ async fn a_soak_with_periodic_faults_loses_nothing_and_leaks_nothing() {
     let upstream: url::Url = common::amqp_url().parse().unwrap();
     let upstream = upstream.socket_addrs(|| Some(5672)).unwrap()[0];
     let relay = Relay::start(upstream).await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = common::free_port();
     let mut vars = env_for(&sim, &settings);
     vars.extend(
         [

@@ -55,6 +55,12 @@ where
     }
 }
 
+/// A loopback port nothing listens on now (another process could take it; the tests do not).
+pub fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free loopback port");
+    listener.local_addr().expect("its address").port()
+}
+
 /// A uniquely named file in the temp directory, removed when dropped.
 pub struct TempFile(pub std::path::PathBuf);
 

@@ -18,6 +18,7 @@ use crate::{
     job::{HandBack, Settlement},
     ports::{Message, NotSettled, Settle},
 };
+use tokio_util::sync::CancellationToken;
 
 /// What every delivery's settlement shares.
 pub struct Broker {
@@ -37,10 +38,17 @@ pub struct Delivered {
     body: Vec<u8>,
     /// The outcome event's id, the same on every try.
     event_id: String,
+    /// Cancelled once the session finds the connection or channel this delivery came on dead.
+    link_lost: CancellationToken,
 }
 
 impl Delivered {
-    pub fn new(broker: Arc<Broker>, publisher: Publisher, delivery: Delivery) -> (Message, Self) {
+    pub fn new(
+        broker: Arc<Broker>,
+        publisher: Publisher,
+        delivery: Delivery,
+        link_lost: CancellationToken,
+    ) -> (Message, Self) {
         let Delivery {
             data,
             properties,
@@ -59,6 +67,7 @@ impl Delivered {
             properties,
             body: data,
             event_id: uuid::Uuid::new_v4().to_string(),
+            link_lost,
         };
         (message, delivered)
     }
@@ -192,15 +201,26 @@ impl Settle for Delivered {
         settlement: &Settlement,
         trace: Option<&TraceContext>,
     ) -> Result<(), NotSettled> {
-        let published = match settlement {
-            Settlement::Finish(outcome) => self.publish_outcome(outcome, trace).await,
-            Settlement::HandBack(back) => self.hand_back(back).await,
+        let published = async {
+            match settlement {
+                Settlement::Finish(outcome) => self.publish_outcome(outcome, trace).await,
+                Settlement::HandBack(back) => self.hand_back(back).await,
+            }
         };
-        published.map_err(|e| NotSettled(e.to_string()))
+        tokio::select! {
+            published = published => published.map_err(|e| NotSettled(e.to_string())),
+            // Whatever the publish still waits for on a dead link (a confirm, a channel being
+            // reopened) will not settle this delivery: the broker requeues it by itself.
+            () = self.link_lost.cancelled() => Err(NotSettled("the broker link is gone".into())),
+        }
     }
 
     async fn ack(&self) -> bool {
-        acked(self.acker.ack(BasicAckOptions::default()).await)
+        // On a link found dead, lapin may never answer an ack it could not send.
+        tokio::select! {
+            ack = self.acker.ack(BasicAckOptions::default()) => acked(ack),
+            () = self.link_lost.cancelled() => false,
+        }
     }
 
     async fn requeue(&self) {
@@ -208,11 +228,14 @@ impl Settle for Delivered {
             requeue: true,
             ..Default::default()
         };
-        let _ = self.acker.nack(requeue).await;
+        tokio::select! {
+            _ = self.acker.nack(requeue) => {}
+            () = self.link_lost.cancelled() => {}
+        }
     }
 
     fn channel_gone(&self) -> bool {
-        self.acker.poisoned()
+        self.acker.poisoned() || self.link_lost.is_cancelled()
     }
 }
 

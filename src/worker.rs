@@ -282,6 +282,7 @@ impl Supervisor {
         };
         let stop = shutdown.child_token();
         let session = Arc::new(Session::new(stop.clone()));
+        let link_lost = CancellationToken::new();
         let jobs = TaskTracker::new();
         let mut events = connection.events_listener();
         let poll_every = self.settings.amqp.queue_poll.max(Duration::from_secs(1));
@@ -320,7 +321,7 @@ impl Supervisor {
                     None => break SessionEnd::Lost("connection events ended".to_owned()),
                 },
                 delivery = consumer.next() => match delivery {
-                    Some(Ok(delivery)) => self.spawn_job(&jobs, &session, &publisher, delivery),
+                    Some(Ok(delivery)) => self.spawn_job(&jobs, &session, (&publisher, &link_lost), delivery),
                     Some(Err(e)) => break self.lost(connection, e.to_string()),
                     None => break SessionEnd::Lost("the broker cancelled the consumer".to_owned()),
                 },
@@ -335,7 +336,11 @@ impl Supervisor {
         self.health.set_consuming(false);
         stop.cancel();
         if let SessionEnd::Lost(_) = end {
-            // Nothing can be settled on a dead connection; the broker requeues what we held.
+            // Nothing can be settled on a dead connection or consume channel: the broker
+            // requeues what we held, and the jobs stop waiting on it (see `Delivered`).
+            if !(connection.status().connected() && channel.status().connected()) {
+                link_lost.cancel();
+            }
             return end;
         }
         // Stop the flow, and hand back what was prefetched but not yet picked up.
@@ -349,7 +354,7 @@ impl Supervisor {
         while let Ok(Some(Ok(delivery))) =
             tokio::time::timeout(Duration::from_secs(1), consumer.next()).await
         {
-            self.spawn_job(&jobs, &session, &publisher, delivery);
+            self.spawn_job(&jobs, &session, (&publisher, &link_lost), delivery);
         }
         jobs.close();
         let grace = self.settings.worker.shutdown_grace;
@@ -443,11 +448,12 @@ impl Supervisor {
         &self,
         jobs: &TaskTracker,
         session: &Arc<Session>,
-        publisher: &Publisher,
+        (publisher, link_lost): (&Publisher, &CancellationToken),
         delivery: lapin::message::Delivery,
     ) {
         let (ctx, session) = (self.ctx.clone(), session.clone());
-        let (message, settle) = Delivered::new(self.broker.clone(), publisher.clone(), delivery);
+        let (publisher, link_lost) = (publisher.clone(), link_lost.clone());
+        let (message, settle) = Delivered::new(self.broker.clone(), publisher, delivery, link_lost);
         jobs.spawn(async move { executor::handle(&ctx, &session, message, settle).await });
     }
 

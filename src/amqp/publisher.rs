@@ -114,26 +114,26 @@ impl Publisher {
         properties: BasicProperties,
         mandatory: bool,
     ) -> Result<(), PublishError> {
-        let options = BasicPublishOptions {
-            mandatory,
-            ..Default::default()
-        };
-        let confirm = self
-            .channel()
-            .await?
-            .basic_publish(
-                exchange.into(),
-                routing_key.into(),
-                options,
-                body,
-                properties,
-            )
-            .await?;
-        confirmed(confirm).await
+        // The channel (maybe reopened), the send and the confirm, bounded as one: a reopen on
+        // a connection that dies meanwhile must not hang the publish any more than a confirm.
+        confirmed(async {
+            let channel = self.channel().await?;
+            let options = BasicPublishOptions {
+                mandatory,
+                ..Default::default()
+            };
+            let exchange = exchange.into();
+            let confirm = channel
+                .basic_publish(exchange, routing_key.into(), options, body, properties)
+                .await?;
+            confirm.await
+        })
+        .await
     }
 }
 
-/// What the broker said about a publish, waited for at most [`CONFIRM_TIMEOUT`].
+/// What the broker said about a publish, from asking for a channel to the confirm, waited for
+/// at most [`CONFIRM_TIMEOUT`].
 async fn confirmed(
     confirm: impl Future<Output = Result<Confirmation, lapin::Error>>,
 ) -> Result<(), PublishError> {

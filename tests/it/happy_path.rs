@@ -4,7 +4,7 @@ use crate::common;
 
 use std::time::Duration;
 
-use common::{Env, device, eventually};
+use common::{Env, device, eventually, schema::Validator};
 use lapin::{
     BasicProperties,
     types::{AMQPValue, FieldTable},
@@ -278,25 +278,14 @@ async fn invalid_messages_are_dead_lettered_and_the_worker_keeps_going() {
 }
 
 /// A validator for one of the JSON Schemas in `docs/schemas/`, formats (`date-time`) checked.
-fn schema(name: &str) -> jsonschema::Validator {
+fn schema(name: &str) -> Validator {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("docs/schemas")
         .join(name);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path:?}: {e}"));
     let schema: serde_json::Value = serde_json::from_str(&text).expect("the schema is JSON");
-    jsonschema::draft202012::meta::validate(&schema)
-        .unwrap_or_else(|e| panic!("{name} is not a valid draft 2020-12 schema: {e}"));
-    jsonschema::draft202012::options()
-        .should_validate_formats(true)
-        .build(&schema)
-        .unwrap_or_else(|e| panic!("{name}: {e}"))
-}
-
-fn schema_errors(validator: &jsonschema::Validator, instance: &serde_json::Value) -> Vec<String> {
-    validator
-        .iter_errors(instance)
-        .map(|e| format!("{}: {e}", e.instance_path()))
-        .collect()
+    Validator::new(schema)
+        .unwrap_or_else(|e| panic!("{name} is not a valid draft 2020-12 schema: {e}"))
 }
 
 /// The request schema accepts what the worker's parser accepts and refuses what it refuses
@@ -340,7 +329,7 @@ fn the_request_schema_agrees_with_the_parser() {
             validator.is_valid(&body),
             parsed.is_ok(),
             "{body}: schema {:?}, parser {parsed:?}",
-            schema_errors(&validator, &body)
+            validator.errors(&body)
         );
     }
 }
@@ -376,7 +365,7 @@ async fn real_requests_and_events_validate_against_the_published_schemas() {
     ];
     let invalid = json!({"request_id": "s-invalid", "device_id": "{not-a-guid}", "reason": "x"});
     for body in &valid {
-        let errors = schema_errors(&requests, body);
+        let errors = requests.errors(body);
         assert!(errors.is_empty(), "{body}: {errors:?}");
     }
     assert!(
@@ -401,7 +390,7 @@ async fn real_requests_and_events_validate_against_the_published_schemas() {
     let mut outcomes = std::collections::BTreeMap::new();
     for received in &events {
         let event = received.json();
-        let errors = schema_errors(&events_schema, &event);
+        let errors = events_schema.errors(&event);
         assert!(errors.is_empty(), "{event:#}\n{errors:?}");
         let data = &event["data"];
         let kind = data["error"]["kind"].as_str().unwrap_or("succeeded");

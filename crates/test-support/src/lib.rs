@@ -13,6 +13,7 @@ pub mod outcomes;
 pub mod pki;
 pub mod process;
 pub mod relay;
+pub mod schema;
 pub mod worker;
 
 use std::{future::Future, time::Duration};

@@ -6,6 +6,8 @@ use std::sync::OnceLock;
 
 use serde_json::{Value, json};
 
+use crate::common::schema::Validator;
+
 fn spec() -> &'static Value {
     static SPEC: OnceLock<Value> = OnceLock::new();
     SPEC.get_or_init(|| {
@@ -29,11 +31,7 @@ pub fn conforms(status: u16, body: &Value) {
 
 fn check(schema: &Value, v: &Value) -> Result<(), String> {
     let rooted = json!({"components": spec()["components"], "allOf": [schema]});
-    let validator = jsonschema::draft202012::new(&rooted).map_err(|e| e.to_string())?;
-    let errors: Vec<String> = validator
-        .iter_errors(v)
-        .map(|e| format!("{}: {e}", e.instance_path()))
-        .collect();
+    let errors = Validator::new(rooted)?.errors(v);
     match errors.is_empty() {
         true => Ok(()),
         false => Err(errors.join("; ")),

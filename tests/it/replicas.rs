@@ -232,16 +232,18 @@ async fn a_replica_cut_off_from_the_broker_runs_alone_and_rejoins() {
 }
 
 /// A link that goes silent without closing, as a dead NAT entry would: B's control connection
-/// does not know yet (the broker heartbeats take two of their seconds to find it dead), but the
-/// replicas' heartbeats each stops hearing do. Both run alone within a few of them, and B rejoins
-/// once it has reconnected.
+/// does not know yet (the broker heartbeats take two of their 2 s periods to find it dead), but
+/// the replicas' heartbeats each stops hearing do. Both run alone before the broker heartbeats
+/// could have noticed anything, and B rejoins once it has reconnected.
 #[tokio::test]
 async fn a_replica_whose_link_goes_silent_runs_alone_and_rejoins() {
+    const BROKER_HEARTBEAT_SECS: u64 = 2;
+    let broker_heartbeat = BROKER_HEARTBEAT_SECS.to_string();
     let relay = Relay::to_broker(&common::amqp_url()).await;
     let via_relay = format!("amqp://guest:guest@{}/%2f", relay.addr);
     let b_vars = [
         ("AMQP_URL", via_relay.as_str()),
-        ("UNASSIGN__AMQP__HEARTBEAT_SECS", "1"),
+        ("UNASSIGN__AMQP__HEARTBEAT_SECS", broker_heartbeat.as_str()),
     ];
     let (stage, a, b) = Stage::pair("rep_silent", &[], &b_vars).await;
     assert!(
@@ -255,7 +257,12 @@ async fn a_replica_whose_link_goes_silent_runs_alone_and_rejoins() {
     })
     .await;
     let noticed = stalled.elapsed();
-    assert!(noticed < A_FEW_HEARTBEATS, "noticed after {noticed:?}");
+    // Three missed replica heartbeats (0.6 s) on a quiet machine; under load, polling two
+    // processes' metrics has taken over 2 s. The claim is only that the broker's did not do it.
+    assert!(
+        noticed < Duration::from_secs(2 * BROKER_HEARTBEAT_SECS),
+        "noticed after {noticed:?}"
+    );
     tokio::join!(live_becomes(&a, 2.0), live_becomes(&b, 2.0));
     assert_eq!(b.metric(CONNECTED).await, 1.0);
     stage.finish(vec![a, b]).await;

@@ -84,8 +84,11 @@ async fn a_shutdown_the_watchdog_forces_exits_non_zero() {
         relay.stall() >= 1,
         "the worker's connections went through the relay"
     );
+    // Timed from before the signal is sent: the worker's clock starts when it arrives, later.
+    let signalled = Instant::now();
     sigterm(&child);
-    let (code, took, logs) = wait_exit(child, Duration::from_secs(15)).await;
+    let (code, _, logs) = wait_exit(child, Duration::from_secs(15)).await;
+    let took = signalled.elapsed();
     assert_eq!(code, 1, "a forced exit is not a clean one: {logs}");
     assert!(logs.contains("grace period exceeded"), "{logs}");
     assert!(

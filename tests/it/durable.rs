@@ -134,9 +134,11 @@ async fn a_throttle_burst_holds_every_job_on_one_gate() {
         stats.responses_by_status.get(&429).copied().unwrap_or(0) >= 1,
         "the burst was throttled"
     );
+    // `late_calls`, not `early_calls`: a call the gate let out just before the 429 arrives
+    // after it, through no fault of the worker's; one sent once the worker had heard is late.
     assert_eq!(
-        stats.early_calls, 0,
-        "a call arrived before a Retry-After the tenant had been given"
+        stats.late_calls, 0,
+        "a call arrived well inside a Retry-After the tenant had been given"
     );
     let rate = worker.metric("unassign_rate_limit_per_second").await;
     assert!(

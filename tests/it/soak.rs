@@ -9,15 +9,11 @@
 
 use crate::common;
 
-use std::{
-    collections::BTreeMap,
-    process::{Child, Stdio},
-    time::Duration,
-};
+use std::{collections::BTreeMap, time::Duration};
 
 use common::{
     Broker, Collector,
-    bin::{command, env_for},
+    bin::{WorkerProcess, env_for},
     device, eventually,
     relay::Relay,
 };
@@ -33,23 +29,6 @@ fn env_number(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-/// The worker process, killed however the test ends.
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl std::ops::Deref for KillOnDrop {
-    type Target = Child;
-    fn deref(&self) -> &Child {
-        &self.0
-    }
-}
-
 /// What /proc and /metrics say about the worker process at one moment.
 #[derive(Debug, Clone, Copy)]
 struct Sample {
@@ -63,8 +42,8 @@ struct Sample {
 }
 
 impl Sample {
-    async fn take(worker: &Child, port: u16, relay: &Relay, sim: &Sim) -> Sample {
-        let pid = worker.id();
+    async fn take(worker: &WorkerProcess, relay: &Relay, sim: &Sim) -> Sample {
+        let pid = worker.pid();
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
         let field = |name: &str| -> u64 {
             let line = status.lines().find(|l| l.starts_with(name)).unwrap();
@@ -89,7 +68,7 @@ impl Sample {
             broker_links: links(relay.addr.port()),
             graph_links: links(sim.addr().port()),
             threads: field("Threads:"),
-            tasks: metric(port, "unassign_runtime_alive_tasks").await,
+            tasks: worker.metric("unassign_runtime_alive_tasks").await,
         }
     }
 }
@@ -109,23 +88,6 @@ fn remote_ports(pid: u32, fds: &[String]) -> Vec<u16> {
                 .then(|| u16::from_str_radix(remote.split(':').nth(1)?, 16).ok())?
         })
         .collect()
-}
-
-async fn get(port: u16, path: &str) -> (u16, String) {
-    match reqwest::get(format!("http://127.0.0.1:{port}{path}")).await {
-        Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
-        Err(_) => (0, String::new()),
-    }
-}
-
-async fn metric(port: u16, name: &str) -> f64 {
-    let (_, text) = get(port, "/metrics").await;
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .unwrap_or_else(|| panic!("{name} not in /metrics"))
-        .trim()
-        .parse()
-        .unwrap()
 }
 
 /// The faults, one after another, each undone before the next. The lasting ones are cut short
@@ -196,12 +158,10 @@ async fn a_soak_with_periodic_faults_loses_nothing_and_leaks_nothing() {
     let upstream: url::Url = common::amqp_url().parse().unwrap();
     let upstream = upstream.socket_addrs(|| Some(5672)).unwrap()[0];
     let relay = Relay::start(upstream).await;
-    let port = common::free_port();
     let mut vars = env_for(&sim, &settings);
     vars.extend(
         [
             ("AMQP_URL", format!("amqp://guest:guest@{}/%2f", relay.addr)),
-            ("UNASSIGN__HTTP__LISTEN", format!("127.0.0.1:{port}")),
             ("UNASSIGN__AMQP__HEARTBEAT_SECS", "2".to_owned()),
             ("UNASSIGN__WORKER__CONCURRENCY", "16".to_owned()),
         ]
@@ -209,20 +169,9 @@ async fn a_soak_with_periodic_faults_loses_nothing_and_leaks_nothing() {
     );
     // Kept for a failure to be read: the worker logs to stderr.
     let log = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("soak-worker.log");
-    let worker = command(&vars)
-        .arg("run")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let worker = KillOnDrop(worker);
-    eventually(
-        "the worker to be ready",
-        Duration::from_secs(30),
-        || async { (get(port, "/readyz").await.0 == 200).then_some(()) },
-    )
-    .await;
-    let start = Sample::take(&worker, port, &relay, &sim).await;
+    let worker = WorkerProcess::run(&vars, &log).await;
+    worker.wait_ready().await;
+    let start = Sample::take(&worker, &relay, &sim).await;
 
     // Steady load in 100 ms steps; beside it, a fault every period, the first after one period.
     let total = Duration::from_secs(secs);
@@ -246,7 +195,7 @@ async fn a_soak_with_periodic_faults_loses_nothing_and_leaks_nothing() {
         let (mut faults, mut samples) = (0, Vec::new());
         while period * (faults + 2) <= total {
             tokio::time::sleep_until(began + period * (faults + 1)).await;
-            samples.push(Sample::take(&worker, port, &relay, &sim).await);
+            samples.push(Sample::take(&worker, &relay, &sim).await);
             inject(faults as usize, &sim, &relay, period).await;
             faults += 1;
         }
@@ -267,10 +216,10 @@ async fn a_soak_with_periodic_faults_loses_nothing_and_leaks_nothing() {
     eventually(
         &format!("the worker to go quiet (its log: {})", log.display()),
         Duration::from_secs(30),
-        || async { (metric(port, "unassign_inflight_jobs").await == 0.0).then_some(()) },
+        || async { (worker.metric("unassign_inflight_jobs").await == 0.0).then_some(()) },
     )
     .await;
-    let end = Sample::take(&worker, port, &relay, &sim).await;
+    let end = Sample::take(&worker, &relay, &sim).await;
 
     // The baseline is taken once the worker has been through one reconnect: the first one
     // allocates a second I/O reactor's fds for good.

@@ -9,6 +9,7 @@
 pub mod bench;
 pub mod broker;
 pub mod cluster;
+mod endpoints;
 pub mod outcomes;
 pub mod pki;
 pub mod process;

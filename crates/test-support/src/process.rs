@@ -12,7 +12,7 @@ use std::{
 use graph_sim::Sim;
 use unassign_worker::config::Settings;
 
-use crate::{SECRET, TENANT, amqp_url, eventually, sum_samples};
+use crate::{SECRET, TENANT, amqp_url, endpoints, eventually};
 
 /// The `unassign-worker` binary of the profile this test or example was built in: cargo puts
 /// test binaries in `target/<profile>/deps` and examples in `target/<profile>/examples`, the
@@ -168,23 +168,17 @@ impl WorkerProcess {
     }
 
     pub async fn get(&self, path: &str) -> (u16, String) {
-        let response = reqwest::get(format!("http://{}{path}", self.http()))
-            .await
-            .expect("the worker's HTTP answers");
-        (response.status().as_u16(), response.text().await.unwrap())
+        endpoints::get(self.http(), path).await
     }
 
     /// The sum of its `/metrics` samples named like `sample` that carry its labels (and maybe
     /// more), as [`crate::Worker::metric`].
     pub async fn metric(&self, sample: &str) -> f64 {
-        sum_samples(&self.get("/metrics").await.1, sample)
+        endpoints::metric(self.http(), sample).await
     }
 
     pub async fn wait_ready(&self) {
-        eventually("/readyz 200", Duration::from_secs(20), || async {
-            (self.get("/readyz").await.0 == 200).then_some(())
-        })
-        .await;
+        endpoints::wait_ready(self.http()).await;
     }
 
     /// SIGKILL: a crash, nothing settled.

@@ -11,10 +11,7 @@ use unassign_worker::{
     worker::{App, RunError},
 };
 
-use crate::{
-    Broker, Collector, SECRET, TENANT, amqp_url, broker::name_objects, eventually, prefix,
-    sum_samples,
-};
+use crate::{Broker, Collector, SECRET, TENANT, amqp_url, broker::name_objects, endpoints, prefix};
 
 pub fn sim_options() -> SimOptions {
     SimOptions {
@@ -79,23 +76,17 @@ impl Worker {
     }
 
     pub async fn get(&self, path: &str) -> (u16, String) {
-        let response = reqwest::get(format!("http://{}{path}", self.http))
-            .await
-            .expect("worker HTTP answers");
-        (response.status().as_u16(), response.text().await.unwrap())
+        endpoints::get(self.http, path).await
     }
 
     /// The sum of the `/metrics` samples named like `sample` that carry its labels (and maybe
     /// more): `unassign_jobs_total{outcome="succeeded"}` adds up every tenant's series.
     pub async fn metric(&self, sample: &str) -> f64 {
-        sum_samples(&self.get("/metrics").await.1, sample)
+        endpoints::metric(self.http, sample).await
     }
 
     pub async fn wait_ready(&self) {
-        eventually("/readyz 200", Duration::from_secs(20), || async {
-            (self.get("/readyz").await.0 == 200).then_some(())
-        })
-        .await;
+        endpoints::wait_ready(self.http).await;
     }
 }
 

@@ -2,22 +2,12 @@
 //! dead-letter queue by the broker's delivery limit, with one Graph call per crash and no outcome
 //! event, not in a crash loop.
 
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 
 use unassign_worker::sim::{Sim, SimOptions};
 
 use super::*;
 use crate::common::bin;
-
-/// A worker process, SIGKILLed when dropped so a failing test leaves none behind.
-struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// The reason of the newest `x-death` entry the broker wrote.
 fn death_reason(headers: &FieldTable) -> Option<String> {
@@ -64,14 +54,9 @@ async fn a_message_that_crashes_its_worker_is_dead_lettered_by_the_delivery_limi
             crashes <= DELIVERY_LIMIT + 2,
             "no dead letter after {crashes} crashes"
         );
-        let mut worker = Process(
-            bin::command(&vars)
-                .arg("run")
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("the worker starts"),
-        );
+        let mut cmd = bin::command(&vars);
+        cmd.arg("run").stdout(Stdio::null()).stderr(Stdio::null());
+        let worker = bin::WorkerProcess::start(cmd, None).expect("the worker starts");
         // Either this worker picks the message up (and is killed holding it), or the broker
         // has dead-lettered it already.
         let holding = eventually("the worker to hold the message", WAIT, || {
@@ -80,8 +65,7 @@ async fn a_message_that_crashes_its_worker_is_dead_lettered_by_the_delivery_limi
             async move { (holding || dead_lettered).then_some(holding) }
         })
         .await;
-        worker.0.kill().expect("SIGKILL");
-        worker.0.wait().unwrap();
+        worker.kill().expect("SIGKILL");
         if holding {
             crashes += 1;
             // The broker requeues (or dead-letters) once it sees the connection gone.

@@ -21,7 +21,7 @@ use crate::{
     graph::{self, GraphClient},
     http::{self, Health},
     job::Policy,
-    metrics::{ChannelErrorReason, Metrics},
+    metrics::{ChannelErrorReason, Metrics, WatchedQueue},
     observe::{Observe, Observer},
     ports::SystemClock,
     replicas,
@@ -423,8 +423,8 @@ impl Supervisor {
             ..Default::default()
         };
         let queues = [
-            ("requests", &amqp.queue),
-            ("dead_letter", &amqp.dead_letter_queue),
+            (WatchedQueue::Requests, &amqp.queue),
+            (WatchedQueue::DeadLetter, &amqp.dead_letter_queue),
         ];
         for (label, queue) in queues {
             let declared =

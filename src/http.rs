@@ -68,14 +68,14 @@ impl Health {
         self.last_tick_ms.store(now_ms(), Ordering::Relaxed);
     }
 
-    fn alive(&self) -> bool {
+    pub(crate) fn alive(&self) -> bool {
         now_ms().saturating_sub(self.last_tick_ms.load(Ordering::Relaxed))
             < STALL_LIMIT.as_millis() as u64
     }
 
     /// The body, `Err` when not ready; credentials first, as they need a human. Paused tenants
     /// are listed either way.
-    fn readiness(&self) -> Result<serde_json::Value, serde_json::Value> {
+    pub(crate) fn readiness(&self) -> Result<serde_json::Value, serde_json::Value> {
         let paused_tenants = self
             .paused_tenants
             .lock()

@@ -394,7 +394,7 @@ impl Supervisor {
             .basic_qos(prefetch, BasicQosOptions::default())
             .await
             .context("setting prefetch")?;
-        let publisher = Publisher::reopening(connection, self.metrics.clone())
+        let publisher = Publisher::reopening(connection, self.ctx.observe.clone())
             .await
             .context("opening the publish channel")?;
         let tag = format!("{}/{}", self.name, uuid::Uuid::new_v4().simple());

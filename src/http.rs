@@ -25,7 +25,8 @@ use crate::metrics::Metrics;
 /// A loop that has not turned for this long makes `/healthz` fail.
 const STALL_LIMIT: Duration = Duration::from_secs(60);
 
-/// What `/readyz` and `/healthz` report, updated by the worker's loops.
+/// What `/readyz` and `/healthz` report, kept by the observer ([`crate::observe`]) from what the
+/// supervisor and the tenants report.
 #[derive(Default)]
 pub struct Health {
     connected: AtomicBool,
@@ -63,7 +64,7 @@ impl Health {
         };
     }
 
-    /// Called by the supervisor loop each time round, including while it waits.
+    /// Each time the supervisor's loop turns, including while it waits (`LinkEvent::Alive`).
     pub fn tick(&self) {
         self.last_tick_ms.store(now_ms(), Ordering::Relaxed);
     }

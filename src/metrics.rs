@@ -1,5 +1,7 @@
-//! The one place that names metrics (CONTRACT section 7). The observer ([`crate::observe`]) and
-//! the connection supervisor call its typed methods; no label ever carries an unbounded value (ids, user names).
+//! The one place that names metrics (CONTRACT section 7). The observer ([`crate::observe`]) calls
+//! its typed methods for the job and the supervisor; beside it only the token source, the tenant
+//! gates' observer and the control plane do. No label ever carries an unbounded value (ids, user
+//! names).
 
 mod process;
 mod replicas;

@@ -25,7 +25,8 @@ use crate::metrics::Metrics;
 /// A loop that has not turned for this long makes `/healthz` fail.
 const STALL_LIMIT: Duration = Duration::from_secs(60);
 
-/// What `/readyz` and `/healthz` report, updated by the worker's loops.
+/// What `/readyz` and `/healthz` report, kept by the observer ([`crate::observe`]) from what the
+/// supervisor and the tenants report.
 #[derive(Default)]
 pub struct Health {
     connected: AtomicBool,
@@ -63,19 +64,19 @@ impl Health {
         };
     }
 
-    /// Called by the supervisor loop each time round, including while it waits.
+    /// Each time the supervisor's loop turns, including while it waits (`LinkEvent::Alive`).
     pub fn tick(&self) {
         self.last_tick_ms.store(now_ms(), Ordering::Relaxed);
     }
 
-    fn alive(&self) -> bool {
+    pub(crate) fn alive(&self) -> bool {
         now_ms().saturating_sub(self.last_tick_ms.load(Ordering::Relaxed))
             < STALL_LIMIT.as_millis() as u64
     }
 
     /// The body, `Err` when not ready; credentials first, as they need a human. Paused tenants
     /// are listed either way.
-    fn readiness(&self) -> Result<serde_json::Value, serde_json::Value> {
+    pub(crate) fn readiness(&self) -> Result<serde_json::Value, serde_json::Value> {
         let paused_tenants = self
             .paused_tenants
             .lock()

@@ -1,5 +1,7 @@
-//! The one place that names metrics (CONTRACT section 7). The observer ([`crate::observe`]) and
-//! the connection supervisor call its typed methods; no label ever carries an unbounded value (ids, user names).
+//! The one place that names metrics (CONTRACT section 7). The observer ([`crate::observe`]) calls
+//! its typed methods for the job and the supervisor; beside it only the token source, the tenant
+//! gates' observer and the control plane do. No label ever carries an unbounded value (ids, user
+//! names).
 
 mod process;
 mod replicas;
@@ -138,6 +140,25 @@ impl ChannelErrorReason {
     }
 }
 
+/// Which queue's ready count, as the `queue` label of `unassign_queue_messages`: the configured
+/// names stay out of the labels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WatchedQueue {
+    Requests,
+    DeadLetter,
+}
+
+impl WatchedQueue {
+    const ALL: [Self; 2] = [Self::Requests, Self::DeadLetter];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Requests => "requests",
+            Self::DeadLetter => "dead_letter",
+        }
+    }
+}
+
 /// Which Graph call, as the `operation` label: the write, or a page of a device lookup (serial
 /// number and user requests), which Graph budgets separately.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -216,7 +237,8 @@ impl Metrics {
             runtime_tasks: Gauge::default(),
             replicas: replicas::ReplicaMetrics::default(),
         };
-        for queue in ["requests", "dead_letter"] {
+        for queue in WatchedQueue::ALL {
+            let queue = queue.as_str();
             let _ = m.queue_messages.get_or_create(&Queue { queue });
         }
         for why in Rejected::ALL {
@@ -474,8 +496,8 @@ impl Metrics {
             .inc();
     }
 
-    /// `queue` is `requests` or `dead_letter`: the configured names stay out of the labels.
-    pub fn set_queue_messages(&self, queue: &'static str, ready: u32) {
+    pub fn set_queue_messages(&self, queue: WatchedQueue, ready: u32) {
+        let queue = queue.as_str();
         self.queue_messages
             .get_or_create(&Queue { queue })
             .set(ready.into());

@@ -1,6 +1,8 @@
-//! Metrics, `/readyz` and the job's log lines as an observer. Domain code reports what happened
-//! ([`Happened`]) through [`Observe`]; this is the one place that turns it into the metrics of
-//! CONTRACT section 7 ([`crate::metrics`] names them) and into readiness ([`Health`]).
+//! Metrics, `/readyz` and the job's log lines as an observer. Domain code — the job, the tenants,
+//! and the supervisor with its publisher for the broker link ([`LinkEvent`]) — reports what
+//! happened ([`Happened`]) through [`Observe`]; this is the one place that turns it into the
+//! metrics of CONTRACT section 7 ([`crate::metrics`] names them) and into `/healthz` and
+//! `/readyz` ([`Health`]).
 
 use std::sync::Arc;
 
@@ -9,11 +11,11 @@ use crate::{
     contract::Rejected,
     http::Health,
     job::{Call, Settlement},
-    metrics::{GraphOperation, Metrics},
+    metrics::{ChannelErrorReason, GraphOperation, Metrics, WatchedQueue},
     retry::{Decision, PauseReason, Reply},
 };
 
-/// Something a job or a tenant went through.
+/// Something a job, a tenant or the broker link went through.
 #[derive(Debug)]
 pub enum Happened<'a> {
     /// A delivery is being worked on…
@@ -49,6 +51,32 @@ pub enum Happened<'a> {
         tenant: &'a TenantName,
         reason: Option<PauseReason>,
     },
+    /// What the supervisor or its publisher saw of the broker link.
+    Link(LinkEvent<'a>),
+}
+
+/// The broker link as the supervisor keeps it, and the supervisor's own loop.
+#[derive(Debug)]
+pub enum LinkEvent<'a> {
+    /// The supervisor's loop turned (each time round, and while it waits): it is not stuck.
+    Alive,
+    /// Connected to `nodes[node]`, of the `host:port`s `amqp.url` configures.
+    Connected { nodes: &'a [String], node: usize },
+    /// Connected to none of `nodes`: at start, and whenever a connection is lost or closed.
+    Disconnected { nodes: &'a [String] },
+    /// Connected again after an earlier connection was lost.
+    Reconnected,
+    /// A consume session began taking deliveries…
+    ConsumeStarted,
+    /// …and stopped (shutdown, connection loss or a pause).
+    ConsumeStopped,
+    /// Every tenant's credentials failed and consumption waits (`Some`), or one works again
+    /// (`None`).
+    ConsumptionPaused { reason: Option<PauseReason> },
+    /// The broker closed this channel while the connection lived on.
+    ChannelClosed(ChannelErrorReason),
+    /// A queue's ready messages, as just read from the broker.
+    QueueDepth { queue: WatchedQueue, ready: u32 },
 }
 
 /// Where domain code reports to.
@@ -131,6 +159,36 @@ impl Observe for Observer {
                     }
                 }
             }
+            Happened::Link(event) => self.link(event),
+        }
+    }
+}
+
+impl Observer {
+    /// The broker link's metrics and the health endpoints. The supervisor logs these itself,
+    /// with the errors and nodes it has at hand.
+    fn link(&self, event: LinkEvent<'_>) {
+        let (m, health) = (&self.metrics, &self.health);
+        match event {
+            LinkEvent::Alive => health.tick(),
+            LinkEvent::Connected { nodes, node } => {
+                health.set_connected(true);
+                m.set_amqp_connected(true);
+                m.set_amqp_node(nodes, Some(node));
+            }
+            LinkEvent::Disconnected { nodes } => {
+                health.set_connected(false);
+                m.set_amqp_connected(false);
+                m.set_amqp_node(nodes, None);
+            }
+            LinkEvent::Reconnected => m.amqp_reconnected(),
+            LinkEvent::ConsumeStarted => health.set_consuming(true),
+            LinkEvent::ConsumeStopped => health.set_consuming(false),
+            LinkEvent::ConsumptionPaused { reason } => {
+                health.set_paused(reason.map(|r| r.as_str().to_owned()));
+            }
+            LinkEvent::ChannelClosed(reason) => m.amqp_channel_error(reason),
+            LinkEvent::QueueDepth { queue, ready } => m.set_queue_messages(queue, ready),
         }
     }
 }
@@ -182,5 +240,137 @@ fn settled(m: &Metrics, tenant: &TenantName, settlement: &Settlement) {
             Some(tier) => tracing::info!(tier_secs = tier.as_secs(), "parked in a delay queue"),
             None => tracing::info!("handed back to the queue"),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    const NODES: [&str; 2] = ["a:5701", "b:5702"];
+
+    fn observer() -> Observer {
+        Observer {
+            metrics: Arc::new(Metrics::new()),
+            health: Arc::new(Health::default()),
+        }
+    }
+
+    fn nodes() -> Vec<String> {
+        NODES.map(str::to_owned).to_vec()
+    }
+
+    impl Observer {
+        fn link_event(&self, event: LinkEvent<'_>) {
+            self.report(Happened::Link(event));
+        }
+
+        /// Whether `/metrics` has this line, exactly.
+        fn shows(&self, line: &str) -> bool {
+            self.metrics.render().lines().any(|l| l == line)
+        }
+
+        /// `/readyz`'s `reason` when not ready, `None` when ready.
+        fn not_ready(&self) -> Option<String> {
+            let body = self.health.readiness().err()?;
+            Some(body["reason"].as_str().unwrap().to_owned())
+        }
+    }
+
+    #[test]
+    fn alive_keeps_healthz_up() {
+        let o = observer();
+        assert!(!o.health.alive(), "never ticked");
+        o.link_event(LinkEvent::Alive);
+        assert!(o.health.alive());
+    }
+
+    #[test]
+    fn connected_names_the_node_and_disconnected_none() {
+        let (o, nodes) = (observer(), nodes());
+        o.link_event(LinkEvent::Disconnected { nodes: &nodes });
+        assert!(o.shows("unassign_amqp_connected 0"));
+        assert!(o.shows("unassign_amqp_node{node=\"a:5701\"} 0"));
+        assert!(o.shows("unassign_amqp_node{node=\"b:5702\"} 0"));
+        assert_eq!(o.not_ready().as_deref(), Some("broker_disconnected"));
+
+        o.link_event(LinkEvent::Connected {
+            nodes: &nodes,
+            node: 1,
+        });
+        assert!(o.shows("unassign_amqp_connected 1"));
+        assert!(o.shows("unassign_amqp_node{node=\"a:5701\"} 0"));
+        assert!(o.shows("unassign_amqp_node{node=\"b:5702\"} 1"));
+        assert_eq!(o.not_ready().as_deref(), Some("not_consuming"));
+
+        o.link_event(LinkEvent::Disconnected { nodes: &nodes });
+        assert!(o.shows("unassign_amqp_connected 0"));
+        assert!(o.shows("unassign_amqp_node{node=\"b:5702\"} 0"));
+        assert_eq!(o.not_ready().as_deref(), Some("broker_disconnected"));
+    }
+
+    #[test]
+    fn reconnected_counts_one_reconnect() {
+        let o = observer();
+        assert!(o.shows("unassign_amqp_reconnects_total 0"));
+        o.link_event(LinkEvent::Reconnected);
+        assert!(o.shows("unassign_amqp_reconnects_total 1"));
+        assert_eq!(o.not_ready().as_deref(), Some("broker_disconnected"));
+    }
+
+    #[test]
+    fn consuming_makes_a_connected_worker_ready_until_it_stops() {
+        let (o, nodes) = (observer(), nodes());
+        o.link_event(LinkEvent::Connected {
+            nodes: &nodes,
+            node: 0,
+        });
+        o.link_event(LinkEvent::ConsumeStarted);
+        assert_eq!(o.health.readiness(), Ok(json!({"ready": true})));
+        o.link_event(LinkEvent::ConsumeStopped);
+        assert_eq!(o.not_ready().as_deref(), Some("not_consuming"));
+    }
+
+    #[test]
+    fn a_consumption_pause_makes_readyz_name_the_credentials_until_it_ends() {
+        let (o, nodes) = (observer(), nodes());
+        o.link_event(LinkEvent::Connected {
+            nodes: &nodes,
+            node: 0,
+        });
+        o.link_event(LinkEvent::ConsumeStarted);
+        let reason = Some(PauseReason::Forbidden);
+        o.link_event(LinkEvent::ConsumptionPaused { reason });
+        let body = json!({
+            "ready": false,
+            "reason": "credentials",
+            "detail": PauseReason::Forbidden.as_str(),
+            "paused_tenants": {},
+        });
+        assert_eq!(o.health.readiness(), Err(body));
+        o.link_event(LinkEvent::ConsumptionPaused { reason: None });
+        assert_eq!(o.health.readiness(), Ok(json!({"ready": true})));
+    }
+
+    #[test]
+    fn a_closed_channel_counts_under_its_own_reason() {
+        let o = observer();
+        o.link_event(LinkEvent::ChannelClosed(ChannelErrorReason::QueuePoll));
+        o.link_event(LinkEvent::ChannelClosed(ChannelErrorReason::QueuePoll));
+        o.link_event(LinkEvent::ChannelClosed(ChannelErrorReason::Consume));
+        assert!(o.shows("unassign_amqp_channel_errors_total{reason=\"publish\"} 0"));
+        assert!(o.shows("unassign_amqp_channel_errors_total{reason=\"queue_poll\"} 2"));
+        assert!(o.shows("unassign_amqp_channel_errors_total{reason=\"consume\"} 1"));
+    }
+
+    #[test]
+    fn a_queue_depth_sets_its_queue_label_only() {
+        let o = observer();
+        let (queue, ready) = (WatchedQueue::DeadLetter, 7);
+        o.link_event(LinkEvent::QueueDepth { queue, ready });
+        assert!(o.shows("unassign_queue_messages{queue=\"dead_letter\"} 7"));
+        assert!(o.shows("unassign_queue_messages{queue=\"requests\"} 0"));
     }
 }

@@ -1,6 +1,8 @@
 //! The worker: builds everything from [`Settings`], then supervises the broker connection and
 //! runs consume sessions on it until `shutdown` is cancelled. A session ends on shutdown,
-//! connection loss, or a credential pause; the supervisor reacts and starts the next one.
+//! connection loss, or a credential pause; the supervisor reacts and starts the next one. It
+//! reports what happens to the link to the observer ([`crate::observe`]), which keeps the
+//! connection metrics, `/healthz` and `/readyz`.
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -21,8 +23,8 @@ use crate::{
     graph::{self, GraphClient},
     http::{self, Health},
     job::Policy,
-    metrics::{ChannelErrorReason, Metrics},
-    observe::{Observe, Observer},
+    metrics::{ChannelErrorReason, Metrics, WatchedQueue},
+    observe::{Happened, LinkEvent, Observe, Observer},
     ports::SystemClock,
     replicas,
     retry::PauseReason,
@@ -137,9 +139,10 @@ impl App {
             listener,
             name,
         } = self;
-        health.tick();
+        // /healthz answers 200 from the start, before the supervisor's first turn.
+        ctx.observe.report(Happened::Link(LinkEvent::Alive));
         let http_stop = CancellationToken::new();
-        let router = http::router(metrics.clone(), health.clone());
+        let router = http::router(metrics.clone(), health);
         let server = tokio::spawn(http::serve(listener, router, http_stop.clone()));
         tracing::info!(
             broker = %settings.amqp.redacted_url(),
@@ -154,8 +157,6 @@ impl App {
             settings,
             ctx,
             broker,
-            health,
-            metrics,
             name,
         };
         let result = supervisor.run(&shutdown).await;
@@ -176,8 +177,6 @@ struct Supervisor {
     nodes: Vec<String>,
     ctx: Arc<Context>,
     broker: Arc<Broker>,
-    health: Arc<Health>,
-    metrics: Arc<Metrics>,
     name: String,
 }
 
@@ -193,9 +192,9 @@ impl Supervisor {
         // The node to try first: after losing one, the next in the list, so a node that went
         // away is tried last rather than first.
         let mut first_node = 0;
-        self.set_connected(None);
+        self.disconnected();
         while !shutdown.is_cancelled() {
-            self.health.tick();
+            self.report(LinkEvent::Alive);
             let (connection, node) = match self.connect(first_node).await {
                 Ok(connected) => connected,
                 Err(RunError::Runtime(e)) => {
@@ -209,22 +208,23 @@ impl Supervisor {
             // Shared with the session's publisher, which opens channels on it.
             let connection = Arc::new(connection);
             if connected_before {
-                self.metrics.amqp_reconnected();
+                self.report(LinkEvent::Reconnected);
             }
             connected_before = true;
             reconnect_delay = Duration::from_millis(500);
-            self.set_connected(Some(node));
+            let nodes = &self.nodes;
+            self.report(LinkEvent::Connected { nodes, node });
             loop {
                 match self.session(&connection, shutdown).await {
                     SessionEnd::Shutdown => {
                         let _ = connection.close(200, "shutdown".into()).await;
-                        self.set_connected(None);
+                        self.disconnected();
                         return Ok(());
                     }
                     SessionEnd::Lost(why) => {
                         let node = &self.nodes[node];
                         tracing::warn!(error = %why, %node, "broker connection lost; reconnecting");
-                        self.set_connected(None);
+                        self.disconnected();
                         // Still open if only the consume channel died: closed, so the broker
                         // requeues what the session held (an error at once if already gone).
                         let closing = connection.close(200, "reconnecting".into());
@@ -239,11 +239,14 @@ impl Supervisor {
         Ok(())
     }
 
-    /// Connected to node `node` of `amqp.url`, or not connected.
-    fn set_connected(&self, node: Option<usize>) {
-        self.health.set_connected(node.is_some());
-        self.metrics.set_amqp_connected(node.is_some());
-        self.metrics.set_amqp_node(&self.nodes, node);
+    /// What happened to the link, to the observer, which keeps the metrics and `/readyz`.
+    fn report(&self, event: LinkEvent<'_>) {
+        self.ctx.observe.report(Happened::Link(event));
+    }
+
+    /// Also at start: every configured node's series then reads 0 until one is connected to.
+    fn disconnected(&self) {
+        self.report(LinkEvent::Disconnected { nodes: &self.nodes });
     }
 
     /// Connects to the first node that answers, from `first_node` on, and declares the
@@ -287,10 +290,10 @@ impl Supervisor {
         let mut events = connection.events_listener();
         let poll_every = self.settings.amqp.queue_poll.max(Duration::from_secs(1));
         let mut queue_poll = tokio::time::interval(poll_every);
-        self.health.set_consuming(true);
+        self.report(LinkEvent::ConsumeStarted);
         tracing::info!(queue = %self.settings.amqp.queue, "consuming");
         let end = loop {
-            self.health.tick();
+            self.report(LinkEvent::Alive);
             // An error event is judged by the states at the moment it arrives, and a consumer
             // stream need not end with its channel: whatever the order lapin reports things in,
             // a connection or consume channel found dead here (every TICK at the latest) ends
@@ -331,9 +334,10 @@ impl Supervisor {
         };
         if let SessionEnd::Paused(reason) = &end {
             // Before "not consuming", so /readyz never shows a misleading reason in between.
-            self.health.set_paused(Some(reason.as_str().to_owned()));
+            let reason = Some(*reason);
+            self.report(LinkEvent::ConsumptionPaused { reason });
         }
-        self.health.set_consuming(false);
+        self.report(LinkEvent::ConsumeStopped);
         stop.cancel();
         if let SessionEnd::Lost(_) = end {
             // Nothing can be settled on a dead connection or consume channel: the broker
@@ -375,7 +379,7 @@ impl Supervisor {
     /// the consume channel's (counted), whose deliveries the broker requeues either way.
     fn lost(&self, connection: &Connection, why: String) -> SessionEnd {
         if connection.status().connected() {
-            self.metrics.amqp_channel_error(ChannelErrorReason::Consume);
+            self.report(LinkEvent::ChannelClosed(ChannelErrorReason::Consume));
         }
         SessionEnd::Lost(why)
     }
@@ -394,7 +398,7 @@ impl Supervisor {
             .basic_qos(prefetch, BasicQosOptions::default())
             .await
             .context("setting prefetch")?;
-        let publisher = Publisher::reopening(connection, self.metrics.clone())
+        let publisher = Publisher::reopening(connection, self.ctx.observe.clone())
             .await
             .context("opening the publish channel")?;
         let tag = format!("{}/{}", self.name, uuid::Uuid::new_v4().simple());
@@ -423,19 +427,21 @@ impl Supervisor {
             ..Default::default()
         };
         let queues = [
-            ("requests", &amqp.queue),
-            ("dead_letter", &amqp.dead_letter_queue),
+            (WatchedQueue::Requests, &amqp.queue),
+            (WatchedQueue::DeadLetter, &amqp.dead_letter_queue),
         ];
-        for (label, queue) in queues {
+        for (watched, queue) in queues {
             let declared =
                 channel.queue_declare(queue.as_str().into(), passive, FieldTable::default());
             match declared.await {
-                Ok(q) => self.metrics.set_queue_messages(label, q.message_count()),
+                Ok(q) => self.report(LinkEvent::QueueDepth {
+                    queue: watched,
+                    ready: q.message_count(),
+                }),
                 Err(e) => {
                     tracing::warn!(queue = %queue, error = %e, "queue depth unavailable");
                     if connection.status().connected() {
-                        self.metrics
-                            .amqp_channel_error(ChannelErrorReason::QueuePoll);
+                        self.report(LinkEvent::ChannelClosed(ChannelErrorReason::QueuePoll));
                     }
                     return;
                 }
@@ -458,13 +464,12 @@ impl Supervisor {
     }
 
     /// Credential trouble in every tenant: not ready, nothing consumed, until one tenant's
-    /// probe (see [`Tenants`]) gets a token again.
+    /// probe (see [`Tenants`]) gets a token again. The session reported the pause as it ended.
     async fn wait_out_pause(&self, reason: PauseReason, shutdown: &CancellationToken) {
-        self.health.set_paused(Some(reason.as_str().to_owned()));
         tracing::warn!(reason = reason.as_str(), "consumption paused");
         let tenants = &self.ctx.tenants;
         while tenants.all_paused() {
-            self.health.tick();
+            self.report(LinkEvent::Alive);
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = tenants.one_works() => {}
@@ -474,14 +479,14 @@ impl Supervisor {
         if !shutdown.is_cancelled() {
             tracing::info!("credentials work again; resuming consumption");
         }
-        self.health.set_paused(None);
+        self.report(LinkEvent::ConsumptionPaused { reason: None });
     }
 
-    /// Sleeps, ticking the health clock; `false` if shutdown came first.
+    /// Sleeps, reporting the loop alive; `false` if shutdown came first.
     async fn sleep(&self, duration: Duration, shutdown: &CancellationToken) -> bool {
         let deadline = Instant::now() + duration;
         while Instant::now() < deadline {
-            self.health.tick();
+            self.report(LinkEvent::Alive);
             let step = deadline.saturating_duration_since(Instant::now()).min(TICK);
             tokio::select! {
                 _ = shutdown.cancelled() => return false,

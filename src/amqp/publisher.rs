@@ -13,7 +13,10 @@ use lapin::{
 };
 use tokio::sync::Mutex;
 
-use crate::metrics::{ChannelErrorReason, Metrics};
+use crate::{
+    metrics::ChannelErrorReason,
+    observe::{Happened, LinkEvent, Observe},
+};
 
 /// Longest wait for a publisher confirm. The broker confirms in milliseconds, or closes the
 /// channel; a confirm that never comes (a wedged channel, a queue stuck without its quorum) must
@@ -46,11 +49,11 @@ pub struct Publisher {
     reopen: Option<Reopen>,
 }
 
-/// Where a closed channel is replaced, and where that is counted.
+/// Where a closed channel is replaced, and who hears of it.
 #[derive(Clone)]
 struct Reopen {
     connection: Arc<Connection>,
-    metrics: Arc<Metrics>,
+    observe: Arc<dyn Observe>,
 }
 
 impl Publisher {
@@ -61,15 +64,15 @@ impl Publisher {
         })
     }
 
-    /// A publisher that reopens its channel when the broker has closed it, counting each time
-    /// as `unassign_amqp_channel_errors_total{reason="publish"}`.
+    /// A publisher that reopens its channel when the broker has closed it, reporting each time
+    /// to the observer (`unassign_amqp_channel_errors_total{reason="publish"}`).
     pub async fn reopening(
         connection: &Arc<Connection>,
-        metrics: Arc<Metrics>,
+        observe: Arc<dyn Observe>,
     ) -> Result<Self, lapin::Error> {
         let reopen = Reopen {
             connection: connection.clone(),
-            metrics,
+            observe,
         };
         Ok(Self {
             reopen: Some(reopen),
@@ -96,9 +99,8 @@ impl Publisher {
                 channel = channel.id(),
                 "the publish channel was closed; reopening it"
             );
-            reopen
-                .metrics
-                .amqp_channel_error(ChannelErrorReason::Publish);
+            let closed = LinkEvent::ChannelClosed(ChannelErrorReason::Publish);
+            reopen.observe.report(Happened::Link(closed));
             *channel = confirm_channel(&reopen.connection).await?;
         }
         Ok(channel.clone())

@@ -391,7 +391,11 @@ async fn concurrent_publishes_reopen_a_closed_channel_once() {
             .unwrap(),
     );
     let metrics = std::sync::Arc::new(unassign_worker::metrics::Metrics::new());
-    let publisher = amqp::Publisher::reopening(&connection, metrics.clone())
+    let observe = std::sync::Arc::new(unassign_worker::observe::Observer {
+        metrics: metrics.clone(),
+        health: Default::default(),
+    });
+    let publisher = amqp::Publisher::reopening(&connection, observe)
         .await
         .unwrap();
     let publish = |exchange: &'static str, key: String| {

@@ -19,6 +19,8 @@
 mod aimd;
 mod gate;
 mod schedule;
+#[cfg(test)]
+mod tests;
 
 use std::time::SystemTime;
 

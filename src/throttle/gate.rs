@@ -132,8 +132,12 @@ impl Gate {
             let permit = slot().await;
             let admitted = {
                 let mut state = self.lock();
-                let interval = state.interval();
-                state.schedule.try_admit(Instant::now(), interval)
+                let (interval, now) = (state.interval(), Instant::now());
+                let admitted = state.schedule.try_admit(now, interval);
+                if let (Ok(()), Some(aimd)) = (admitted, state.aimd.as_mut()) {
+                    aimd.sent(now);
+                }
+                admitted
             };
             // Waiters wake together and one takes the turn; the others give their slot back
             // and wait for the next.

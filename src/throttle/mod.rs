@@ -18,6 +18,7 @@
 
 mod aimd;
 mod gate;
+mod history;
 mod schedule;
 #[cfg(test)]
 mod tests;

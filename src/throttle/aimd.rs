@@ -141,11 +141,12 @@ impl Aimd {
         // 429s repeat. Never above the budget (a 429 never raises it), and no lower than the
         // budget a second of slow start ago, which was in use and accepted: a 429 on the very
         // first calls (another client saturating the tenant) must not send it to the floor.
-        // Past slow start the budget was accepted a moment ago: a measure thrown off by a hold
-        // or a share not yet in step cuts it by no more than one decrease.
+        // Past slow start the budget has been probed up slowly from a plateau just under the
+        // last limit, so the limit is about where it stands: a measure thrown off by a hold in
+        // the last second, or by shares not yet in step, takes it no lower than the plateau.
         let lowest = match self.slow_start {
             true => self.rate / SLOW_START_PER_SEC,
-            false => self.rate * DECREASE,
+            false => self.rate * PLATEAU,
         };
         // In slow start the calls of the last second, as the tenant's window counted them (the
         // stream accelerates, so its latest gaps say little); past it the rate of the steady
@@ -278,8 +279,8 @@ mod tests {
     fn a_429_speaks_for_the_rate_sent_not_the_budget_unreached() {
         let mut now = Instant::now();
         let mut aimd = avoiding(50.0, now);
-        // Short of CPU, the replica sends 47.6/s of its 50/s budget.
-        let gap = Duration::from_millis(21);
+        // Short of CPU, the replica sends 49.5/s of its 50/s budget.
+        let gap = Duration::from_micros(20_202);
         for _ in 0..60 {
             now += gap;
             aimd.sent(now);
@@ -292,13 +293,14 @@ mod tests {
             "{}",
             aimd.rate()
         );
-        // A measure far under the budget (a hold in the last second) cuts one decrease at most.
+        // A measure far under the budget (a hold in the last second) takes it no lower than
+        // the plateau.
         let mut aimd = avoiding(50.0, now);
         aimd.sent(now - SECOND / 2);
         aimd.sent(now);
         now += SECOND / 2;
         assert!(aimd.throttled(now, now));
-        assert_eq!(aimd.rate(), 50.0 * DECREASE * DECREASE);
+        assert_eq!(aimd.rate(), 50.0 * PLATEAU * DECREASE);
     }
 
     #[test]

@@ -197,15 +197,29 @@ impl Link for BusLink {
 }
 
 /// One scenario's figures.
-#[derive(Debug)]
-pub(super) struct Outcome {
-    pub succeeded: usize,
+struct Outcome {
+    succeeded: usize,
     /// Succeeded jobs/s over the limit, the clock from the replicas' start…
-    pub of_ideal: f64,
-    /// …and from the tenant's first call.
-    pub of_ideal_from_first_call: f64,
-    pub throttled_share: f64,
-    pub late: u64,
+    of_ideal_from_start: f64,
+    /// …and from the tenant's first call (the bench's clock).
+    of_ideal: f64,
+    throttled_share: f64,
+    late: u64,
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} of {JOBS} succeeded, {:.1} % of the limit ({:.1} % from the replicas' start), \
+             {:.2} % of calls answered 429, {} late calls",
+            self.succeeded,
+            100.0 * self.of_ideal,
+            100.0 * self.of_ideal_from_start,
+            100.0 * self.throttled_share,
+            self.late
+        )
+    }
 }
 
 /// A tiny deterministic generator for the retry policy's jitter.
@@ -219,7 +233,7 @@ fn jitter(state: &mut u64) -> f64 {
 /// Runs `replicas` replicas against a tenant limited to `limit` calls per second, each replica
 /// starting `start_gap` after the one before and connecting its control plane `connect` after it
 /// starts; messages between them take `delay`.
-pub(super) async fn run(
+async fn run(
     replicas: usize,
     limit: usize,
     start_gap: Duration,
@@ -349,22 +363,25 @@ pub(super) async fn run(
     let rate = |from: Instant| succeeded as f64 / (end - from).as_secs_f64() / limit as f64;
     Outcome {
         succeeded,
-        of_ideal: rate(t0),
-        of_ideal_from_first_call: rate(limiter.first.unwrap_or(t0)),
+        of_ideal_from_start: rate(t0),
+        of_ideal: rate(limiter.first.unwrap_or(t0)),
         throttled_share: limiter.throttled as f64 / limiter.calls as f64,
         late: limiter.late,
     }
 }
 
-/// The issue's targets: ≥ 0.95 of the limit (the clock from the tenant's first call, as the
-/// bench's), ≤ 1 % of calls answered 429, no late call.
+/// The issue's targets: every job done, ≥ 0.95 of the limit (the clock from the tenant's first
+/// call, as the bench's), ≤ 1 % of calls answered 429, no late call.
 async fn scenario(replicas: usize, limit: usize) {
     let ms = Duration::from_millis;
     let out = run(replicas, limit, ms(100), ms(300), ms(3)).await;
-    println!("r{replicas} {limit}/s: {out:?}");
+    println!("r{replicas} {limit}/s: {out}");
     assert!(
-        out.of_ideal_from_first_call >= 0.95 && out.throttled_share <= 0.01 && out.late == 0,
-        "r{replicas} {limit}/s: {out:?}"
+        out.succeeded == JOBS
+            && out.of_ideal >= 0.95
+            && out.throttled_share <= 0.01
+            && out.late == 0,
+        "r{replicas} {limit}/s: {out}"
     );
 }
 

@@ -190,7 +190,13 @@ impl Aimd {
             Some(own) if same_event => own.max(peer.throttled_at),
             _ => peer.throttled_at,
         });
-        self.rate = self.rate.min(peer.rate);
+        // Never upwards — except from slow start, where the budget is no knowledge of the
+        // tenant yet: a replica that joined late would otherwise keep its starting budget as
+        // the tenant's and, throttled later, tell it to every other replica.
+        self.rate = match self.slow_start {
+            true => peer.rate,
+            false => self.rate.min(peer.rate),
+        };
         self.slow_start = false;
         self.last_decrease = Some(now);
     }
@@ -471,6 +477,22 @@ mod tests {
             now,
         );
         assert_eq!(aimd.rate(), FLOOR, "bounded below");
+    }
+
+    #[test]
+    fn a_starting_budget_takes_a_peer_decrease_as_the_tenants_budget() {
+        let now = Instant::now();
+        let mut fresh = Aimd::new(5.0, 1000.0, 5.0, now);
+        let peer = Learned {
+            rate: 45.0,
+            throttled_at: 50.0,
+        };
+        fresh.peer_throttled(peer, now);
+        assert_eq!(
+            fresh.learned(),
+            Some(peer),
+            "not its own 5/s, which is no knowledge"
+        );
     }
 
     #[test]

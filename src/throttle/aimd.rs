@@ -95,7 +95,7 @@ impl Aimd {
 
     /// A call went out.
     pub fn sent(&mut self, now: Instant) {
-        self.sent.record(now);
+        self.sent.record(now, f64::from(self.replicas));
     }
 
     /// A call went through. The budget grows only while this replica's share is in use — calls
@@ -135,7 +135,8 @@ impl Aimd {
             return false;
         }
         // The limit the 429 speaks for is the rate the tenant was sent at before this call:
-        // this replica's over the last second, times the replicas. The budget can be well past
+        // this replica's calls of the last second, each times the replicas sharing when it went
+        // out (see `History`). The budget can be well past
         // it — growing exponentially in slow start when the first 429 comes back, or not
         // reached by a replica short of jobs or CPU — and then the budget would settle where
         // 429s repeat. Never above the budget (a 429 never raises it), and no lower than the
@@ -152,12 +153,12 @@ impl Aimd {
         // stream accelerates, so its latest gaps say little); past it the rate of the steady
         // stream, which a count would round to a whole call per second per replica.
         let measured = match self.slow_start {
-            true => self.sent.count_rate_before(sent_at),
+            true => Some(self.sent.count_rate_before(sent_at)),
             false => self.sent.rate_before(sent_at),
         };
         let throttled_at = measured
             .filter(|sent| *sent > 0.0)
-            .map_or(self.rate, |sent| sent * f64::from(self.replicas))
+            .unwrap_or(self.rate)
             .clamp(lowest, self.rate);
         self.throttled_at = Some(throttled_at);
         self.rate = (throttled_at * DECREASE).max(FLOOR);
@@ -275,7 +276,7 @@ mod tests {
         let mut now = Instant::now();
         let mut aimd = Aimd::new(5.0, 1000.0, 5.0, now);
         run(&mut aimd, &mut now, 2.0);
-        let sent = aimd.sent.count_rate_before(now).unwrap();
+        let sent = aimd.sent.count_rate_before(now);
         assert!(aimd.rate() > 1.5 * sent, "{} vs {sent}", aimd.rate());
         assert!(aimd.throttled(now, now));
         assert_eq!(aimd.rate(), sent * DECREASE);
@@ -402,7 +403,8 @@ mod tests {
         for tick in 0..30_000 {
             now += step;
             let total: f64 = replicas.iter().map(Aimd::rate).sum();
-            let over = total > LIMIT;
+            // The limit applies once the tenant's window has filled.
+            let over = tick >= 100 && total > LIMIT;
             for r in &mut replicas {
                 // Each call over the limit is a 429 for whoever sent it; all calls wait for slots.
                 r.sent(now);

@@ -197,23 +197,24 @@ impl Shared {
     }
 
     /// Acts on one delivery's body; anything not authentic, current and bounded is counted and
-    /// dropped.
-    fn receive(&self, body: &[u8]) {
+    /// dropped. `true` when it came from a replica not heard before: it learns of this one at
+    /// once from a heartbeat, not up to a heartbeat later, so that shares converge at start.
+    fn receive(&self, body: &[u8]) -> bool {
         let envelope = match wire::decode(&self.keys, body, SystemTime::now()) {
             Ok(envelope) => envelope,
             Err(why) => {
                 self.metrics.replica_message_rejected(why);
-                return;
+                return false;
             }
         };
         if envelope.from == self.id {
-            return;
+            return false;
         }
         match envelope.msg {
             Msg::Leaving => {
                 self.lock_peers().remove(&envelope.from);
                 self.rebalance();
-                return;
+                return false;
             }
             Msg::Hold { tenant, until_ms } => {
                 if let Some(t) = self.tenant(&tenant) {
@@ -256,6 +257,7 @@ impl Shared {
         if joined {
             self.rebalance();
         }
+        joined
     }
 
     /// Forgets peers not heard for [`MISSED_HEARTBEATS`] and shares the budgets among the rest.
@@ -442,7 +444,10 @@ impl Runner {
                     return Ok(());
                 }
                 delivery = consumer.next() => match delivery {
-                    Some(Ok(delivery)) => self.shared.receive(&delivery.data),
+                    Some(Ok(delivery)) => if self.shared.receive(&delivery.data) {
+                        let msg = self.shared.heartbeat();
+                        self.publish(&channel, msg).await?;
+                    },
                     Some(Err(e)) => return Err(e.into()),
                     None => anyhow::bail!("the control consumer ended"),
                 },
@@ -526,10 +531,11 @@ mod tests {
     #[tokio::test]
     async fn a_peer_hold_holds_both_gates_and_counts_the_peer() {
         let s = shared();
-        s.receive(&from(&s, 2, hold_for(5)));
+        assert!(s.receive(&from(&s, 2, hold_for(5))), "a newcomer");
         let t = &s.tenants[0];
         assert!(t.writes.held_for().is_some() && t.reads.held_for().is_some());
         assert_eq!(s.lock_peers().len(), 1);
+        assert!(!s.receive(&from(&s, 2, hold_for(5))), "known by now");
         s.receive(&from(&s, 2, Msg::Leaving));
         assert!(s.lock_peers().is_empty());
     }

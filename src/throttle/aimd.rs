@@ -4,9 +4,11 @@
 //! together — and each replica sends its share of it, the budget over the live replicas. Alone,
 //! the share is the whole budget, which is the single-worker behaviour.
 
-use std::{collections::VecDeque, time::Duration};
+use std::time::Duration;
 
 use tokio::time::Instant;
+
+use super::history::{History, SPAN};
 
 /// The budget never falls below this, so a tenant is always probed again.
 pub(super) const FLOOR: f64 = 0.2;
@@ -17,20 +19,22 @@ const SETTLE: Duration = Duration::from_secs(1);
 const UTILISATION_WINDOW: Duration = Duration::from_millis(250);
 /// …and the budget grows only while at least this share of it is used.
 const UTILISED: f64 = 0.75;
-/// Growth per second before the first 429: from Intune's 5/s to a 50/s tenant in under 2 s.
-const SLOW_START_PER_SEC: f64 = 4.0;
+/// Growth per second before the first 429: from Intune's 5/s to a 50/s tenant in about a second.
+const SLOW_START_PER_SEC: f64 = 8.0;
 /// Multiplicative decrease on a 429.
 const DECREASE: f64 = 0.9;
 /// After a decrease, recover quickly to this fraction of the rate that was throttled…
-const PLATEAU: f64 = 0.97;
+const PLATEAU: f64 = 0.985;
 /// …at this fraction of that rate per second…
 const RECOVER_PER_SEC: f64 = 0.1;
-/// …then probe above it slowly, so 429s stay rare: this fraction of the *reference* rate (the
-/// configured ceiling, else Intune's documented budget) per second. The same absolute step for
-/// every replica of a tenant is what makes independent replicas converge on equal shares (Chiu
-/// and Jain's additive increase); a step proportional to each one's own rate would keep their
-/// ratios.
-const PROBE_PER_SEC: f64 = 0.05;
+/// …then probe above it slowly, so 429s stay rare: this fraction of the budget per second
+/// (0.025/s at 50/s: from the plateau to the limit in half a minute, at any limit).
+const PROBE_PER_SEC: f64 = 0.0005;
+/// Replicas that cannot talk (the degraded mode) converge on sharing the limit by probing with
+/// the same absolute step — Chiu and Jain's additive increase; a step proportional to each one's
+/// own rate would keep their ratios. This fraction of the *reference* rate (the configured
+/// ceiling, else Intune's documented budget) per second is that step's least.
+const PROBE_FLOOR_PER_SEC: f64 = 0.004;
 
 /// What a budget has learned from 429s, as replicas tell each other: the shared budget after
 /// the last decrease and the rate that was throttled.
@@ -40,20 +44,20 @@ pub struct Learned {
     pub throttled_at: f64,
 }
 
-/// Slow start (×4 a second) until the first 429, then decrease by [`DECREASE`] per congestion
+/// Slow start (×8 a second) until the first 429, then decrease by [`DECREASE`] per congestion
 /// event and grow back — fast to just under the rate that was throttled, slowly beyond it.
 #[derive(Debug, Clone)]
 pub struct Aimd {
     rate: f64,
     ceiling: f64,
-    /// Calls per second added per second while probing.
-    probe_step: f64,
+    /// Calls per second added per second while probing, at least.
+    probe_floor: f64,
     slow_start: bool,
     /// Live replicas sharing the budget, this one included.
     replicas: u32,
-    /// This replica's successes of the last second: what the tenant demonstrably accepts, and
-    /// how much of its share is in use.
-    recent: VecDeque<Instant>,
+    /// When this replica's calls of the last second went out: how much of its share is in use
+    /// (calls in flight included), and the rate a 429 speaks for.
+    sent: History,
     throttled_at: Option<f64>,
     last_decrease: Option<Instant>,
     last_growth: Instant,
@@ -65,10 +69,10 @@ impl Aimd {
         Self {
             rate: initial.min(ceiling).max(FLOOR),
             ceiling,
-            probe_step: PROBE_PER_SEC * reference,
+            probe_floor: PROBE_FLOOR_PER_SEC * reference,
             slow_start: true,
             replicas: 1,
-            recent: VecDeque::new(),
+            sent: History::default(),
             throttled_at: None,
             last_decrease: None,
             last_growth: now,
@@ -89,6 +93,11 @@ impl Aimd {
         self.replicas = replicas.max(1);
     }
 
+    /// A call went out.
+    pub fn sent(&mut self, now: Instant) {
+        self.sent.record(now, f64::from(self.replicas));
+    }
+
     /// A call went through. The budget grows only while this replica's share is in use — calls
     /// went out at three quarters of it or more over the last quarter second — so an idle or
     /// otherwise limited worker learns nothing about the tenant's ceiling (as TCP validates its
@@ -98,21 +107,10 @@ impl Aimd {
             .saturating_duration_since(self.last_growth)
             .min(Duration::from_secs(1));
         self.last_growth = now;
-        self.recent.push_back(now);
-        while self
-            .recent
-            .front()
-            .is_some_and(|t| now - *t > Duration::from_secs(1))
-        {
-            self.recent.pop_front();
-        }
         let share = self.share();
         // Long enough to expect a few calls, so one call does not look like a busy budget.
-        let window =
-            Duration::from_secs_f64(4.0 / share).clamp(UTILISATION_WINDOW, Duration::from_secs(1));
-        // `recent` is in time order: a binary search, not a walk, on this per-call path.
-        let in_window = self.recent.len() - self.recent.partition_point(|t| now - *t > window);
-        let used = in_window as f64 / window.as_secs_f64();
+        let window = Duration::from_secs_f64(4.0 / share).clamp(UTILISATION_WINDOW, SPAN);
+        let used = self.sent.count(now, window) as f64 / window.as_secs_f64();
         if used < UTILISED * share {
             return;
         }
@@ -124,7 +122,7 @@ impl Aimd {
             Some(max) if self.rate < PLATEAU * max => {
                 (self.rate + RECOVER_PER_SEC * max * dt).min(PLATEAU * max)
             }
-            _ => self.rate + self.probe_step * dt,
+            _ => self.rate + (PROBE_PER_SEC * self.rate).max(self.probe_floor) * dt,
         }
         .min(self.ceiling);
     }
@@ -136,17 +134,32 @@ impl Aimd {
         if self.last_decrease.is_some_and(|t| sent_at <= t + SETTLE) {
             return false;
         }
-        // Growing exponentially, the budget is well past the tenant's limit by the time the
-        // first 429 comes back; the calls accepted in the last second (this replica's, times
-        // the replicas) are the better estimate.
-        let throttled_at = match self.slow_start {
-            // No lower than the budget a second ago, which was in use and accepted: a 429 on
-            // the very first calls (another client saturating the tenant) must not send the
-            // budget to the floor.
-            true => (self.recent.len() as f64 * f64::from(self.replicas))
-                .clamp(self.rate / SLOW_START_PER_SEC, self.rate),
-            false => self.rate,
+        // The limit the 429 speaks for is the rate the tenant was sent at before this call:
+        // this replica's calls of the last second, each times the replicas sharing when it went
+        // out (see `History`). The budget can be well past
+        // it — growing exponentially in slow start when the first 429 comes back, or not
+        // reached by a replica short of jobs or CPU — and then the budget would settle where
+        // 429s repeat. Never above the budget (a 429 never raises it), and no lower than the
+        // budget a second of slow start ago, which was in use and accepted: a 429 on the very
+        // first calls (another client saturating the tenant) must not send it to the floor.
+        // Past slow start the budget has been probed up slowly from a plateau just under the
+        // last limit, so the limit is about where it stands: a measure thrown off by a hold in
+        // the last second, or by shares not yet in step, takes it no lower than the plateau.
+        let lowest = match self.slow_start {
+            true => self.rate / SLOW_START_PER_SEC,
+            false => self.rate * PLATEAU,
         };
+        // In slow start the calls of the last second, as the tenant's window counted them (the
+        // stream accelerates, so its latest gaps say little); past it the rate of the steady
+        // stream, which a count would round to a whole call per second per replica.
+        let measured = match self.slow_start {
+            true => Some(self.sent.count_rate_before(sent_at)),
+            false => self.sent.rate_before(sent_at),
+        };
+        let throttled_at = measured
+            .filter(|sent| *sent > 0.0)
+            .unwrap_or(self.rate)
+            .clamp(lowest, self.rate);
         self.throttled_at = Some(throttled_at);
         self.rate = (throttled_at * DECREASE).max(FLOOR);
         self.slow_start = false;
@@ -168,8 +181,23 @@ impl Aimd {
     /// 429s from the same overload do not decrease it again.
     pub fn peer_throttled(&mut self, peer: Learned, now: Instant) {
         let peer = self.clamped(peer);
-        self.rate = self.rate.min(peer.rate);
-        self.throttled_at = Some(peer.throttled_at);
+        // Replicas throttled in the same event each measure it their own way, and hear each
+        // other in any order: within one event the highest measure wins, whatever the order, so
+        // every replica ends on the same plateau instead of on whichever it heard last. The
+        // highest, because a measure too high costs one more 429 and decrease, one too low is
+        // probed back only slowly.
+        let same_event = self.last_decrease.is_some_and(|t| now <= t + SETTLE);
+        self.throttled_at = Some(match self.throttled_at {
+            Some(own) if same_event => own.max(peer.throttled_at),
+            _ => peer.throttled_at,
+        });
+        // Never upwards — except from slow start, where the budget is no knowledge of the
+        // tenant yet: a replica that joined late would otherwise keep its starting budget as
+        // the tenant's and, throttled later, tell it to every other replica.
+        self.rate = match self.slow_start {
+            true => peer.rate,
+            false => self.rate.min(peer.rate),
+        };
         self.slow_start = false;
         self.last_decrease = Some(now);
     }
@@ -220,21 +248,22 @@ mod tests {
         let end = *now + Duration::from_secs_f64(secs);
         while *now < end {
             *now += Duration::from_secs_f64(1.0 / aimd.share());
+            aimd.sent(*now);
             aimd.succeeded(*now);
         }
     }
 
     #[test]
-    fn slow_start_quadruples_each_second_up_to_the_ceiling() {
+    fn slow_start_grows_eightfold_each_second_up_to_the_ceiling() {
         let mut now = Instant::now();
         let mut aimd = Aimd::new(5.0, 60.0, 5.0, now);
-        // Growth starts once a few calls show the budget in use, then quadruples each second.
+        // Growth starts once a few calls show the budget in use, then is ×8 each second.
         run(&mut aimd, &mut now, 1.0);
         let after_one = aimd.rate();
         assert!((10.0..=22.0).contains(&after_one), "{after_one}");
         run(&mut aimd, &mut now, 0.5);
         assert!(
-            (1.7..=2.3).contains(&(aimd.rate() / after_one)),
+            (2.4..=3.2).contains(&(aimd.rate() / after_one)),
             "{}",
             aimd.rate()
         );
@@ -243,18 +272,42 @@ mod tests {
     }
 
     #[test]
-    fn leaving_slow_start_falls_back_to_what_the_tenant_accepted() {
+    fn leaving_slow_start_falls_back_to_the_rate_it_sent_at() {
         let mut now = Instant::now();
         let mut aimd = Aimd::new(5.0, 1000.0, 5.0, now);
-        run(&mut aimd, &mut now, 3.0);
-        let accepted = aimd.recent.len() as f64;
+        run(&mut aimd, &mut now, 2.0);
+        let sent = aimd.sent.count_rate_before(now);
+        assert!(aimd.rate() > 1.5 * sent, "{} vs {sent}", aimd.rate());
+        assert!(aimd.throttled(now, now));
+        assert_eq!(aimd.rate(), sent * DECREASE);
+    }
+
+    #[test]
+    fn a_429_speaks_for_the_rate_sent_not_the_budget_unreached() {
+        let mut now = Instant::now();
+        let mut aimd = avoiding(50.0, now);
+        // Short of CPU, the replica sends 49.5/s of its 50/s budget.
+        let gap = Duration::from_micros(20_202);
+        for _ in 0..60 {
+            now += gap;
+            aimd.sent(now);
+        }
+        now += gap;
+        assert!(aimd.throttled(now, now));
+        let sent = 1.0 / gap.as_secs_f64();
         assert!(
-            aimd.rate() > 1.5 * accepted,
-            "{} vs {accepted}",
+            (aimd.rate() - sent * DECREASE).abs() < 1e-6,
+            "{}",
             aimd.rate()
         );
+        // A measure far under the budget (a hold in the last second) takes it no lower than
+        // the plateau.
+        let mut aimd = avoiding(50.0, now);
+        aimd.sent(now - SECOND / 2);
+        aimd.sent(now);
+        now += SECOND / 2;
         assert!(aimd.throttled(now, now));
-        assert_eq!(aimd.rate(), accepted * DECREASE);
+        assert_eq!(aimd.rate(), 50.0 * PLATEAU * DECREASE);
     }
 
     #[test]
@@ -272,7 +325,11 @@ mod tests {
         let now = Instant::now();
         let mut aimd = Aimd::new(5.0, 5.0, 5.0, now);
         aimd.throttled(now, now);
-        assert_eq!(aimd.rate(), 5.0 / SLOW_START_PER_SEC * DECREASE);
+        assert_eq!(
+            aimd.rate(),
+            5.0 * DECREASE,
+            "nothing sent to measure: the budget itself"
+        );
     }
 
     #[test]
@@ -321,7 +378,7 @@ mod tests {
         let mut aimd = avoiding(50.0, now);
         aimd.throttled(now, now);
         run(&mut aimd, &mut now, 1.0);
-        assert!((48.5..49.0).contains(&aimd.rate()), "{}", aimd.rate());
+        assert!((49.1..49.3).contains(&aimd.rate()), "{}", aimd.rate());
         run(&mut aimd, &mut now, 4.0);
         assert!(
             aimd.rate() < 50.0,
@@ -332,7 +389,7 @@ mod tests {
 
     /// Three replicas against one shared limit, each seeing the 429s of its own calls and told
     /// nothing by the others (the degraded mode): the aggregate settles near the limit and no
-    /// replica starves.
+    /// replica starves. Probing is slow, so sharing out evenly takes minutes, not seconds.
     #[test]
     fn replicas_converge_on_sharing_the_limit() {
         const LIMIT: f64 = 50.0;
@@ -343,19 +400,21 @@ mod tests {
         let step = Duration::from_millis(10);
         let mut now = start;
         let (mut sum_total, mut samples) = (0.0, 0);
-        for tick in 0..12_000 {
+        for tick in 0..30_000 {
             now += step;
             let total: f64 = replicas.iter().map(Aimd::rate).sum();
-            let over = total > LIMIT;
+            // The limit applies once the tenant's window has filled.
+            let over = tick >= 100 && total > LIMIT;
             for r in &mut replicas {
                 // Each call over the limit is a 429 for whoever sent it; all calls wait for slots.
+                r.sent(now);
                 if over {
                     r.throttled(now - step, now);
                 } else {
                     r.succeeded(now);
                 }
             }
-            if tick >= 6_000 {
+            if tick >= 15_000 {
                 sum_total += replicas.iter().map(Aimd::rate).sum::<f64>();
                 samples += 1;
             }
@@ -420,6 +479,22 @@ mod tests {
             now,
         );
         assert_eq!(aimd.rate(), FLOOR, "bounded below");
+    }
+
+    #[test]
+    fn a_starting_budget_takes_a_peer_decrease_as_the_tenants_budget() {
+        let now = Instant::now();
+        let mut fresh = Aimd::new(5.0, 1000.0, 5.0, now);
+        let peer = Learned {
+            rate: 45.0,
+            throttled_at: 50.0,
+        };
+        fresh.peer_throttled(peer, now);
+        assert_eq!(
+            fresh.learned(),
+            Some(peer),
+            "not its own 5/s, which is no knowledge"
+        );
     }
 
     #[test]

@@ -132,8 +132,12 @@ impl Gate {
             let permit = slot().await;
             let admitted = {
                 let mut state = self.lock();
-                let interval = state.interval();
-                state.schedule.try_admit(Instant::now(), interval)
+                let (interval, now) = (state.interval(), Instant::now());
+                let admitted = state.schedule.try_admit(now, interval);
+                if let (Ok(()), Some(aimd)) = (admitted, state.aimd.as_mut()) {
+                    aimd.sent(now);
+                }
+                admitted
             };
             // Waiters wake together and one takes the turn; the others give their slot back
             // and wait for the next.
@@ -193,14 +197,13 @@ impl Gate {
         if !self.adaptive {
             return false;
         }
-        let until = {
+        {
             let mut state = self.lock();
-            let until = until + state.stagger();
-            if !state.schedule.hold(until) {
+            let stagger = state.stagger();
+            if !state.schedule.hold(until, stagger) {
                 return false;
             }
-            until
-        };
+        }
         // The write gate alone reports the tenant's hold.
         if self.budget == Budget::Writes {
             self.observer.held(true);
@@ -401,7 +404,15 @@ mod tests {
         first.hold(Duration::from_secs(1));
         third.peer_hold(start + Duration::from_secs(1));
         assert_eq!(first.held_for(), Some(Duration::from_secs(1)));
-        assert_eq!(third.held_for(), Some(Duration::from_millis(1200)));
+        assert_eq!(
+            third.held_for(),
+            Some(Duration::from_secs(1)),
+            "the hold as told, to pass on unchanged"
+        );
+        first.admit().await;
+        assert_eq!(Instant::now() - start, Duration::from_secs(1));
+        third.admit().await;
+        assert_eq!(Instant::now() - start, Duration::from_millis(1200));
     }
 
     #[tokio::test(start_paused = true)]

@@ -18,7 +18,10 @@
 
 mod aimd;
 mod gate;
+mod history;
 mod schedule;
+#[cfg(test)]
+mod tests;
 
 use std::time::SystemTime;
 

@@ -7,7 +7,11 @@ use tokio::time::Instant;
 /// Slots are not reserved ahead: a budget that changes applies to the very next call.
 #[derive(Debug, Default)]
 pub(super) struct Schedule {
+    /// The hold as Graph told it (here or to another replica): what this replica reports and
+    /// passes on, so that replicas relaying it to each other never lengthen it.
     held_until: Option<Instant>,
+    /// This replica's first turn after the hold: its end plus the replica's stagger.
+    resume_at: Option<Instant>,
     last_sent: Option<Instant>,
 }
 
@@ -25,27 +29,31 @@ impl Schedule {
         Ok(())
     }
 
-    /// When a call may go, if not now: the end of the hold, or the next turn at the budget.
+    /// When a call may go, if not now: this replica's turn after the hold, or the next turn at
+    /// the budget.
     pub fn next_due(&self, now: Instant, interval: Option<Duration>) -> Option<Instant> {
-        if let Some(until) = self.held_until(now) {
-            return Some(until);
-        }
         Some(self.due(now, interval)).filter(|due| *due > now)
     }
 
     fn due(&self, now: Instant, interval: Option<Duration>) -> Instant {
-        match (interval, self.last_sent) {
-            (Some(interval), Some(last)) => last + interval,
+        match (self.resume_at, interval, self.last_sent) {
+            // The first call after a hold goes at this replica's turn and starts the cadence
+            // afresh there, so replicas resuming one turn apart interleave rather than bunch on
+            // the grids they had before it.
+            (Some(resume), _, last) if last.is_none_or(|last| last < resume) => resume,
+            (_, Some(interval), Some(last)) => last + interval,
             _ => now,
         }
     }
 
-    /// Extends the hold; a shorter Retry-After never shortens one already in force. `false`
-    /// when the hold in force already lasts as long or longer.
-    pub fn hold(&mut self, until: Instant) -> bool {
+    /// Extends the hold to `until`, after which this replica resumes `stagger` later; a shorter
+    /// Retry-After never shortens one already in force. `false` when the hold in force already
+    /// lasts as long or longer.
+    pub fn hold(&mut self, until: Instant, stagger: Duration) -> bool {
         let extends = self.held_until.is_none_or(|held| until > held);
         if extends {
             self.held_until = Some(until);
+            self.resume_at = Some(until + stagger);
         }
         extends
     }
@@ -93,8 +101,11 @@ mod tests {
     fn hold_blocks_everyone_and_only_grows() {
         let now = Instant::now();
         let mut s = Schedule::default();
-        assert!(s.hold(now + 2 * SECOND));
-        assert!(!s.hold(now + SECOND), "a shorter hold changes nothing");
+        assert!(s.hold(now + 2 * SECOND, Duration::ZERO));
+        assert!(
+            !s.hold(now + SECOND, Duration::ZERO),
+            "a shorter hold changes nothing"
+        );
         assert_eq!(s.try_admit(now, None), Err(now + 2 * SECOND));
         assert!(
             s.held_until(now + 2 * SECOND - Duration::from_millis(1))
@@ -102,5 +113,22 @@ mod tests {
         );
         assert_eq!(s.held_until(now + 2 * SECOND), None);
         assert_eq!(s.try_admit(now + 2 * SECOND, None), Ok(()));
+    }
+
+    #[test]
+    fn after_a_hold_the_cadence_restarts_at_the_replicas_turn() {
+        let now = Instant::now();
+        let mut s = Schedule::default();
+        let tenth = Some(SECOND / 10);
+        assert_eq!(s.try_admit(now, tenth), Ok(()));
+        let until = now + SECOND / 20;
+        let turn = Duration::from_millis(30);
+        assert!(s.hold(until, turn));
+        assert_eq!(s.held_until(now), Some(until), "the hold as told");
+        assert_eq!(s.try_admit(until, tenth), Err(until + turn));
+        // Called a little late, the call takes the turn's place on the grid, not the old one's.
+        let late = until + turn + Duration::from_millis(5);
+        assert_eq!(s.try_admit(late, tenth), Ok(()));
+        assert_eq!(s.try_admit(late, tenth), Err(until + turn + SECOND / 10));
     }
 }

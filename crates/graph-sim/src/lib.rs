@@ -225,6 +225,10 @@ pub struct Scripted {
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Stats {
     pub action_calls: u64,
+    /// When the first action call arrived, in ms since the simulator started: where a bench's
+    /// clock starts when it measures the draining, not the clients' start-up.
+    #[serde(default)]
+    pub first_action_offset_ms: Option<u64>,
     /// Action calls per device id (as sent).
     pub calls_by_device: BTreeMap<String, u64>,
     /// Action responses by status.
@@ -305,6 +309,11 @@ impl Sim {
 
     pub fn stats(&self) -> Stats {
         self.shared.stats()
+    }
+
+    /// When the simulator started: the origin of the offsets in [`Stats`].
+    pub fn started(&self) -> std::time::Instant {
+        self.shared.cfg.started
     }
 
     pub fn reset_stats(&self) {

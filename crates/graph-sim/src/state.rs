@@ -31,7 +31,7 @@ pub(super) struct Config {
     pub token_ttl: Duration,
     pub page_size: usize,
     outages: Vec<(f64, f64)>,
-    started: Instant,
+    pub started: Instant,
 }
 
 const MAX_ISSUED_KEPT: usize = 100;
@@ -274,6 +274,10 @@ impl Shared {
         let mut inner = self.lock();
         inner.enter();
         inner.stats.action_calls += 1;
+        if inner.stats.first_action_offset_ms.is_none() {
+            let offset = u64::try_from(self.cfg.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+            inner.stats.first_action_offset_ms = Some(offset);
+        }
         *inner
             .stats
             .calls_by_device

@@ -1,0 +1,3 @@
+//! Tests of the gates together, beyond each module's own.
+
+mod model;

@@ -85,6 +85,11 @@ impl Aimd {
     }
 
     /// This replica's share of it.
+    /// Whether other replicas share the budget.
+    pub fn shared(&self) -> bool {
+        self.replicas > 1
+    }
+
     pub fn share(&self) -> f64 {
         self.rate / f64::from(self.replicas)
     }

@@ -32,15 +32,16 @@ struct State {
 }
 
 impl State {
-    /// How much later than the end of a hold this replica resumes: one turn at the shared
-    /// budget per replica ranked before it, so that replicas come back one after another as
-    /// the tenant's window frees a slot at a time, not all at once into a fresh 429.
-    fn stagger(&self) -> Duration {
+    /// While replicas share the budget, how much later than the end of a hold this one
+    /// resumes: one turn at the shared budget per replica ranked before it, so that replicas
+    /// come back one after another as the tenant's window frees a slot at a time, not all at
+    /// once into a fresh 429. `None` alone.
+    fn turn_after_hold(&self) -> Option<Duration> {
         match &self.aimd {
-            Some(aimd) if self.rank > 0 => {
-                Duration::from_secs_f64(f64::from(self.rank) / aimd.rate()).min(MAX_STAGGER)
+            Some(aimd) if aimd.shared() => {
+                Some(Duration::from_secs_f64(f64::from(self.rank) / aimd.rate()).min(MAX_STAGGER))
             }
-            _ => Duration::ZERO,
+            _ => None,
         }
     }
 
@@ -199,8 +200,8 @@ impl Gate {
         }
         {
             let mut state = self.lock();
-            let stagger = state.stagger();
-            if !state.schedule.hold(until, stagger) {
+            let turn = state.turn_after_hold();
+            if !state.schedule.hold(until, turn) {
                 return false;
             }
         }

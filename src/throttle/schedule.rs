@@ -10,11 +10,9 @@ pub(super) struct Schedule {
     /// The hold as Graph told it (here or to another replica): what this replica reports and
     /// passes on, so that replicas relaying it to each other never lengthen it.
     held_until: Option<Instant>,
-    /// This replica's first turn after the hold: its end plus the replica's stagger.
-    resume_at: Option<Instant>,
-    /// Whether the cadence restarts at `resume_at` (replicas sharing the budget) or keeps its
-    /// grid (alone).
-    restart: bool,
+    /// While replicas share the budget, this replica's turn after the hold (its stagger past
+    /// the end), where its cadence restarts; `None` alone, when the cadence keeps its grid.
+    turn: Option<Duration>,
     last_sent: Option<Instant>,
 }
 
@@ -43,7 +41,10 @@ impl Schedule {
             (Some(interval), Some(last)) => Some(last + interval),
             _ => None,
         };
-        match (self.resume_at, next) {
+        let resume = self
+            .held_until
+            .map(|held| held + self.turn.unwrap_or_default());
+        match (resume, next) {
             // The first call after a hold goes at this replica's turn. Replicas sharing the
             // budget start their cadence afresh there, so that resuming one turn apart they
             // interleave rather than bunch on the grids they had before it. Alone, the grid
@@ -52,7 +53,7 @@ impl Schedule {
             // a call a hold — in the model, three such replicas sent 4 % of their calls into
             // 429s and drained at 88 % of the limit instead of 97 %.
             (Some(resume), next) if self.last_sent.is_none_or(|last| last < resume) => match next {
-                Some(next) if !self.restart => next.max(resume),
+                Some(next) if self.turn.is_none() => next.max(resume),
                 _ => resume,
             },
             (_, Some(next)) => next,
@@ -68,8 +69,7 @@ impl Schedule {
         let extends = self.held_until.is_none_or(|held| until > held);
         if extends {
             self.held_until = Some(until);
-            self.resume_at = Some(until + turn.unwrap_or_default());
-            self.restart = turn.is_some();
+            self.turn = turn;
         }
         extends
     }

@@ -272,6 +272,12 @@ mod tests {
             self.metrics.render().lines().any(|l| l == line)
         }
 
+        /// Connected to the first node and consuming: ready.
+        fn consuming_on_a(&self, nodes: &[String]) {
+            self.link_event(LinkEvent::Connected { nodes, node: 0 });
+            self.link_event(LinkEvent::ConsumeStarted);
+        }
+
         /// `/readyz`'s `reason` when not ready, `None` when ready.
         fn not_ready(&self) -> Option<String> {
             let body = self.health.readiness().err()?;
@@ -323,11 +329,7 @@ mod tests {
     #[test]
     fn consuming_makes_a_connected_worker_ready_until_it_stops() {
         let (o, nodes) = (observer(), nodes());
-        o.link_event(LinkEvent::Connected {
-            nodes: &nodes,
-            node: 0,
-        });
-        o.link_event(LinkEvent::ConsumeStarted);
+        o.consuming_on_a(&nodes);
         assert_eq!(o.health.readiness(), Ok(json!({"ready": true})));
         o.link_event(LinkEvent::ConsumeStopped);
         assert_eq!(o.not_ready().as_deref(), Some("not_consuming"));
@@ -336,11 +338,7 @@ mod tests {
     #[test]
     fn a_consumption_pause_makes_readyz_name_the_credentials_until_it_ends() {
         let (o, nodes) = (observer(), nodes());
-        o.link_event(LinkEvent::Connected {
-            nodes: &nodes,
-            node: 0,
-        });
-        o.link_event(LinkEvent::ConsumeStarted);
+        o.consuming_on_a(&nodes);
         let reason = Some(PauseReason::Forbidden);
         o.link_event(LinkEvent::ConsumptionPaused { reason });
         let body = json!({

@@ -164,12 +164,8 @@ impl Link for TenantLink {
     }
 
     fn throttled(&self, budget: Budget, learned: Learned) {
-        let _ = self.tx.try_send(Msg::Throttled {
-            tenant: self.tenant.clone(),
-            budget: wire_budget(budget),
-            rate: learned.rate,
-            throttled_at: learned.throttled_at,
-        });
+        let entry = LearnedEntry::new(&self.tenant, wire_budget(budget), learned);
+        let _ = self.tx.try_send(Msg::Throttled(entry));
     }
 }
 
@@ -200,7 +196,8 @@ impl Shared {
     /// dropped. `true` when it came from a replica not heard before: it learns of this one at
     /// once from a heartbeat, not up to a heartbeat later, so that shares converge at start.
     fn receive(&self, body: &[u8]) -> bool {
-        let envelope = match wire::decode(&self.keys, body, SystemTime::now()) {
+        let received = SystemTime::now();
+        let envelope = match wire::decode(&self.keys, body, received) {
             Ok(envelope) => envelope,
             Err(why) => {
                 self.metrics.replica_message_rejected(why);
@@ -222,15 +219,9 @@ impl Shared {
                     hold(t, until_ms);
                 }
             }
-            Msg::Throttled {
-                tenant,
-                budget,
-                rate,
-                throttled_at,
-            } => {
-                if let Some(t) = self.tenant(&tenant) {
-                    t.gate(budget)
-                        .peer_throttled(Learned { rate, throttled_at });
+            Msg::Throttled(l) => {
+                if let Some(t) = self.tenant(&l.tenant) {
+                    t.gate(l.budget).peer_learned(l.learned(received));
                 }
             }
             Msg::Heartbeat { holds, learned } => {
@@ -241,7 +232,7 @@ impl Shared {
                 }
                 for l in &learned {
                     if let Some(t) = self.tenant(&l.tenant) {
-                        t.gate(l.budget).adopt(l.learned());
+                        t.gate(l.budget).peer_learned(l.learned(received));
                     }
                 }
             }
@@ -309,12 +300,7 @@ impl Shared {
             }
             for gate in [&t.writes, &t.reads] {
                 if let Some(l) = gate.learned() {
-                    learned.push(LearnedEntry {
-                        tenant: tenant.to_owned(),
-                        budget: wire_budget(gate.budget()),
-                        rate: l.rate,
-                        throttled_at: l.throttled_at,
-                    });
+                    learned.push(LearnedEntry::new(tenant, wire_budget(gate.budget()), l));
                 }
             }
         }

@@ -41,12 +41,7 @@ pub enum Msg {
     /// The tenant was told to wait until `until_ms` (wall clock).
     Hold { tenant: String, until_ms: u64 },
     /// A 429 decreased the tenant's shared budget.
-    Throttled {
-        tenant: String,
-        budget: WireBudget,
-        rate: f64,
-        throttled_at: f64,
-    },
+    Throttled(LearnedEntry),
     /// "I am alive", with what this replica knows, so a replica that joins (or restarts) starts
     /// from it rather than from nothing.
     Heartbeat {
@@ -73,11 +68,27 @@ pub struct LearnedEntry {
     pub budget: WireBudget,
     pub rate: f64,
     pub throttled_at: f64,
+    /// When the 429 was (wall clock). Replicas built before it was added do not send it: then
+    /// it is taken as the moment the message arrived.
+    #[serde(default)]
+    pub at_ms: Option<u64>,
 }
 
 impl LearnedEntry {
-    pub fn learned(&self) -> Learned {
+    pub fn new(tenant: &str, budget: WireBudget, learned: Learned) -> Self {
+        Self {
+            tenant: tenant.to_owned(),
+            budget,
+            rate: learned.rate,
+            throttled_at: learned.throttled_at,
+            at_ms: Some(unix_ms(learned.at)),
+        }
+    }
+
+    /// What the sender learned, `received` when the message arrived.
+    pub fn learned(&self, received: SystemTime) -> Learned {
         Learned {
+            at: self.at_ms.and_then(from_unix_ms).unwrap_or(received),
             rate: self.rate,
             throttled_at: self.throttled_at,
         }
@@ -141,7 +152,7 @@ impl Msg {
         let tenant = |t: &str| t.len() <= MAX_TENANT;
         match self {
             Msg::Hold { tenant: t, .. } => tenant(t),
-            Msg::Throttled { tenant: t, .. } => tenant(t),
+            Msg::Throttled(l) => tenant(&l.tenant),
             Msg::Heartbeat { holds, learned } => {
                 holds.len() <= MAX_ENTRIES
                     && learned.len() <= MAX_ENTRIES
@@ -187,15 +198,27 @@ mod tests {
             budget: WireBudget::Reads,
             rate: 40.5,
             throttled_at: 45.0,
+            at_ms: None,
         };
-        for msg in [
-            hold(),
-            Msg::Throttled {
-                tenant: "default".into(),
-                budget: WireBudget::Writes,
+        let at = UNIX_EPOCH + Duration::from_millis(1_700_000_000_123);
+        let throttled = LearnedEntry::new(
+            "default",
+            WireBudget::Writes,
+            Learned {
+                at,
                 rate: 45.0,
                 throttled_at: 50.0,
             },
+        );
+        assert_eq!(throttled.learned(now).at, at);
+        assert_eq!(
+            learned.learned(now).at,
+            now,
+            "no time sent: when it arrived"
+        );
+        for msg in [
+            hold(),
+            Msg::Throttled(throttled),
             Msg::Heartbeat {
                 holds: vec![HoldEntry {
                     tenant: "default".into(),
@@ -289,7 +312,7 @@ mod tests {
         ) {
             let bytes = [&keys().mac(DOMAIN, json.as_bytes())[..], json.as_bytes()].concat();
             let _ = decode(&keys(), &bytes, SystemTime::now());
-            let msg = Msg::Throttled { tenant: "t".into(), budget: WireBudget::Writes, rate, throttled_at: rate };
+            let msg = Msg::Throttled(LearnedEntry { tenant: "t".into(), budget: WireBudget::Writes, rate, throttled_at: rate, at_ms: Some(u64::MAX) });
             let sent = envelope(msg, SystemTime::now());
             let _ = decode(&keys(), &encode(&keys(), &sent), SystemTime::now());
             let sent = Envelope { sent_ms: until, ..envelope(hold(), SystemTime::now()) };

@@ -9,12 +9,11 @@ use std::{
 use tokio::time::Instant;
 
 use super::{
-    Budget, GateConfig, Learned, Link, MAX_RETRY_AFTER, NO_CEILING, Observer, aimd::Aimd,
-    schedule::Schedule,
+    Budget, GateConfig, Learned, Link, MAX_RETRY_AFTER, NO_CEILING, Observer,
+    aimd::{Aimd, Event, MAX_EVENT_AGE},
+    grid::Grid,
+    schedule::{Pace, Schedule},
 };
-
-/// The stagger after a hold never exceeds this, however many replicas and however low the budget.
-const MAX_STAGGER: Duration = Duration::from_secs(1);
 
 /// A call's pass through the gate: when it went.
 #[derive(Debug, Clone, Copy)]
@@ -32,30 +31,25 @@ struct State {
 }
 
 impl State {
-    /// While replicas share the budget, how much later than the end of a hold this one
-    /// resumes: one turn at the shared budget per replica ranked before it, so that replicas
-    /// come back one after another as the tenant's window frees a slot at a time, not all at
-    /// once into a fresh 429. `None` alone.
-    fn turn_after_hold(&self) -> Option<Duration> {
+    /// Alone, calls are spaced at the budget. Replicas sharing it take turns on one grid once
+    /// they follow the same congestion event (see [`Grid`]); before the first 429, or while
+    /// this replica does not use its share, each spaces its own.
+    fn pace(&self, now: Instant) -> Pace {
         match &self.aimd {
-            Some(aimd) if aimd.shared() => {
-                Some(Duration::from_secs_f64(f64::from(self.rank) / aimd.rate()).min(MAX_STAGGER))
-            }
-            _ => None,
-        }
-    }
-
-    fn interval(&self) -> Option<Duration> {
-        match &self.aimd {
-            Some(aimd) => Some(Duration::from_secs_f64(1.0 / aimd.share())),
-            None => self.fixed_interval,
+            Some(aimd) => match aimd.curve(now) {
+                Some((origin, curve)) if aimd.shared() => {
+                    Pace::Turns(Grid::new(origin, curve, aimd.replicas(), self.rank))
+                }
+                _ => Pace::Every(Duration::from_secs_f64(1.0 / aimd.share(now))),
+            },
+            None => self.fixed_interval.map_or(Pace::Free, Pace::Every),
         }
     }
 
     /// The shared budget and this replica's share (the same without an adaptive budget).
-    fn rates(&self) -> (f64, f64) {
+    fn rates(&self, now: Instant) -> (f64, f64) {
         match &self.aimd {
-            Some(aimd) => (aimd.rate(), aimd.share()),
+            Some(aimd) => (aimd.rate(now), aimd.share(now)),
             None => {
                 let rate = self.fixed_interval.map_or(0.0, |i| 1.0 / i.as_secs_f64());
                 (rate, rate)
@@ -133,8 +127,9 @@ impl Gate {
             let permit = slot().await;
             let admitted = {
                 let mut state = self.lock();
-                let (interval, now) = (state.interval(), Instant::now());
-                let admitted = state.schedule.try_admit(now, interval);
+                let now = Instant::now();
+                let pace = state.pace(now);
+                let admitted = state.schedule.try_admit(now, pace);
                 if let (Ok(()), Some(aimd)) = (admitted, state.aimd.as_mut()) {
                     aimd.sent(now);
                 }
@@ -155,14 +150,20 @@ impl Gate {
     async fn turn(&self) {
         loop {
             let due = {
-                let state = self.lock();
-                state.schedule.next_due(Instant::now(), state.interval())
+                let (state, now) = (self.lock(), Instant::now());
+                state.schedule.next_due(now, state.pace(now))
             };
             match due {
                 Some(at) => tokio::time::sleep_until(at).await,
                 None => return,
             }
         }
+    }
+
+    /// The shared budget and this replica's share now.
+    #[cfg(test)]
+    pub(crate) fn rates(&self) -> (f64, f64) {
+        self.lock().rates(Instant::now())
     }
 
     /// How much longer the tenant is held back, if it is.
@@ -198,12 +199,8 @@ impl Gate {
         if !self.adaptive {
             return false;
         }
-        {
-            let mut state = self.lock();
-            let turn = state.turn_after_hold();
-            if !state.schedule.hold(until, turn) {
-                return false;
-            }
+        if !self.lock().schedule.hold(until) {
+            return false;
         }
         // The write gate alone reports the tenant's hold.
         if self.budget == Budget::Writes {
@@ -222,13 +219,13 @@ impl Gate {
     /// The call of `ticket` was answered 429: the budget shrinks, and the other replicas' with it.
     pub fn throttled(&self, ticket: Ticket) {
         let learned = self.update(|aimd, now| {
-            let before = aimd.rate();
+            let before = aimd.rate(now);
             let decreased = aimd.throttled(ticket.sent_at, now);
-            tracing::debug!(before, after = aimd.rate(), "429: tenant budget");
+            tracing::debug!(before, after = aimd.rate(now), "429: tenant budget");
             decreased.then(|| aimd.learned()).flatten()
         });
-        if let (Some(learned), Some(link)) = (learned.flatten(), self.link.get()) {
-            link.throttled(self.budget, learned);
+        if let (Some(event), Some(link)) = (learned.flatten(), self.link.get()) {
+            link.throttled(self.budget, to_wall(event));
         }
     }
 
@@ -237,19 +234,18 @@ impl Gate {
         self.update(|aimd, now| aimd.succeeded(now));
     }
 
-    /// Another replica's call was answered 429 and it decreased the shared budget.
-    pub fn peer_throttled(&self, learned: Learned) {
-        self.update(|aimd, now| aimd.peer_throttled(learned, now));
-    }
-
-    /// What another replica has learned, for a budget that has learned nothing yet.
-    pub fn adopt(&self, learned: Learned) {
-        self.update(|aimd, _| aimd.adopt(learned));
+    /// What another replica learned: a 429 it was just answered, or its last one.
+    pub fn peer_learned(&self, learned: Learned) {
+        self.update(|aimd, now| aimd.peer_learned(from_wall(learned), now));
     }
 
     /// What this budget has learned, for the other replicas.
     pub fn learned(&self) -> Option<Learned> {
-        self.lock().aimd.as_ref().and_then(Aimd::learned)
+        self.lock()
+            .aimd
+            .as_ref()
+            .and_then(Aimd::learned)
+            .map(to_wall)
     }
 
     /// How many replicas (this one included) share the tenant's budget now, and this one's
@@ -267,7 +263,7 @@ impl Gate {
     }
 
     fn report(&self, state: &State) {
-        let (shared, share) = state.rates();
+        let (shared, share) = state.rates(Instant::now());
         self.observer.budget(self.budget, shared, share);
     }
 
@@ -275,6 +271,32 @@ impl Gate {
         // The state is plain data updated atomically under the lock, so a poisoned lock
         // still holds a consistent value.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// An event as the other replicas hear it: its time on the wall clock, which crosses machines.
+fn to_wall(event: Event) -> Learned {
+    let ago = Instant::now().saturating_duration_since(event.at);
+    let now = SystemTime::now();
+    Learned {
+        at: now.checked_sub(ago).unwrap_or(now),
+        rate: event.rate,
+        throttled_at: event.throttled_at,
+    }
+}
+
+/// A peer's event on this process's clock: no later than now (the peer's clock may be ahead),
+/// and no more than [`MAX_EVENT_AGE`] ago.
+fn from_wall(learned: Learned) -> Event {
+    let ago = SystemTime::now()
+        .duration_since(learned.at)
+        .unwrap_or_default()
+        .min(MAX_EVENT_AGE);
+    let now = Instant::now();
+    Event {
+        at: now.checked_sub(ago).unwrap_or(now),
+        rate: learned.rate,
+        throttled_at: learned.throttled_at,
     }
 }
 
@@ -395,13 +417,24 @@ mod tests {
         assert_eq!(told.holds.load(Ordering::Relaxed), 0);
     }
 
+    /// A budget of 10/s, steady since a congestion event long ago, shared by `replicas`.
+    fn steady(gate: &Gate, replicas: u32, rank: u32) {
+        let learned = Learned {
+            at: SystemTime::now() - Duration::from_secs(100),
+            rate: 10.0,
+            throttled_at: 10.0,
+        };
+        gate.peer_learned(learned);
+        gate.set_replicas(replicas, rank);
+    }
+
     #[tokio::test(start_paused = true)]
-    async fn replicas_resume_one_turn_apart_after_a_hold() {
+    async fn replicas_resume_at_their_turns_after_a_hold() {
+        let start = Instant::now();
         let first = gate(10.0, true, Budget::Writes);
         let third = gate(10.0, true, Budget::Writes);
-        first.set_replicas(3, 0);
-        third.set_replicas(3, 2);
-        let start = Instant::now();
+        steady(&first, 3, 0);
+        steady(&third, 3, 2);
         first.hold(Duration::from_secs(1));
         third.peer_hold(start + Duration::from_secs(1));
         assert_eq!(first.held_for(), Some(Duration::from_secs(1)));
@@ -410,19 +443,37 @@ mod tests {
             Some(Duration::from_secs(1)),
             "the hold as told, to pass on unchanged"
         );
-        first.admit().await;
-        assert_eq!(Instant::now() - start, Duration::from_secs(1));
-        third.admit().await;
-        assert_eq!(Instant::now() - start, Duration::from_millis(1200));
+        let resumed = |gate: Arc<Gate>| async move {
+            gate.admit().await;
+            Instant::now() - start
+        };
+        let (first, third) = tokio::join!(resumed(first), resumed(third));
+        // Turns every 0.1 s on one grid (its origin a few microseconds off, as the clocks are
+        // read): each resumes at its own first turn after the hold, one or two turns apart.
+        let gap = third.abs_diff(first);
+        assert!(first >= Duration::from_secs(1) && third >= Duration::from_secs(1));
+        assert!(
+            first.max(third) <= Duration::from_millis(1301),
+            "{first:?} {third:?}"
+        );
+        assert!(
+            gap.abs_diff(Duration::from_millis(100)) < Duration::from_millis(2)
+                || gap.abs_diff(Duration::from_millis(200)) < Duration::from_millis(2),
+            "{first:?} {third:?}"
+        );
     }
 
     #[tokio::test(start_paused = true)]
     async fn replicas_divide_the_spacing() {
         let gate = gate(10.0, true, Budget::Writes);
-        gate.set_replicas(2, 0);
-        let start = Instant::now();
+        steady(&gate, 2, 0);
         gate.admit().await;
+        let first = Instant::now();
         gate.admit().await;
-        assert_eq!(Instant::now() - start, Duration::from_millis(200));
+        let gap = Instant::now() - first;
+        assert!(
+            gap.abs_diff(Duration::from_millis(200)) < Duration::from_millis(2),
+            "{gap:?}"
+        );
     }
 }

@@ -14,10 +14,13 @@
 //! The module depends on nothing else in the crate: it reports through an [`Observer`] and tells
 //! other replicas through a [`Link`], both supplied by its user.
 //!
-//! [`schedule`] and [`aimd`] are plain data driven by an injected clock; [`Gate`] adds the waiting.
+//! [`schedule`], [`grid`], [`curve`] and [`aimd`] are plain data driven by an injected clock; [`Gate`] adds
+//! the waiting.
 
 mod aimd;
+mod curve;
 mod gate;
+mod grid;
 mod history;
 mod schedule;
 #[cfg(test)]
@@ -25,7 +28,6 @@ mod tests;
 
 use std::time::SystemTime;
 
-pub use aimd::Learned;
 pub use gate::{Gate, Ticket};
 
 /// Start of the adaptive budget when no limit is configured: Intune's documented write limit
@@ -82,6 +84,16 @@ pub trait Observer: Send + Sync {
     fn budget(&self, budget: Budget, shared: f64, share: f64);
     /// The tenant is held back by a Retry-After (`true`) or no longer (`false`).
     fn held(&self, held: bool);
+}
+
+/// What a budget has learned from its last 429, as replicas tell each other: when it was (wall
+/// clock: it crosses machines), the shared budget after the decrease and the rate that was
+/// throttled. Replicas that know the same event compute the same budget from then on.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Learned {
+    pub at: SystemTime,
+    pub rate: f64,
+    pub throttled_at: f64,
 }
 
 /// How a gate tells the other replicas of the worker. Called on the call path: it must not block.

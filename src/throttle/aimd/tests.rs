@@ -316,3 +316,33 @@ proptest! {
         prop_assert_eq!(merged(&events), merged(&shuffled));
     }
 }
+
+#[test]
+fn an_event_long_past_is_no_licence_to_call_faster_than_it_was_sent() {
+    let now = Instant::now() + 2 * MAX_EVENT_AGE;
+    let mut fresh = Aimd::new(5.0, 1000.0, 5.0, now);
+    // An hour of probing since would put the budget near 140/s; the tenant was sent at 50.
+    fresh.peer_learned(event(now - MAX_EVENT_AGE, 45.0, 50.0), now);
+    assert_near(fresh.rate(now), 50.0 * (1.0 + HEADROOM));
+    // Older still (or forged): taken as an hour old.
+    let mut fresh = Aimd::new(5.0, 1000.0, 5.0, now);
+    fresh.peer_learned(event(now - 2 * MAX_EVENT_AGE, 45.0, 50.0), now);
+    assert_eq!(fresh.learned().unwrap().at, now - MAX_EVENT_AGE);
+}
+
+#[test]
+fn a_starting_replica_merges_what_its_own_calls_measure() {
+    let mut now = Instant::now();
+    let mut fast = Aimd::new(5.0, 1000.0, 5.0, now);
+    run(&mut fast, &mut now, 1.5);
+    let sent = fast.sent.count_rate_before(now);
+    assert!(sent > 10.0, "{sent}");
+    // A replica that had just started was answered 429 for its own few calls a second.
+    fast.peer_learned(event(now, 3.6, 4.0), now);
+    let learned = fast.learned().unwrap();
+    assert_eq!(
+        learned.throttled_at, sent,
+        "the tenant was sent at least this"
+    );
+    assert_eq!(learned.rate, 3.6, "the lowest budget");
+}

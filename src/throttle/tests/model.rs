@@ -105,6 +105,29 @@ enum Msg {
     },
 }
 
+impl Msg {
+    /// The message as it arrives. A congestion event's time is on the wall clock, which runs
+    /// on in real time while the model's clock is paused: as much real time as passed in
+    /// transit is added back, so that the receiver reads the event as far in the past as the
+    /// sender wrote it, however busy the machine running the model (under load the model's
+    /// figures otherwise moved by a point).
+    fn on_arrival(self, sent: SystemTime) -> Self {
+        let transit = SystemTime::now().duration_since(sent).unwrap_or_default();
+        let arrived = |l: Learned| Learned {
+            at: l.at + transit,
+            ..l
+        };
+        match self {
+            Msg::Throttled(l) => Msg::Throttled(arrived(l)),
+            Msg::Heartbeat { hold, learned } => Msg::Heartbeat {
+                hold,
+                learned: learned.map(arrived),
+            },
+            hold => hold,
+        }
+    }
+}
+
 /// The control plane of every replica at once: who is connected, who knows whom.
 struct Bus {
     delay: Duration,
@@ -121,6 +144,7 @@ struct Replica {
 impl Bus {
     /// Sends `msg` from replica `from` to every other connected one, after the bus's delay.
     fn send(self: &Arc<Self>, from: usize, msg: Msg) {
+        let sent = SystemTime::now();
         for to in 0..self.replicas.len() {
             if to == from || !*self.replicas[to].connected.lock().unwrap() {
                 continue;
@@ -128,6 +152,7 @@ impl Bus {
             let bus = Arc::clone(self);
             tokio::spawn(async move {
                 tokio::time::sleep(bus.delay).await;
+                let msg = msg.on_arrival(sent);
                 bus.receive(to, from, msg);
             });
         }

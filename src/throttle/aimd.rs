@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::{
-    curve::{Curve, Growth},
+    curve::{Curve, Growth, since},
     history::{History, SPAN},
 };
 
@@ -293,11 +293,6 @@ impl Aimd {
             throttled_at: bound(peer.throttled_at),
         }
     }
-}
-
-/// Seconds from `at` to `now`, 0 if `now` is earlier.
-fn since(at: Instant, now: Instant) -> f64 {
-    now.saturating_duration_since(at).as_secs_f64()
 }
 
 #[cfg(test)]

@@ -6,6 +6,13 @@
 //! throttled (the plateau), then probes beyond it slowly, up to the ceiling: at most three
 //! straight pieces, each integrated exactly.
 
+use tokio::time::Instant;
+
+/// The curve's time: seconds from `at` to `now`, 0 if `now` is earlier.
+pub(super) fn since(at: Instant, now: Instant) -> f64 {
+    now.saturating_duration_since(at).as_secs_f64()
+}
+
 /// One straight piece: from `start` seconds after the event, the rate `rate` growing by `slope`
 /// per second, the phase `phase` calls at its start.
 #[derive(Debug, Clone, Copy, PartialEq)]

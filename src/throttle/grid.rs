@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::curve::Curve;
+use super::curve::{Curve, since};
 
 /// One replica's turns.
 #[derive(Debug, Clone, Copy)]
@@ -37,14 +37,16 @@ impl Grid {
 
     /// The time between two turns (any replica's) at `t`.
     pub fn spacing(&self, t: Instant) -> Duration {
-        let rate = self.curve.rate_at(self.since(t));
+        let rate = self.curve.rate_at(since(self.origin, t));
         Duration::try_from_secs_f64(1.0 / rate).unwrap_or(Duration::MAX)
     }
 
     /// This replica's first turn at or after `t` (`t` itself for one a hair before it).
     pub fn next_turn(&self, t: Instant) -> Instant {
         // A turn a hair before `t` by rounding is still at `t`.
-        let first = (self.curve.phase_at(self.since(t)) - 1e-6).ceil().max(0.0);
+        let first = (self.curve.phase_at(since(self.origin, t)) - 1e-6)
+            .ceil()
+            .max(0.0);
         // Saturating: a count past 2^64 calls is centuries away at any budget.
         let first = first as u64;
         let (n, rank) = (self.replicas, self.rank);
@@ -54,10 +56,6 @@ impl Grid {
         at.ok()
             .and_then(|at| self.origin.checked_add(at))
             .map_or(t, |at| at.max(t))
-    }
-
-    fn since(&self, t: Instant) -> f64 {
-        t.saturating_duration_since(self.origin).as_secs_f64()
     }
 }
 

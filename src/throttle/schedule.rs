@@ -50,36 +50,27 @@ impl Schedule {
     }
 
     fn due(&self, now: Instant, pace: Pace) -> Instant {
+        let latest = |times: &[Option<Instant>]| times.iter().flatten().max().copied();
         match pace {
+            Pace::Free => latest(&[self.held_until]).unwrap_or(now),
             // Not before the hold ends, nor before the next turn at the budget. A hold shorter
             // than the turn it fell in lets no call through sooner, or a replica told to wait
             // often (by 429s it does not share) would overrun its budget by a call a hold: in
             // the model, three such replicas sent 4 % of their calls into 429s and drained at
             // 88 % of the limit instead of 97 %.
-            Pace::Free | Pace::Every(_) => {
-                let next = match pace {
-                    Pace::Every(interval) => self.last_sent.map(|last| last + interval),
-                    _ => None,
-                };
-                [next, self.held_until]
-                    .into_iter()
-                    .flatten()
-                    .max()
-                    .unwrap_or(now)
+            Pace::Every(interval) => {
+                let next = self.last_sent.map(|last| last + interval);
+                latest(&[next, self.held_until]).unwrap_or(now)
             }
             // This replica's first turn after its last call and after the hold — but not one
             // long past: after an idle spell there is no burst of the turns it missed. After a
             // hold, replicas resume one after another, in the grid's order.
             Pace::Turns(grid) => {
                 let spacing = grid.spacing(now);
-                let recent = now.checked_sub(spacing).unwrap_or(now);
+                let recent = Some(now.checked_sub(spacing).unwrap_or(now));
                 // Half a turn on: the next turn, however the rounding of the last fell.
                 let after_last = self.last_sent.map(|last| last + spacing / 2);
-                let from = [after_last, self.held_until, Some(recent)]
-                    .into_iter()
-                    .flatten()
-                    .max();
-                grid.next_turn(from.unwrap_or(now))
+                grid.next_turn(latest(&[after_last, self.held_until, recent]).unwrap_or(now))
             }
         }
     }

@@ -120,7 +120,8 @@ pub fn register_process(r: &mut Registry) {
 /// (`unassign_amqp_channel_errors_total{reason}`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChannelErrorReason {
-    /// The publish channel (a publish the broker refused), found closed and reopened.
+    /// The publish channel, reopened: found closed (a publish the broker refused at channel
+    /// level), or retired after a nack.
     Publish,
     /// The throwaway channel of the queue-depth poll (a queue that is gone).
     QueuePoll,

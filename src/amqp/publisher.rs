@@ -4,6 +4,13 @@
 //! The broker may close the publish channel while the connection lives on (a publish it
 //! refuses: an exchange that is gone, say). That is the one channel's end, not the session's:
 //! the next publish finds the channel closed and opens a fresh one in its place.
+//!
+//! A nack retires the channel too. The broker keeps per-channel state for each quorum queue it
+//! publishes to, and RabbitMQ 3.10 can leave that state stuck after the queue's leader moves: a
+//! channel that published while no leader was known then has every later publish nacked, for
+//! as long as it lives, though the queue has long had a new leader. A fresh channel starts
+//! clean; the cost when the nack was deserved (a queue at its length limit) is one channel open
+//! per refused publish.
 
 use std::{future::Future, sync::Arc, time::Duration};
 
@@ -41,25 +48,41 @@ pub enum PublishError {
 #[derive(Clone)]
 pub struct Publisher {
     /// Locked only to read or replace the channel, never across a publish: the lock makes a
-    /// reopen single-flight, so concurrent publishers that all find the channel closed open
-    /// one channel between them.
-    channel: Arc<Mutex<Channel>>,
+    /// reopen single-flight, so concurrent publishers that all find the channel closed (or
+    /// nacked) open one channel between them.
+    current: Arc<Mutex<Current>>,
     /// The worker's publisher reopens its channel; the commands' do not, since a refused
     /// publish ends the command anyway.
     reopen: Option<Reopen>,
 }
 
-/// Where a closed channel is replaced, and who hears of it.
+/// Where a closed or nacked channel is replaced, and who hears of it.
 #[derive(Clone)]
 struct Reopen {
     connection: Arc<Connection>,
     observe: Arc<dyn Observe>,
 }
 
+/// The channel publishes go out on. A replaced channel is closed by lapin once the last publish
+/// still waiting for its confirm there lets go of it.
+struct Current {
+    channel: Channel,
+    /// Counts replacements, so that a nack retires the channel it came from and never its
+    /// successor (a channel id can be reused once the old channel is closed).
+    generation: u64,
+    /// The broker nacked a publish on this channel: the next publish opens a fresh one.
+    refused: bool,
+}
+
 impl Publisher {
     pub async fn open(connection: &Connection) -> Result<Self, lapin::Error> {
+        let current = Current {
+            channel: confirm_channel(connection).await?,
+            generation: 0,
+            refused: false,
+        };
         Ok(Self {
-            channel: Arc::new(Mutex::new(confirm_channel(connection).await?)),
+            current: Arc::new(Mutex::new(current)),
             reopen: None,
         })
     }
@@ -83,27 +106,45 @@ impl Publisher {
     /// Closes the channel in use; done explicitly, since a close on drop would race the
     /// connection's close.
     pub async fn close(&self) {
-        let channel = self.channel.lock().await.clone();
+        let channel = self.current.lock().await.channel.clone();
         let _ = channel.close(200, "done".into()).await;
     }
 
-    /// The channel to publish on: the current one, or a fresh one if the broker closed it while
-    /// the connection lives on (on a dead connection, the old one fails the publish).
-    async fn channel(&self) -> Result<Channel, lapin::Error> {
-        let mut channel = self.channel.lock().await;
+    /// The channel to publish on, and its generation: the current one, or a fresh one if the
+    /// broker closed it while the connection lives on or nacked a publish on it (on a dead
+    /// connection, the old one fails the publish).
+    async fn channel(&self) -> Result<(Channel, u64), lapin::Error> {
+        let mut current = self.current.lock().await;
         if let Some(reopen) = &self.reopen
-            && !channel.status().connected()
             && reopen.connection.status().connected()
         {
-            tracing::warn!(
-                channel = channel.id(),
-                "the publish channel was closed; reopening it"
-            );
-            let closed = LinkEvent::ChannelClosed(ChannelErrorReason::Publish);
-            reopen.observe.report(Happened::Link(closed));
-            *channel = confirm_channel(&reopen.connection).await?;
+            let closed = !current.channel.status().connected();
+            if closed || current.refused {
+                let why = if closed {
+                    "closed"
+                } else {
+                    "nacked a publish on"
+                };
+                tracing::warn!(
+                    channel = current.channel.id(),
+                    "the broker {why} the publish channel; publishing on a fresh one"
+                );
+                let event = LinkEvent::ChannelClosed(ChannelErrorReason::Publish);
+                reopen.observe.report(Happened::Link(event));
+                current.channel = confirm_channel(&reopen.connection).await?;
+                current.generation += 1;
+                current.refused = false;
+            }
         }
-        Ok(channel.clone())
+        Ok((current.channel.clone(), current.generation))
+    }
+
+    /// Retires the channel of `generation` after a nack, unless it was replaced meanwhile.
+    async fn refused(&self, generation: u64) {
+        let mut current = self.current.lock().await;
+        if current.generation == generation {
+            current.refused = true;
+        }
     }
 
     /// Publishes and waits for the confirm. With `mandatory`, a message no queue takes is an
@@ -118,8 +159,10 @@ impl Publisher {
     ) -> Result<(), PublishError> {
         // The channel (maybe reopened), the send and the confirm, bounded as one: a reopen on
         // a connection that dies meanwhile must not hang the publish any more than a confirm.
-        confirmed(async {
-            let channel = self.channel().await?;
+        let mut used = None;
+        let result = confirmed(async {
+            let (channel, generation) = self.channel().await?;
+            used = Some(generation);
             let options = BasicPublishOptions {
                 mandatory,
                 ..Default::default()
@@ -130,7 +173,11 @@ impl Publisher {
                 .await?;
             confirm.await
         })
-        .await
+        .await;
+        if let (Err(PublishError::Nacked), Some(generation)) = (&result, used) {
+            self.refused(generation).await;
+        }
+        result
     }
 }
 

@@ -424,3 +424,80 @@ async fn concurrent_publishes_reopen_a_closed_channel_once() {
     broker.cleanup().await;
     sim.shutdown().await;
 }
+
+/// A nack retires the publish channel: the next publish goes out on a fresh one, opened once
+/// however many publishes were nacked together. (RabbitMQ 3.10 can leave a channel that
+/// published while a quorum queue had no leader nacking every later publish to it; that is
+/// what stalled `cluster::the_worker_fails_over_when_its_node_stops` now and then.)
+#[tokio::test]
+async fn a_nack_retires_the_publish_channel() {
+    let sim = Sim::start(common::sim_options()).await.unwrap();
+    let settings = common::settings(&sim, &common::prefix("nackreopen"));
+    let broker = Broker::connect(&settings).await;
+    // A queue that refuses every message: the broker nacks each publish to it.
+    let refuser = format!("{}.refuser", settings.amqp.queue);
+    let mut args = FieldTable::default();
+    args.insert("x-max-length".into(), AMQPValue::LongInt(0));
+    args.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString("reject-publish".into()),
+    );
+    let options = QueueDeclareOptions {
+        auto_delete: true,
+        ..Default::default()
+    };
+    broker
+        .channel
+        .queue_declare(refuser.as_str().into(), options, args)
+        .await
+        .unwrap();
+    let connection = std::sync::Arc::new(
+        lapin::Connection::connect(&common::amqp_url(), Default::default())
+            .await
+            .unwrap(),
+    );
+    let metrics = std::sync::Arc::new(unassign_worker::metrics::Metrics::new());
+    let observe = std::sync::Arc::new(unassign_worker::observe::Observer {
+        metrics: metrics.clone(),
+        health: Default::default(),
+    });
+    let publisher = amqp::Publisher::reopening(&connection, observe)
+        .await
+        .unwrap();
+    let publish = |key: String| {
+        let publisher = publisher.clone();
+        async move {
+            let properties = lapin::BasicProperties::default();
+            publisher.publish("", &key, b"{}", properties, true).await
+        }
+    };
+    let reopened = |n: u32| {
+        let text = metrics.render();
+        let line = format!("unassign_amqp_channel_errors_total{{reason=\"publish\"}} {n}\n");
+        assert!(text.contains(&line), "expected {line}{text}");
+    };
+
+    let outcomes = &settings.amqp.outcomes_queue;
+    for round in 1..=2 {
+        let nacked = futures_util::future::join_all((0..5).map(|_| publish(refuser.clone())));
+        for result in nacked.await {
+            assert!(
+                matches!(result, Err(amqp::PublishError::Nacked)),
+                "{result:?}"
+            );
+        }
+        reopened(round - 1);
+        let published = futures_util::future::join_all((0..10).map(|_| publish(outcomes.clone())));
+        for result in published.await {
+            result.expect("published on a fresh channel");
+        }
+        reopened(round);
+    }
+    publisher.close().await;
+    let _ = broker
+        .channel
+        .queue_delete(refuser.as_str().into(), QueueDeleteOptions::default())
+        .await;
+    broker.cleanup().await;
+    sim.shutdown().await;
+}

@@ -398,7 +398,12 @@ impl Supervisor {
             .basic_qos(prefetch, BasicQosOptions::default())
             .await
             .context("setting prefetch")?;
-        let publisher = Publisher::reopening(connection, self.ctx.observe.clone())
+        let observe = self.ctx.observe.clone();
+        let reopened = move || {
+            let closed = LinkEvent::ChannelClosed(ChannelErrorReason::Publish);
+            observe.report(Happened::Link(closed));
+        };
+        let publisher = Publisher::reopening(connection, reopened)
             .await
             .context("opening the publish channel")?;
         let tag = format!("{}/{}", self.name, uuid::Uuid::new_v4().simple());

@@ -20,11 +20,6 @@ use lapin::{
 };
 use tokio::sync::Mutex;
 
-use crate::{
-    metrics::ChannelErrorReason,
-    observe::{Happened, LinkEvent, Observe},
-};
-
 /// Longest wait for a publisher confirm. The broker confirms in milliseconds, or closes the
 /// channel; a confirm that never comes (a wedged channel, a queue stuck without its quorum) must
 /// not hold the delivery for ever: the caller retries, and in the end hands the delivery back.
@@ -51,8 +46,8 @@ pub struct Publisher {
     /// reopen single-flight, so concurrent publishers that all find the channel closed (or
     /// nacked) open one channel between them.
     current: Arc<Mutex<Current>>,
-    /// The worker's publisher reopens its channel; the commands' do not, since a refused
-    /// publish ends the command anyway.
+    /// The worker's and the intake's publishers replace their channel; the commands' do not,
+    /// since a refused publish ends the command anyway.
     reopen: Option<Reopen>,
 }
 
@@ -60,7 +55,7 @@ pub struct Publisher {
 #[derive(Clone)]
 struct Reopen {
     connection: Arc<Connection>,
-    observe: Arc<dyn Observe>,
+    reopened: Arc<dyn Fn() + Send + Sync>,
 }
 
 /// The channel publishes go out on. A replaced channel is closed by lapin once the last publish
@@ -87,15 +82,17 @@ impl Publisher {
         })
     }
 
-    /// A publisher that reopens its channel when the broker has closed it, reporting each time
-    /// to the observer (`unassign_amqp_channel_errors_total{reason="publish"}`).
+    /// A publisher that replaces its channel when the broker has closed it or nacked a publish
+    /// on it, calling `reopened` each time (the worker counts it in
+    /// `unassign_amqp_channel_errors_total{reason="publish"}`, the intake in
+    /// `unassign_intake_amqp_channel_reopens_total`).
     pub async fn reopening(
         connection: &Arc<Connection>,
-        observe: Arc<dyn Observe>,
+        reopened: impl Fn() + Send + Sync + 'static,
     ) -> Result<Self, lapin::Error> {
         let reopen = Reopen {
             connection: connection.clone(),
-            observe,
+            reopened: Arc::new(reopened),
         };
         Ok(Self {
             reopen: Some(reopen),
@@ -129,8 +126,7 @@ impl Publisher {
                     channel = current.channel.id(),
                     "the broker {why} the publish channel; publishing on a fresh one"
                 );
-                let event = LinkEvent::ChannelClosed(ChannelErrorReason::Publish);
-                reopen.observe.report(Happened::Link(event));
+                (reopen.reopened)();
                 current.channel = confirm_channel(&reopen.connection).await?;
                 current.generation += 1;
                 current.refused = false;

@@ -35,6 +35,7 @@ pub struct IntakeMetrics {
     inflight: Gauge,
     connected: Gauge,
     reconnects: Counter,
+    channel_reopens: Counter,
 }
 
 impl Default for IntakeMetrics {
@@ -56,6 +57,7 @@ impl IntakeMetrics {
             inflight: Gauge::default(),
             connected: Gauge::default(),
             reconnects: Counter::default(),
+            channel_reopens: Counter::default(),
         };
         for code in [202, 400, 401, 413, 503] {
             let _ = m.requests.get_or_create(&Code { code });
@@ -107,6 +109,11 @@ impl IntakeMetrics {
             "Broker connections made after the first",
             m.reconnects.clone(),
         );
+        r.register(
+            "unassign_intake_amqp_channel_reopens",
+            "Confirm channels replaced on a live connection: the broker closed one or nacked a publish on it",
+            m.channel_reopens.clone(),
+        );
         crate::metrics::register_process(r);
         m
     }
@@ -143,6 +150,10 @@ impl IntakeMetrics {
 
     pub fn reconnected(&self) {
         self.reconnects.inc();
+    }
+
+    pub fn channel_reopened(&self) {
+        self.channel_reopens.inc();
     }
 
     pub fn render(&self) -> String {

@@ -202,10 +202,14 @@ impl Supervisor {
         Ok(())
     }
 
-    async fn connect(&self, first_node: usize) -> Result<(Connection, usize, Publisher), Fatal> {
+    async fn connect(
+        &self,
+        first_node: usize,
+    ) -> Result<(Arc<Connection>, usize, Publisher), Fatal> {
         let (connection, node) = amqp::connect(&self.amqp, CONNECTION_NAME, first_node)
             .await
             .map_err(Fatal::Retry)?;
+        let connection = Arc::new(connection);
         if self.amqp.declare_topology {
             let channel = connection
                 .create_channel()
@@ -220,7 +224,11 @@ impl Supervisor {
                 Err(e) => return Err(Fatal::Retry(e.into())),
             }
         }
-        let publisher = Publisher::open(&connection)
+        // A nack is the broker's answer on a working connection, so it keeps the connection,
+        // but not the channel (amqp::publisher: a channel can go on nacking a quorum queue
+        // whose leader moved).
+        let metrics = self.metrics.clone();
+        let publisher = Publisher::reopening(&connection, move || metrics.channel_reopened())
             .await
             .context("opening a confirm channel")
             .map_err(Fatal::Retry)?;

@@ -52,7 +52,8 @@ async fn an_unreachable_broker_is_503_publishing_nothing_then_202_once_back() {
 /// exchange routes to a classic queue of `x-max-length` 3 with `reject-publish` instead of the
 /// request queue, so the first three messages are confirmed and the rest nacked — and the post is
 /// 503. Once the request queue is bound again the same post is 202 and publishes only the 27 the
-/// broker did not confirm: every message is on the broker exactly once.
+/// broker did not confirm, on a fresh channel (a nack retires the one it came on): every message
+/// is on the broker exactly once.
 #[tokio::test]
 async fn a_broker_refusing_part_of_a_batch_is_503_and_the_retry_publishes_each_message_once() {
     let sim = Sim::start(common::sim_options()).await.unwrap();
@@ -106,12 +107,22 @@ async fn a_broker_refusing_part_of_a_batch_is_503_and_the_retry_publishes_each_m
     let refused = intake.bearer(&batch, &idempotency).await;
     assert_eq!(refused.status, 503, "{refused:?}");
     assert!(refused.retry_after.is_some());
+    let reopens = "unassign_intake_amqp_channel_reopens_total";
+    assert_eq!(
+        intake.metric(reopens).await,
+        0.0,
+        "retired, not yet replaced"
+    );
 
     bind(limiter.clone(), false).await;
     bind(a.queue.clone(), true).await;
     let accepted = intake.bearer(&batch, &idempotency).await;
     assert_eq!(accepted.status, 202, "{accepted:?}");
     assert_eq!(accepted.body["accepted"], 30);
+    // The nacks kept the connection but not the channel: the retry went out on a fresh one.
+    assert_eq!(intake.metric(reopens).await, 1.0);
+    let reconnects = "unassign_intake_amqp_reconnects_total";
+    assert_eq!(intake.metric(reconnects).await, 0.0);
     assert_eq!(
         intake.metric("unassign_intake_duplicates_total").await,
         3.0,
